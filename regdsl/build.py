@@ -1,0 +1,155 @@
+"""Parse tree -> validated :class:`Spec`; the public ``parse`` and ``load``.
+
+The tree is turned into plain data with a ``pos`` on every node, then
+validated by the Pydantic models in :mod:`regdsl.spec`, so the rules about
+valid values live in one place. Each Pydantic error is mapped back, through
+its location path, to the span of the node that caused it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+from lark import Token, Tree
+from pydantic import ValidationError
+
+from .errors import Diagnostic, RegSyntaxError, RegValidationError, source_line_at
+from .parser import decode_source, parse_tree
+from .spec import Spec
+
+
+def parse(text: str, filename: str = "<string>") -> Spec:
+    """Parse and validate rule text. Raises :class:`RegSyntaxError` or :class:`RegValidationError`."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    tree, diagnostics = parse_tree(text, filename)
+    data, literal_problems = _to_data(tree)
+    diagnostics += [_diagnostic(text, filename, span, message) for span, message in literal_problems]
+    spec = None
+    try:
+        spec = Spec.model_validate({"statements": data, "origin": None if filename == "<string>" else filename})
+    except ValidationError as exc:
+        errors = exc.errors()
+        # A tuple whose only element failed also reports "too short": noise beside the real error.
+        errors = [
+            e for e in errors
+            if not (e["type"] == "too_short" and any(o is not e and o["loc"][: len(e["loc"])] == e["loc"] for o in errors))
+        ]
+        diagnostics += [_from_pydantic(error, data, text, filename) for error in errors]
+    if diagnostics:
+        error = RegSyntaxError if any(d.kind == "syntax" for d in diagnostics) else RegValidationError
+        raise error(diagnostics)
+    assert spec is not None
+    spec._source = text
+    return spec
+
+
+def load(path: str | os.PathLike[str]) -> Spec:
+    """Read and parse a ``.reg`` file (UTF-8, BOM allowed). ``OSError`` passes through."""
+    filename = os.fspath(path)
+    with open(filename, "rb") as handle:
+        data = handle.read()
+    return parse(decode_source(data, filename), filename)
+
+
+# ---------------------------------------------------------------- tree -> data
+
+_NONZERO_MANTISSA = re.compile(r"[1-9]")
+
+
+def _span(meta_or_token: Any) -> dict[str, int]:
+    return {
+        "line": meta_or_token.line,
+        "column": meta_or_token.column,
+        "end_line": meta_or_token.end_line,
+        "end_column": meta_or_token.end_column,
+    }
+
+
+def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], list[tuple[dict[str, int], str]]]:
+    """Plain dicts for Pydantic, and problems with number literals (which Pydantic never sees)."""
+    problems: list[tuple[dict[str, int], str]] = []
+
+    def number(token: Token) -> float:
+        value = float(token)
+        mantissa = re.split("[eE]", str(token))[0]
+        if math.isinf(value) and "inf" not in token.lower():
+            problems.append((_span(token), f"number {token} is too large: it overflows to infinity"))
+            return 0.0
+        if value == 0 and _NONZERO_MANTISSA.search(mantissa):
+            problems.append((_span(token), f"number {token} is too small: it underflows to 0"))
+            return 0.0
+        return value
+
+    def pattern(node: Tree) -> dict[str, Any]:
+        (token,) = node.children
+        text = token[1:-1] if token.type == "STRING" else str(token)
+        return {"text": text, "pos": _span(token)}
+
+    def atom(node: Tree) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": str(node.data), "pos": _span(node.meta)}
+        if node.data in ("layer", "type"):
+            out["patterns"] = [pattern(child) for child in node.children]
+        return out
+
+    def selector(node: Tree) -> dict[str, Any]:
+        return {"atoms": [atom(child) for child in node.children], "pos": _span(node.meta)}
+
+    def term(node: Tree) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": str(node.data), "pos": _span(node.meta)}
+        if node.children:
+            out["strength"] = number(node.children[0])
+        return out
+
+    statements = []
+    for node in tree.children:
+        entry: dict[str, Any] = {"kind": str(node.data), "pos": _span(node.meta), "selector": selector(node.children[0])}
+        if node.data == "rule":
+            entry["terms"] = [term(child) for child in node.children[1:]]
+        statements.append(entry)
+    return statements, problems
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _from_pydantic(error: Any, data: list[dict[str, Any]], text: str, filename: str) -> Diagnostic:
+    """Point a Pydantic error at the innermost node on its location path that has a position."""
+    loc = list(error["loc"])
+    if loc and loc[0] == "statements":
+        loc = loc[1:]
+    # A validator may name the offending element itself ("at"), finer than its field.
+    ctx = error.get("ctx") or {}
+    if "at" in ctx:
+        loc.append(ctx["at"])
+    node: Any = data
+    span = None
+    for key in loc:
+        # Discriminated unions add the tag ("rule", "l2") to the path; it names no child.
+        if isinstance(node, dict) and isinstance(key, str) and key not in node and node.get("kind") == key:
+            continue
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            break
+        if isinstance(node, dict) and "pos" in node:
+            span = node["pos"]
+    message = error["msg"]
+    return _diagnostic(text, filename, span, message)
+
+
+def _diagnostic(text: str, filename: str, span: dict[str, int] | None, message: str) -> Diagnostic:
+    span = span or {"line": 1, "column": 1, "end_line": 1, "end_column": 1}
+    return Diagnostic(
+        line=span["line"],
+        column=span["column"],
+        end_line=span["end_line"],
+        end_column=span["end_column"],
+        message=message,
+        file=filename,
+        kind="validation",
+        source_line=source_line_at(text, span["line"]),
+    )

@@ -1,0 +1,175 @@
+"""Spec + model -> optimizer parameter groups and a loss penalty.
+
+Resolution happens once, here: for every parameter tensor and every term kind,
+the last rule in file order that matches the tensor and sets that kind wins;
+``none`` clears all kinds at its position; any ``exclude`` that matches the
+tensor removes every term, wherever it stands. Per-step work is left to
+:mod:`regdsl.penalties` (the penalty) and to the optimizer (``decay``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .build import load
+from .errors import RegUsageError
+from .penalties import FORMULAS, PenaltyPlan
+from .spec import Exclude, NoneTerm, Span, Spec, VALUE_TERMS
+from .select import ParamEntry, ParamTable
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A term's value on one parameter, and the rule that set it."""
+
+    value: float
+    origin: str | None
+    pos: Span | None
+
+    @property
+    def where(self) -> str:
+        """``file:line`` of the rule that set it."""
+        line = self.pos.line if self.pos else "?"
+        return f"{self.origin or '<string>'}:{line}"
+
+
+@dataclass(frozen=True)
+class ParamRow:
+    """What the rule file does to one parameter tensor."""
+
+    name: str
+    aliases: tuple[str, ...]
+    shape: tuple[int, ...]
+    numel: int
+    trainable: bool
+    excluded_by: Setting | None  # the first exclude that matched, if any
+    terms: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    name: str
+    weight_decay: float
+    params: tuple[str, ...]
+    numel: int
+
+
+class Regularizer:
+    """A spec resolved against one model.
+
+    ``param_groups()`` feeds the optimizer, ``penalty()`` the loss, and
+    ``explain()`` says what every parameter got and from which line.
+    """
+
+    def __init__(self, spec: Spec, model: nn.Module):
+        self.spec = spec
+        self.table = ParamTable(model)
+        self._rows = self._resolve()
+        self._groups = self._group()
+        trainable = [e for e in self.table.entries if e.trainable]
+        self._penalty = PenaltyPlan(
+            [
+                (kind, entry.param, self._rows[entry.index].terms[kind].value)
+                for entry in trainable
+                for kind in FORMULAS
+                if kind in self._rows[entry.index].terms
+            ]
+        )
+        self._default_device = trainable[0].param.device if trainable else None
+
+    # ------------------------------------------------------------ resolution
+
+    def _resolve(self) -> list[ParamRow]:
+        origin = self.spec.origin
+        assigned: list[dict[str, Setting]] = [{} for _ in self.table.entries]
+        excluded: list[Setting | None] = [None] * len(self.table)
+        for statement in self.spec.statements:
+            selected = [e.index for e in self.table.select(statement.selector) if e.trainable]
+            if isinstance(statement, Exclude):
+                for i in selected:
+                    excluded[i] = excluded[i] or Setting(0.0, origin, statement.pos)
+                continue
+            for term in statement.terms:
+                for i in selected:
+                    if isinstance(term, NoneTerm):
+                        assigned[i].clear()
+                    else:
+                        assigned[i][term.kind] = Setting(term.strength, origin, term.pos)
+        return [
+            ParamRow(
+                name=entry.name,
+                aliases=entry.names[1:],
+                shape=tuple(entry.param.shape),
+                numel=entry.param.numel(),
+                trainable=entry.trainable,
+                excluded_by=excluded[entry.index],
+                terms={} if excluded[entry.index] else {k: assigned[entry.index][k] for k in VALUE_TERMS if k in assigned[entry.index]},
+            )
+            for entry in self.table.entries
+        ]
+
+    def _group(self) -> list[tuple[float, list[ParamEntry]]]:
+        # One group per distinct setting, ordered by first member: fewer groups keep
+        # torch.optim on its foreach/fused paths, and the order is reproducible.
+        groups: dict[float, list[ParamEntry]] = {}
+        for entry in self.table.entries:
+            if entry.trainable:
+                decay = self._rows[entry.index].terms.get("decay")
+                groups.setdefault(decay.value if decay else 0.0, []).append(entry)
+        return list(groups.items())
+
+    # ------------------------------------------------------------ public API
+
+    def param_groups(self, **defaults: Any) -> list[dict[str, Any]]:
+        """Parameter groups for any ``torch.optim`` optimizer; each trainable tensor appears once.
+
+        Keyword arguments (``lr=...``, ``betas=...``) are copied into every group.
+        """
+        for key in ("params", "weight_decay", "name"):
+            if key in defaults:
+                raise RegUsageError(
+                    f"param_groups() does not take {key!r}: the rule file sets it"
+                    + (" (write 'all decay VALUE' for a default decay)" if key == "weight_decay" else "")
+                )
+        return [
+            {"params": [e.param for e in members], "weight_decay": decay, "name": _group_name(decay), **defaults}
+            for decay, members in self._groups
+        ]
+
+    def penalty(self) -> torch.Tensor:
+        """The sum of every loss term (``l1``, ``l2``) as a differentiable 0-dim tensor."""
+        return self._penalty(self._default_device)
+
+    def explain(self) -> list[ParamRow]:
+        """One row per parameter tensor (frozen ones too), in registration order."""
+        return list(self._rows)
+
+    def groups_summary(self) -> list[GroupSummary]:
+        return [
+            GroupSummary(
+                name=_group_name(decay),
+                weight_decay=decay,
+                params=tuple(e.name for e in members),
+                numel=sum(e.param.numel() for e in members),
+            )
+            for decay, members in self._groups
+        ]
+
+    def __repr__(self) -> str:
+        trainable = sum(e.trainable for e in self.table.entries)
+        return f"<Regularizer {len(self.spec.statements)} statements, {trainable} trainable tensors, {len(self._groups)} groups>"
+
+
+def _group_name(decay: float) -> str:
+    return f"decay={decay!r}" if decay else "no_decay"
+
+
+def compile(rules: Spec | str | os.PathLike[str], model: nn.Module) -> Regularizer:
+    """Compile a spec, or the ``.reg`` file at a path, against ``model``."""
+    spec = rules if isinstance(rules, Spec) else load(rules)
+    return spec.compile(model)

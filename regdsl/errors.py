@@ -1,0 +1,109 @@
+"""Diagnostics and the exception hierarchy.
+
+Every problem regdsl reports is a :class:`Diagnostic` pinned to a position in a
+rule file. Exceptions carry all diagnostics of one file, sorted by position, so
+a user fixes everything in one round instead of one error per run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True, order=True)
+class Diagnostic:
+    """One problem at one place in a rule file (1-based line and column)."""
+
+    line: int
+    column: int
+    message: str = field(compare=False)
+    file: str = field(default="<string>", compare=False)
+    end_line: int | None = field(default=None, compare=False)
+    end_column: int | None = field(default=None, compare=False)
+    severity: Severity = field(default="error", compare=False)
+    kind: Literal["syntax", "validation", "compile"] = field(default="validation", compare=False)
+    source_line: str = field(default="", compare=False)
+    expected: tuple[str, ...] = field(default=(), compare=False)
+
+    def render(self) -> str:
+        """``file:line:col: error: message`` followed by the source line and a caret."""
+        head = f"{self.file}:{self.line}:{self.column}: {self.severity}: {self.message}"
+        if not self.source_line:
+            return head
+        return f"{head}\n{self.source_line}\n{caret_line(self.source_line, self.column, self._caret_width())}"
+
+    def _caret_width(self) -> int:
+        if self.end_line == self.line and self.end_column and self.end_column > self.column:
+            return self.end_column - self.column
+        return 1
+
+
+def caret_line(source_line: str, column: int, width: int = 1) -> str:
+    # Tabs are copied so the caret lines up however the terminal expands them.
+    prefix = "".join(c if c == "\t" else " " for c in source_line[: column - 1])
+    return prefix + "^" * max(1, width)
+
+
+def source_line_at(text: str, line: int) -> str:
+    lines = text.splitlines()
+    return lines[line - 1] if 0 < line <= len(lines) else ""
+
+
+class RegDslError(Exception):
+    """Base of every error regdsl raises. ``.diagnostics`` lists each problem."""
+
+    def __init__(self, diagnostics: list[Diagnostic] | Diagnostic | str):
+        if isinstance(diagnostics, str):
+            diagnostics = [Diagnostic(line=0, column=0, message=diagnostics)]
+        elif isinstance(diagnostics, Diagnostic):
+            diagnostics = [diagnostics]
+        self.diagnostics: list[Diagnostic] = sorted(diagnostics)
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        return "\n".join(d.render() if d.line else d.message for d in self.diagnostics)
+
+    # The first diagnostic's position, for callers that want just one.
+    @property
+    def file(self) -> str:
+        return self.diagnostics[0].file
+
+    @property
+    def line(self) -> int:
+        return self.diagnostics[0].line
+
+    @property
+    def column(self) -> int:
+        return self.diagnostics[0].column
+
+    @property
+    def source_line(self) -> str:
+        return self.diagnostics[0].source_line
+
+    @property
+    def caret(self) -> str:
+        d = self.diagnostics[0]
+        return caret_line(d.source_line, d.column, d._caret_width())
+
+    @property
+    def expected(self) -> tuple[str, ...]:
+        return self.diagnostics[0].expected
+
+
+class RegSyntaxError(RegDslError):
+    """The text is not in the regdsl language (raised when any diagnostic is a syntax error)."""
+
+
+class RegValidationError(RegDslError):
+    """The text parses, but a value or pattern in it is invalid."""
+
+
+class RegCompileError(RegDslError):
+    """A valid spec cannot be applied to the given model."""
+
+
+class RegUsageError(RegDslError, ValueError):
+    """The Python API was called with arguments that contradict the rule file."""

@@ -1,0 +1,234 @@
+"""Text -> lark parse tree, with every syntax error of a file collected.
+
+Lark stops at the first error. To report all of them, the statement holding an
+error is blanked out (same length, so every later position stays exact) and
+the text is parsed again, until it parses.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from importlib import resources
+from pathlib import Path
+
+import lark
+from lark import Lark, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+
+from .errors import Diagnostic, RegSyntaxError, source_line_at
+
+KEYWORDS_SELECTOR = ("all", "layer", "type", "bias", "norm", "embedding")
+KEYWORDS_TERM = ("decay", "l1", "l2", "none")
+KEYWORDS = KEYWORDS_SELECTOR + KEYWORDS_TERM + ("exclude",)
+
+# Lark's terminal names, in the words a user of the language knows.
+_TERMINAL_WORDS = {
+    "GLOB": "a name pattern",
+    "STRING": "a name pattern",
+    "NUMBER": "a number",
+    "COMMA": "','",
+    "_END": "end of statement",
+    "$END": "end of file",
+}
+
+
+def grammar_text() -> str:
+    """The grammar, from the installed wheel or, in a source checkout, from grammar/."""
+    packaged = resources.files("regdsl").joinpath("_grammar", "regdsl.lark")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent.parent / "grammar" / "regdsl.lark").read_text(encoding="utf-8")
+
+
+@functools.cache
+def _lark() -> Lark:
+    return Lark(grammar_text(), parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=False)
+
+
+def keyword_terminals() -> dict[str, str]:
+    """Lark terminal name -> keyword text, e.g. ``"L2" -> "l2"``."""
+    return {
+        t.name: t.pattern.value
+        for t in _lark().terminals
+        if isinstance(t.pattern, lark.lexer.PatternStr) and t.pattern.value in KEYWORDS
+    }
+
+
+def decode_source(data: bytes, filename: str) -> str:
+    """UTF-8 (a BOM is accepted); anything else is a positioned syntax error."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start].decode("utf-8-sig", errors="replace")
+        line = before.count("\n") + 1
+        column = len(before) - (before.rfind("\n") + 1) + 1
+        shown = data.splitlines()[line - 1].decode("utf-8", errors="replace") if data.splitlines() else ""
+        raise RegSyntaxError(
+            Diagnostic(
+                line=line,
+                column=column,
+                message=f"the file is not valid UTF-8 (byte 0x{data[exc.start]:02x})",
+                file=filename,
+                kind="syntax",
+                source_line=shown,
+            )
+        ) from None
+
+
+def parse_tree(text: str, filename: str = "<string>") -> tuple[Tree, list[Diagnostic]]:
+    """Parse ``text``; return the tree of everything that parsed and one diagnostic per bad statement."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    diagnostics: list[Diagnostic] = []
+    work = text
+    # Each round blanks one statement, so the number of statements bounds the loop.
+    for _ in range(work.count("\n") + work.count(";") + 2):
+        try:
+            return _lark().parse(work), diagnostics
+        except UnexpectedInput as exc:
+            diag, offset = _diagnose(exc, work, text, filename)
+            diagnostics.append(diag)
+            blanked = _blank_statement(work, offset)
+            if blanked == work:
+                break
+            work = blanked
+    return Tree("start", []), diagnostics
+
+
+def _diagnose(exc: UnexpectedInput, work: str, text: str, filename: str) -> tuple[Diagnostic, int]:
+    """A user-worded diagnostic for a lark error, and the text offset it points at."""
+    if isinstance(exc, UnexpectedToken):
+        token = exc.token
+        if token.type == "$END":
+            # Lark puts EOF at the last token; the user needs the point just after it.
+            offset = len(work.rstrip())
+            line, column = _line_col(work, offset)
+            end = (line, column + 1)
+        else:
+            offset = token.start_pos
+            line, column = token.line, token.column
+            end = (token.end_line, token.end_column)
+        accepted = exc.interactive_parser.accepts() if exc.interactive_parser else exc.expected
+        expected = _expected_words(accepted)
+        message = _token_message(token, expected, _keywords_in(accepted))
+    elif isinstance(exc, UnexpectedCharacters):
+        offset = exc.pos_in_stream
+        line, column = exc.line, exc.column
+        end = (line, column + 1)
+        expected = _expected_words(exc.allowed or ())
+        char = work[offset]
+        if char == '"':
+            message = "unterminated quoted pattern: a closing '\"' is missing on this line"
+        else:
+            message = f"unexpected character {char!r}"
+            if expected:
+                message += f"; expected {_join(expected)}"
+    else:  # pragma: no cover - lark raises only the two above from an LALR parse
+        raise exc
+    diag = Diagnostic(
+        line=line,
+        column=column,
+        end_line=end[0],
+        end_column=end[1],
+        message=message,
+        file=filename,
+        kind="syntax",
+        source_line=source_line_at(text, line),
+        expected=tuple(expected),
+    )
+    return diag, offset
+
+
+def _token_message(token: lark.Token, expected: list[str], keywords: list[str]) -> str:
+    if token.type == "_END":
+        shown = "';'" if token == ";" else "end of line"
+    else:
+        shown = "end of file" if token.type == "$END" else repr(str(token))
+    message = f"unexpected {shown}"
+    if expected:
+        message += f"; expected {_join(expected)}"
+    if token.type not in ("GLOB", "NUMBER"):
+        return message
+    # A misspelt keyword lexes as a pattern or number; offer the nearest allowed keyword.
+    hint = difflib.get_close_matches(str(token), keywords, n=1, cutoff=0.5)
+    if hint:
+        message += f"; did you mean '{hint[0]}'?"
+    elif difflib.get_close_matches(str(token), KEYWORDS_TERM, n=1, cutoff=0.5):
+        message += "; a rule starts with a selector, e.g. 'all l2 0.01'"
+    return message
+
+
+def _keywords_in(terminals) -> list[str]:
+    kw = keyword_terminals()
+    return [kw[name] for name in terminals if name in kw]
+
+
+def _expected_words(terminals) -> list[str]:
+    names = set(terminals)
+    kw = keyword_terminals()
+    words: list[str] = []
+    terms = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_TERM]
+    atoms = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_SELECTOR]
+    if terms:
+        words.append(f"a term ({', '.join(sorted(terms, key=KEYWORDS_TERM.index))})")
+    if atoms:
+        words.append(f"a selector ({', '.join(sorted(atoms, key=KEYWORDS_SELECTOR.index))})")
+    if any(kw.get(n) == "exclude" for n in names):
+        words.append("'exclude'")
+    for name in ("GLOB", "STRING", "NUMBER", "COMMA", "_END", "$END"):
+        word = _TERMINAL_WORDS[name]
+        if name in names and word not in words:
+            words.append(word)
+    return words
+
+
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _line_col(text: str, offset: int) -> tuple[int, int]:
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def _blank_statement(text: str, offset: int) -> str:
+    """Replace the statement around ``offset`` with spaces, keeping separators and comments."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    line_end = text.find("\n", line_start)
+    line_end = len(text) if line_end == -1 else line_end
+    # Statements on this line are split by ';' outside quotes; a comment ends the last one.
+    segments, start, in_quote = [], line_start, False
+    for i in range(line_start, line_end):
+        c = text[i]
+        if c == '"':
+            in_quote = not in_quote
+        elif c == "#" and not in_quote:
+            line_end = i
+            break
+        elif c == ";" and not in_quote:
+            segments.append((start, i))
+            start = i + 1
+    segments.append((start, line_end))
+    # An error on a separator or past the end belongs to the statement before it.
+    for start, end in segments:
+        if start <= offset <= end or (start, end) == segments[-1]:
+            return text[:start] + _spaces(text[start:end]) + text[end:]
+    return text  # pragma: no cover - the last segment always matches
+
+
+def _spaces(s: str) -> str:
+    return "".join(c if c in "\r\n" else " " for c in s)
+
+
+def bare_pattern_ok(text: str) -> bool:
+    """Whether ``text`` lexes as one unquoted pattern (else it must be quoted)."""
+    return _glob_regex().fullmatch(text) is not None
+
+
+@functools.cache
+def _glob_regex():
+    import re
+
+    (glob,) = [t for t in _lark().terminals if t.name == "GLOB"]
+    return re.compile(glob.pattern.to_regexp())
