@@ -6,8 +6,9 @@
     loss = criterion(model(x), y) + reg.penalty()
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .build import load, parse
-from .compile import GroupSummary, ParamRow, Regularizer, Setting, compile
 from .errors import (
     Diagnostic,
     RegCompileError,
@@ -16,8 +17,32 @@ from .errors import (
     RegUsageError,
     RegValidationError,
 )
-from .report import format_explain, format_groups
 from .spec import Spec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .compiler import GroupSummary, ParamRow, Regularizer, Setting, compile
+    from .report import format_explain, format_groups
+
+# Names that need torch load on first use, so `regdsl check` on a file stays fast.
+_LAZY = {
+    "GroupSummary": "compiler",
+    "ParamRow": "compiler",
+    "Regularizer": "compiler",
+    "Setting": "compiler",
+    "compile": "compiler",
+    "format_explain": "report",
+    "format_groups": "report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'regdsl' has no attribute {name!r}")
 
 __all__ = [
     "Diagnostic",

@@ -25,13 +25,23 @@ FORMULAS: dict[str, tuple[int, int, float]] = {"l2": (2, 2, 0.5), "l1": (1, 1, 1
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype penalties of ``dtype`` parameters are summed in: float32, or float64 for 64-bit."""
     return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    # vector_norm wants a complex dtype for complex inputs; its result is real either way.
+    real = accumulation_dtype(dtype)
+    if dtype.is_complex:
+        return torch.complex128 if real == torch.float64 else torch.complex64
+    return real
 
 
 @dataclass(frozen=True)
 class _Bucket:
     params: list[torch.Tensor]
     weights: torch.Tensor  # factor · λ per parameter, on the bucket's device
+    norm_dtype: torch.dtype
     order: int
     power: int
 
@@ -51,7 +61,7 @@ class PenaltyPlan:
         for (kind, device, dtype), (params, strengths) in grouped.items():
             order, power, factor = FORMULAS[kind]
             weights = torch.tensor([factor * s for s in strengths], dtype=accumulation_dtype(dtype), device=device)
-            self._buckets.append(_Bucket(params, weights, order, power))
+            self._buckets.append(_Bucket(params, weights, _norm_dtype(dtype), order, power))
         devices = [b.weights.device for b in self._buckets]
         self._device = devices[0] if devices else None
         self._dtype = torch.float64 if any(b.weights.dtype == torch.float64 for b in self._buckets) else torch.float32
@@ -64,7 +74,7 @@ class PenaltyPlan:
             return torch.zeros((), dtype=torch.float32, device=default_device)
         total: torch.Tensor | None = None
         for bucket in self._buckets:
-            norms = torch.stack(torch._foreach_norm(bucket.params, bucket.order, dtype=bucket.weights.dtype))
+            norms = torch.stack(torch._foreach_norm(bucket.params, bucket.order, dtype=bucket.norm_dtype))
             if bucket.power == 2:
                 norms = norms.square()
             value = torch.dot(bucket.weights, norms).to(device=self._device, dtype=self._dtype)

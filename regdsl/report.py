@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .compile import GroupSummary, ParamRow
+from .compiler import GroupSummary, ParamRow
 from .spec import VALUE_TERMS
 
 

@@ -17,7 +17,7 @@ from pydantic_core import PydanticCustomError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .compile import Regularizer
+    from .compiler import Regularizer
 
 
 class Span(BaseModel):
@@ -258,6 +258,6 @@ class Spec(Node):
 
     def compile(self, model: torch.nn.Module) -> Regularizer:
         """Resolve the rules against ``model``: see :class:`regdsl.Regularizer`."""
-        from .compile import Regularizer
+        from .compiler import Regularizer
 
         return Regularizer(self, model)

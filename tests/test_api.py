@@ -1,0 +1,87 @@
+"""The public surface: what `import regdsl` gives and how it behaves at its edges."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import regdsl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_import_and_check_do_not_need_torch() -> None:
+    # `regdsl check` on a file must stay fast: parsing alone never imports torch.
+    code = "import sys, regdsl; regdsl.parse('all l2 1'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_compile_function_survives_the_compiler_module_being_loaded_first() -> None:
+    # spec.compile() imports regdsl.compiler; regdsl.compile must still be the function.
+    code = (
+        "import torch, regdsl\n"
+        "regdsl.parse('all l2 1').compile(torch.nn.Linear(2, 2))\n"
+        "print(callable(regdsl.compile), regdsl.compile.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "regdsl.compiler"]
+
+
+def test_compile_from_a_path_and_from_a_spec_agree(tmp_path: Path) -> None:
+    path = tmp_path / "rules.reg"
+    path.write_text("all decay 0.1\nexclude bias\n", encoding="utf-8")
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    from_path = regdsl.compile(path, model)
+    from_str = regdsl.compile(str(path), model)
+    from_spec = regdsl.compile(regdsl.load(path), model)
+    decays = [[g["weight_decay"] for g in r.param_groups()] for r in (from_path, from_str, from_spec)]
+    assert decays == [[0.1, 0.0]] * 3
+    # The rows name the file the rule came from.
+    row = from_path.explain()[0]
+    assert row.terms["decay"].where == f"{path}:1"
+
+
+def test_load_of_a_missing_file_raises_oserror(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        regdsl.load(tmp_path / "nope.reg")
+
+
+def test_every_error_is_a_regdsl_error() -> None:
+    for cls in (regdsl.RegSyntaxError, regdsl.RegValidationError, regdsl.RegCompileError, regdsl.RegUsageError):
+        assert issubclass(cls, regdsl.RegDslError)
+
+
+def test_compile_rejects_what_is_not_a_module() -> None:
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        regdsl.parse("all l2 1").compile(torch.zeros(3))  # type: ignore[arg-type]
+
+
+def test_example_trains_and_the_rules_change_the_head(tmp_path: Path) -> None:
+    """The README's demo end to end: a .reg file on disk changes a training run."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train.py")], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "head.weight" in out and "excluded (examples/rules.reg:4)" in out
+    line = next(l for l in out.splitlines() if "norm of head.weight" in l).split()
+    with_rules, without = float(line[3]), float(line[6])
+    # decay 0.05 plus l1/l2 on the head must leave it measurably smaller than the plain run.
+    assert with_rules < 0.95 * without
+
+
+def test_example_reports_a_bad_rule_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.reg"
+    bad.write_text("all decay 0.05\nlayer head.** l3 1\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train.py"), str(bad)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    assert f"{bad}:2:15: error:" in result.stderr
+    assert "Traceback" not in result.stderr

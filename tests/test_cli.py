@@ -1,0 +1,101 @@
+"""The installed ``regdsl`` entry point, run as a user runs it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _entry_point() -> list[str]:
+    # Prefer the script installed beside this interpreter (a venv), then PATH.
+    script = Path(sys.executable).with_name("regdsl")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("regdsl")
+    if found is None:
+        pytest.skip("the regdsl entry point is not installed")
+    return [found]
+
+
+def run(*args: str, module: bool = False) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "regdsl"] if module else _entry_point()
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    path = tmp_path / "good.reg"
+    path.write_text("layer fc2.* l2 0.01; exclude bias\nall decay 0.05\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def bad(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.reg"
+    path.write_text("all decay 0.05\nlayer fc2.* l3 0.01\nall l2 -1\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["entry-point", "python-m"])
+def test_valid_file_exits_0_with_one_line_summary(good: Path, module: bool) -> None:
+    result = run("check", str(good), module=module)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert "1 file" in lines[0] and "3 statements" in lines[0]
+
+
+def test_invalid_file_exits_1_listing_every_problem_with_caret(bad: Path) -> None:
+    result = run("check", str(bad))
+    assert result.returncode == 1
+    out = result.stdout.splitlines()
+    # Both problems, in file order, each as path:line:col: error: ..., source line, caret.
+    first = out.index(next(l for l in out if l.startswith(f"{bad}:2:13: error: ")))
+    assert "did you mean 'l2'?" in out[first]
+    assert out[first + 1] == "layer fc2.* l3 0.01"
+    assert out[first + 2] == " " * 12 + "^^"
+    second = out.index(next(l for l in out if l.startswith(f"{bad}:3:")))
+    assert second > first
+    assert "strength must be >= 0" in out[second]
+    assert out[second + 1] == "all l2 -1"
+    assert out[second + 2].rstrip().endswith("^")
+    assert "2 errors" in out[-1]
+
+
+def test_several_files_one_bad(good: Path, bad: Path) -> None:
+    result = run("check", str(good), str(bad))
+    assert result.returncode == 1
+    assert str(good) not in result.stdout
+    assert str(bad) in result.stdout
+
+
+def test_unreadable_file_exits_2(tmp_path: Path) -> None:
+    result = run("check", str(tmp_path / "missing.reg"))
+    assert result.returncode == 2
+    assert "missing.reg" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_directory_is_unreadable_exit_2(tmp_path: Path) -> None:
+    result = run("check", str(tmp_path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    assert run().returncode == 2
+    assert run("check").returncode == 2
+    assert run("frobnicate", "x.reg").returncode == 2
+
+
+def test_non_utf8_file_is_a_positioned_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.reg"
+    path.write_bytes(b"all decay 0.05\nlayer caf\xe9 l2 1\n")
+    result = run("check", str(path))
+    assert result.returncode == 1
+    assert f"{path}:2:10: error:" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
