@@ -23,8 +23,7 @@ from .spec import Spec
 
 def parse(text: str, filename: str = "<string>") -> Spec:
     """Parse and validate rule text. Raises :class:`RegSyntaxError` or :class:`RegValidationError`."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     tree, diagnostics = parse_tree(text, filename)
     data, literal_problems = _to_data(tree)
     diagnostics += [_diagnostic(text, filename, span, message) for span, message in literal_problems]

@@ -19,8 +19,8 @@ from torch import nn
 from .build import load
 from .errors import RegUsageError
 from .penalties import FORMULAS, PenaltyPlan
-from .spec import Exclude, NoneTerm, Span, Spec, VALUE_TERMS
 from .select import ParamEntry, ParamTable
+from .spec import VALUE_TERMS, Exclude, NoneTerm, Span, Spec
 
 
 @dataclass(frozen=True)

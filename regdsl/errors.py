@@ -48,8 +48,9 @@ def caret_line(source_line: str, column: int, width: int = 1) -> str:
 
 
 def source_line_at(text: str, line: int) -> str:
-    lines = text.splitlines()
-    return lines[line - 1] if 0 < line <= len(lines) else ""
+    # Only '\n' ends a line, as in the lexer; str.splitlines() would also split on form feeds.
+    lines = text.split("\n")
+    return lines[line - 1].removesuffix("\r") if 0 < line <= len(lines) else ""
 
 
 class RegDslError(Exception):

@@ -78,8 +78,7 @@ def decode_source(data: bytes, filename: str) -> str:
 
 def parse_tree(text: str, filename: str = "<string>") -> tuple[Tree, list[Diagnostic]]:
     """Parse ``text``; return the tree of everything that parsed and one diagnostic per bad statement."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     diagnostics: list[Diagnostic] = []
     work = text
     # Each round blanks one statement, so the number of statements bounds the loop.
@@ -109,14 +108,14 @@ def _diagnose(exc: UnexpectedInput, work: str, text: str, filename: str) -> tupl
             offset = token.start_pos
             line, column = token.line, token.column
             end = (token.end_line, token.end_column)
-        accepted = exc.interactive_parser.accepts() if exc.interactive_parser else exc.expected
+        accepted = _accepted(exc, exc.expected)
         expected = _expected_words(accepted)
         message = _token_message(token, expected, _keywords_in(accepted))
     elif isinstance(exc, UnexpectedCharacters):
         offset = exc.pos_in_stream
         line, column = exc.line, exc.column
         end = (line, column + 1)
-        expected = _expected_words(exc.allowed or ())
+        expected = _expected_words(_accepted(exc, exc.allowed or ()))
         char = work[offset]
         if char == '"':
             message = "unterminated quoted pattern: a closing '\"' is missing on this line"
@@ -124,6 +123,9 @@ def _diagnose(exc: UnexpectedInput, work: str, text: str, filename: str) -> tupl
             message = f"unexpected character {char!r}"
             if expected:
                 message += f"; expected {_join(expected)}"
+            previous = exc.token_history[-1] if exc.token_history else None
+            if previous is not None and previous.type == "GLOB" and previous.end_pos == offset:
+                message += "; a name pattern with such characters must be quoted, as in \"blocks@0.*\""
     else:  # pragma: no cover - lark raises only the two above from an LALR parse
         raise exc
     diag = Diagnostic(
@@ -138,6 +140,13 @@ def _diagnose(exc: UnexpectedInput, work: str, text: str, filename: str) -> tupl
         expected=tuple(expected),
     )
     return diag, offset
+
+
+def _accepted(exc: UnexpectedInput, fallback) -> set[str]:
+    # LALR merges states, so the parser's own "expected" set can name terminals that
+    # would fail one step later; accepts() tries each one and keeps only the real ones.
+    interactive = getattr(exc, "interactive_parser", None)
+    return interactive.accepts() if interactive is not None else set(fallback)
 
 
 def _token_message(token: lark.Token, expected: list[str], keywords: list[str]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
@@ -126,7 +126,7 @@ class EmbeddingAtom(Node):
 
 
 Atom = Annotated[
-    Union[AllAtom, LayerAtom, TypeAtom, BiasAtom, NormAtom, EmbeddingAtom],
+    AllAtom | LayerAtom | TypeAtom | BiasAtom | NormAtom | EmbeddingAtom,
     Field(discriminator="kind"),
 ]
 
@@ -177,7 +177,7 @@ class NoneTerm(Node):
     kind: Literal["none"] = "none"
 
 
-Term = Annotated[Union[DecayTerm, L2Term, L1Term, NoneTerm], Field(discriminator="kind")]
+Term = Annotated[DecayTerm | L2Term | L1Term | NoneTerm, Field(discriminator="kind")]
 
 # Term kinds that carry a value, in the order explain() and the docs list them.
 VALUE_TERMS: tuple[str, ...] = ("decay", "l1", "l2")
@@ -214,7 +214,7 @@ class Exclude(Node):
     selector: Selector
 
 
-Statement = Annotated[Union[Rule, Exclude], Field(discriminator="kind")]
+Statement = Annotated[Rule | Exclude, Field(discriminator="kind")]
 
 
 class Spec(Node):
