@@ -18,26 +18,21 @@ from pydantic import ValidationError
 
 from .errors import Diagnostic, RegSyntaxError, RegValidationError, source_line_at
 from .parser import decode_source, parse_tree
-from .spec import Spec
+from .spec import Spec, relevant_errors
 
 
 def parse(text: str, filename: str = "<string>") -> Spec:
     """Parse and validate rule text. Raises :class:`RegSyntaxError` or :class:`RegValidationError`."""
     text = text.removeprefix("\ufeff")
     tree, diagnostics = parse_tree(text, filename)
-    data, literal_problems = _to_data(tree)
+    data, leaf_spans, literal_problems = _to_data(tree)
     diagnostics += [_diagnostic(text, filename, span, message) for span, message in literal_problems]
     spec = None
     try:
         spec = Spec.model_validate({"statements": data, "origin": None if filename == "<string>" else filename})
     except ValidationError as exc:
-        errors = exc.errors()
-        # A tuple whose only element failed also reports "too short": noise beside the real error.
-        errors = [
-            e for e in errors
-            if not (e["type"] == "too_short" and any(o is not e and o["loc"][: len(e["loc"])] == e["loc"] for o in errors))
-        ]
-        diagnostics += [_from_pydantic(error, data, text, filename) for error in errors]
+        errors = relevant_errors(exc)
+        diagnostics += [_from_pydantic(error, data, leaf_spans, text, filename) for error in errors]
     if diagnostics:
         error = RegSyntaxError if any(d.kind == "syntax" for d in diagnostics) else RegValidationError
         raise error(diagnostics)
@@ -68,15 +63,21 @@ def _span(meta_or_token: Any) -> dict[str, int]:
     }
 
 
-def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], list[tuple[dict[str, int], str]]]:
-    """Plain dicts for Pydantic, and problems with number literals (which Pydantic never sees)."""
+LeafSpans = dict[tuple[int, str], dict[str, int]]
+
+
+def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[dict[str, int], str]]]:
+    """Plain dicts for Pydantic, the spans of plain values in them (a strength's number),
+    and problems with number literals (which Pydantic never sees)."""
+    leaf_spans: LeafSpans = {}
     problems: list[tuple[dict[str, int], str]] = []
 
     def number(token: Token) -> float:
         value = float(token)
         mantissa = re.split("[eE]", str(token))[0]
         if math.isinf(value) and "inf" not in token.lower():
-            problems.append((_span(token), f"number {token} is too large: it overflows to infinity"))
+            sign = "-" if value < 0 else ""
+            problems.append((_span(token), f"number {token} is too large: it overflows to {sign}infinity"))
             return 0.0
         if value == 0 and _NONZERO_MANTISSA.search(mantissa):
             problems.append((_span(token), f"number {token} is too small: it underflows to 0"))
@@ -101,6 +102,7 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], list[tuple[dict[str, int
         out: dict[str, Any] = {"kind": str(node.data), "pos": _span(node.meta)}
         if node.children:
             out["strength"] = number(node.children[0])
+            leaf_spans[id(out), "strength"] = _span(node.children[0])
         return out
 
     statements = []
@@ -109,13 +111,13 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], list[tuple[dict[str, int
         if node.data == "rule":
             entry["terms"] = [term(child) for child in node.children[1:]]
         statements.append(entry)
-    return statements, problems
+    return statements, leaf_spans, problems
 
 
 # ---------------------------------------------------------------- errors
 
 
-def _from_pydantic(error: Any, data: list[dict[str, Any]], text: str, filename: str) -> Diagnostic:
+def _from_pydantic(error: Any, data: list[dict[str, Any]], leaf_spans: LeafSpans, text: str, filename: str) -> Diagnostic:
     """Point a Pydantic error at the innermost node on its location path that has a position."""
     loc = list(error["loc"])
     if loc and loc[0] == "statements":
@@ -130,12 +132,15 @@ def _from_pydantic(error: Any, data: list[dict[str, Any]], text: str, filename: 
         # Discriminated unions add the tag ("rule", "l2") to the path; it names no child.
         if isinstance(node, dict) and isinstance(key, str) and key not in node and node.get("kind") == key:
             continue
+        parent = node
         try:
             node = node[key]
         except (KeyError, IndexError, TypeError):
             break
         if isinstance(node, dict) and "pos" in node:
             span = node["pos"]
+        elif (id(parent), key) in leaf_spans:
+            span = leaf_spans[id(parent), key]
     message = error["msg"]
     return _diagnostic(text, filename, span, message)
 

@@ -47,23 +47,20 @@ def _lark() -> Lark:
 
 
 def keyword_terminals() -> dict[str, str]:
-    """Lark terminal name -> keyword text, e.g. ``"L2" -> "l2"``."""
-    return {
-        t.name: t.pattern.value
-        for t in _lark().terminals
-        if isinstance(t.pattern, lark.lexer.PatternStr) and t.pattern.value in KEYWORDS
-    }
+    """Lark terminal name -> keyword text, e.g. ``"_L2" -> "l2"``."""
+    return {t.name: t.name.lstrip("_").lower() for t in _lark().terminals if t.name.lstrip("_").lower() in KEYWORDS}
 
 
 def decode_source(data: bytes, filename: str) -> str:
     """UTF-8 (a BOM is accepted); anything else is a positioned syntax error."""
+    data = data.removeprefix(b"\xef\xbb\xbf")
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        before = data[: exc.start].decode("utf-8-sig", errors="replace")
+        before = data[: exc.start].decode("utf-8")
         line = before.count("\n") + 1
         column = len(before) - (before.rfind("\n") + 1) + 1
-        shown = data.splitlines()[line - 1].decode("utf-8", errors="replace") if data.splitlines() else ""
+        shown = data.split(b"\n")[line - 1].removesuffix(b"\r").decode("utf-8", errors="replace")
         raise RegSyntaxError(
             Diagnostic(
                 line=line,
@@ -157,13 +154,19 @@ def _token_message(token: lark.Token, expected: list[str], keywords: list[str]) 
     message = f"unexpected {shown}"
     if expected:
         message += f"; expected {_join(expected)}"
+    word = str(token)
+    at_statement_start = any(w.startswith("a selector") for w in expected) and not any(
+        w.startswith("a term") for w in expected
+    )
+    if token.type in keyword_terminals() and word in KEYWORDS_TERM and at_statement_start:
+        return message + "; a rule starts with a selector, e.g. 'all l2 0.01'"
     if token.type not in ("GLOB", "NUMBER"):
         return message
     # A misspelt keyword lexes as a pattern or number; offer the nearest allowed keyword.
-    hint = difflib.get_close_matches(str(token), keywords, n=1, cutoff=0.5)
+    hint = difflib.get_close_matches(word.lower(), keywords, n=1, cutoff=0.5)
     if hint:
         message += f"; did you mean '{hint[0]}'?"
-    elif difflib.get_close_matches(str(token), KEYWORDS_TERM, n=1, cutoff=0.5):
+    elif at_statement_start and difflib.get_close_matches(word.lower(), KEYWORDS_TERM, n=1, cutoff=0.5):
         message += "; a rule starts with a selector, e.g. 'all l2 0.01'"
     return message
 
@@ -201,33 +204,43 @@ def _line_col(text: str, offset: int) -> tuple[int, int]:
     return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
+def split_line(line: str) -> tuple[list[tuple[int, int]], int | None]:
+    """The statement spans of one source line and where its comment starts.
+
+    Statements are split by ';' outside double quotes; '#' outside quotes starts
+    a comment. Quotes never span lines and have no escapes, so this is exact.
+    """
+    segments, start, in_quote = [], 0, False
+    for i, c in enumerate(line):
+        if c == '"':
+            in_quote = not in_quote
+        elif c == "#" and not in_quote:
+            segments.append((start, i))
+            return segments, i
+        elif c == ";" and not in_quote:
+            segments.append((start, i))
+            start = i + 1
+    segments.append((start, len(line)))
+    return segments, None
+
+
 def _blank_statement(text: str, offset: int) -> str:
     """Replace the statement around ``offset`` with spaces, keeping separators and comments."""
     line_start = text.rfind("\n", 0, offset) + 1
     line_end = text.find("\n", line_start)
     line_end = len(text) if line_end == -1 else line_end
-    # Statements on this line are split by ';' outside quotes; a comment ends the last one.
-    segments, start, in_quote = [], line_start, False
-    for i in range(line_start, line_end):
-        c = text[i]
-        if c == '"':
-            in_quote = not in_quote
-        elif c == "#" and not in_quote:
-            line_end = i
-            break
-        elif c == ";" and not in_quote:
-            segments.append((start, i))
-            start = i + 1
-    segments.append((start, line_end))
+    segments, _ = split_line(text[line_start:line_end])
     # An error on a separator or past the end belongs to the statement before it.
     for start, end in segments:
-        if start <= offset <= end or (start, end) == segments[-1]:
+        if start <= offset - line_start <= end or (start, end) == segments[-1]:
+            start, end = start + line_start, end + line_start
             return text[:start] + _spaces(text[start:end]) + text[end:]
     return text  # pragma: no cover - the last segment always matches
 
 
 def _spaces(s: str) -> str:
-    return "".join(c if c in "\r\n" else " " for c in s)
+    # Only '\n' ends a line; a lone '\r' must go too, or it fails again on the next round.
+    return "".join(c if c == "\n" else " " for c in s)
 
 
 def bare_pattern_ok(text: str) -> bool:

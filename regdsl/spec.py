@@ -49,6 +49,16 @@ class Node(BaseModel):
         return hash((type(self).__name__, self._meaning()))
 
 
+def relevant_errors(exc: ValidationError) -> list[Any]:
+    """Pydantic's errors minus the "too short" a tuple reports when its only element failed."""
+    errors = exc.errors()
+    return [
+        e
+        for e in errors
+        if not (e["type"] == "too_short" and any(o is not e and o["loc"][: len(e["loc"])] == e["loc"] for o in errors))
+    ]
+
+
 # ---------------------------------------------------------------- patterns
 
 _CLASS = re.compile(r"\[!?\]?[^\]]*\]")
@@ -150,7 +160,7 @@ class _Strength(Node):
             raise PydanticCustomError("strength", "strength must be a finite number, got {value}", {"value": value})
         if value < 0:
             raise PydanticCustomError("strength", "strength must be >= 0, got {value}", {"value": value})
-        return value
+        return value + 0.0  # -0.0 becomes 0.0, so it prints as 0.0
 
 
 class DecayTerm(_Strength):
@@ -252,7 +262,7 @@ class Spec(Node):
             raise RegValidationError(
                 [
                     Diagnostic(line=0, column=0, message=f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}")
-                    for e in exc.errors()
+                    for e in relevant_errors(exc)
                 ]
             ) from None
 

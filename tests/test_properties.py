@@ -1,0 +1,247 @@
+"""Property tests: canonical text and JSON round-trip any spec; no input crashes the parser.
+
+(a) Specs are built from the models directly, not from text, so the printer meets
+    specs no hand-written file contains (odd patterns, subnormal and huge floats).
+(b) Arbitrary and token-soup text must end in a spec or a RegDslError whose
+    diagnostics all point inside the text.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import regdsl
+from regdsl import RegDslError, RegSyntaxError, RegValidationError
+from regdsl.spec import (
+    AllAtom,
+    BiasAtom,
+    DecayTerm,
+    EmbeddingAtom,
+    Exclude,
+    L1Term,
+    L2Term,
+    LayerAtom,
+    NoneTerm,
+    NormAtom,
+    Pattern,
+    Rule,
+    Selector,
+    Spec,
+    TypeAtom,
+)
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# ---------------------------------------------------------------- (a) specs from the models
+
+# Pieces of one path segment. The second list cannot be written bare and forces quoting;
+# keywords are in the first because after `layer`/`type` they are names, not keywords.
+# fmt: off
+BARE_PIECES = [
+    "fc2", "weight", "bias", "x_1", "a-b", "0", "1e5", "*", "?", "[abc]", "[!0-3]", "[]x]", "!",
+    "norm", "type", "layer", "all", "l2", "none", "exclude", "decay", "embedding", "nan", "inf",
+]
+# fmt: on
+QUOTED_PIECES = ["my module", "blocks@0", "a:b", "x;y", "a#b", "a,b", "caf\u00e9", "\u6743\u91cd", " lead", "$", "+"]
+
+
+def _valid_pattern(text: str) -> bool:
+    try:
+        Pattern(text=text)
+    except ValueError:  # pydantic.ValidationError is a ValueError
+        return False
+    return True
+
+
+segments = st.one_of(
+    st.just("**"),
+    st.lists(st.sampled_from(BARE_PIECES + QUOTED_PIECES), min_size=1, max_size=3).map("".join),
+    # Anything printable: finds characters the printer forgets to quote.
+    st.text(st.characters(blacklist_characters='."\r\n', blacklist_categories=("Cs",)), min_size=1, max_size=4),
+)
+patterns = (
+    st.lists(segments, min_size=1, max_size=4).map(".".join).filter(_valid_pattern).map(lambda t: Pattern(text=t))
+)
+pattern_tuples = st.lists(patterns, min_size=1, max_size=3).map(tuple)
+
+atoms = st.one_of(
+    st.builds(AllAtom),
+    st.builds(BiasAtom),
+    st.builds(NormAtom),
+    st.builds(EmbeddingAtom),
+    st.builds(LayerAtom, patterns=pattern_tuples),
+    st.builds(TypeAtom, patterns=pattern_tuples),
+)
+selectors = st.builds(Selector, atoms=st.lists(atoms, min_size=1, max_size=3).map(tuple))
+
+strengths = st.one_of(
+    # min_value=0.0 keeps -0.0 out: the language has no negative zero to print.
+    st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, 5e-324, 1e-310, 2.2250738585072014e-308, 1e-05, 0.1, 1e16, 1.7976931348623157e308]),
+)
+TERM_TYPES = {"decay": DecayTerm, "l1": L1Term, "l2": L2Term}
+
+
+@st.composite
+def term_tuples(draw):
+    # A kind at most once per rule, in any order: the order is meaning (`none` clears what precedes it).
+    kinds = draw(st.lists(st.sampled_from(["decay", "l1", "l2", "none"]), min_size=1, max_size=4, unique=True))
+    return tuple(NoneTerm() if kind == "none" else TERM_TYPES[kind](strength=draw(strengths)) for kind in kinds)
+
+
+statements = st.one_of(
+    st.builds(Rule, selector=selectors, terms=term_tuples()),
+    st.builds(Exclude, selector=selectors),
+)
+specs = st.builds(Spec, statements=st.lists(statements, max_size=6).map(tuple))
+
+
+@SETTINGS
+@given(specs)
+def test_canonical_text_round_trips(spec: Spec):
+    text = spec.to_source()
+    again = regdsl.parse(text)
+    assert again == spec
+    assert again.to_source() == text
+
+
+@SETTINGS
+@given(specs)
+def test_json_round_trips(spec: Spec):
+    assert Spec.from_json(spec.to_json()) == spec
+    # Through text first, so every node carries a position that JSON must keep.
+    parsed = regdsl.parse(spec.to_source(), "rules.reg")
+    back = Spec.from_json(parsed.to_json())
+    assert back == parsed
+    assert back.model_dump() == parsed.model_dump()
+
+
+@SETTINGS
+@given(strengths)
+def test_every_strength_prints_as_itself(value: float):
+    # The printed literal must read back exactly, and never overflow or underflow.
+    (rule,) = regdsl.parse(f"all l2 {value!r}").statements
+    strength = rule.terms[0].strength
+    assert strength == value and math.copysign(1.0, strength) == 1.0
+
+
+# ---------------------------------------------------------------- (b) fuzzing the parser
+
+# fmt: off
+VOCAB = [
+    # keywords, right and wrong
+    "all", "layer", "type", "bias", "norm", "embedding", "exclude", "decay", "l1", "l2", "none", "l3", "dacay",
+    # patterns, valid and not
+    "fc2.*", "**", "a.**.b", "[qkv]", "x[", "a..b", "a**b", ".a", "torch.nn.Linear", "*Norm",
+    '"my mod"', '""', '"', '"a;b"', '"x#y"',
+    # numbers, valid and not
+    "0", "0.01", ".5", "5E-3", "1e-05", "-1", "+2", "nan", "inf", "-inf", "1e400", "1e-400", "1.", "1.2.3",
+    # separators and layout
+    " ", " ", " ", "\t", "\f", "\n", "\n", "\r\n", ";", ",", "# comment", "#",
+    # garbage
+    "@", "$", "\r", "\x00", "\ufeff", "\u2028", "\u00e9", "\\",
+]
+# fmt: on
+vocab_texts = st.lists(st.sampled_from(VOCAB), max_size=25).map("".join)
+
+# Token soup is nearly always a syntax error; statement-shaped text with sometimes-wrong
+# parts also reaches the validator and the mix of syntax and validation errors.
+FUZZ_PATTERNS = ["fc2.*", "**.bias", "norm", '"a b"', '"x#y;z"', "a..b", '""', "a**", "x[1", "[!0-9]"]
+FUZZ_NUMBERS = ["0", "0.01", ".5", "5E-3", "1e308", "5e-324", "-1", "nan", "inf", "1e400", "1e-400"]
+fuzz_patterns = st.lists(st.sampled_from(FUZZ_PATTERNS), min_size=1, max_size=3).map(", ".join)
+fuzz_atoms = st.one_of(
+    st.sampled_from(["all", "bias", "norm", "embedding"]),
+    st.builds(lambda kw, pats: f"{kw} {pats}", st.sampled_from(["layer", "type"]), fuzz_patterns),
+)
+fuzz_terms = st.one_of(
+    st.just("none"),
+    st.builds(lambda kw, n: f"{kw} {n}", st.sampled_from(["decay", "l1", "l2"]), st.sampled_from(FUZZ_NUMBERS)),
+)
+fuzz_statements = st.one_of(
+    st.builds(
+        lambda a, t: " ".join(a + t),
+        st.lists(fuzz_atoms, min_size=1, max_size=3),
+        st.lists(fuzz_terms, min_size=1, max_size=3),
+    ),
+    st.builds(lambda a: "exclude " + " ".join(a), st.lists(fuzz_atoms, min_size=1, max_size=2)),
+    st.sampled_from(VOCAB),  # now and then a stray token where a statement should be
+)
+statement_texts = st.builds(
+    lambda parts, ends, tail: "".join(p + e for p, e in zip(parts, ends)) + tail,
+    st.lists(fuzz_statements, max_size=6),
+    st.lists(st.sampled_from(["\n", ";", "\r\n", " # c\n", "; "]), min_size=6, max_size=6),
+    st.sampled_from(["", "\n", "all", "layer", " # end"]),
+)
+LARK_NAMES = ("__ANON", "GLOB", "NUMBER", "_END", "$END", "STRING", "COMMA")
+
+
+def check_outcome(text: str) -> Spec | None:
+    """Parse ``text``; any exception but RegDslError fails the test (pytest shows it)."""
+    try:
+        spec = regdsl.parse(text)
+    except RegDslError as err:
+        check_diagnostics(text, err)
+        return None
+    # What parsed must survive its own canonical form.
+    assert regdsl.parse(spec.to_source()) == spec
+    return spec
+
+
+def check_diagnostics(text: str, err: RegDslError) -> None:
+    assert err.diagnostics
+    text = text.removeprefix("\ufeff")
+    # The lexer ends lines at '\n' only; so must every position.
+    lines = text.split("\n")
+    for d in err.diagnostics:
+        assert d.kind in ("syntax", "validation")
+        assert d.message
+        assert 1 <= d.line <= len(lines), (d, text)
+        assert 1 <= d.column <= len(lines[d.line - 1]) + 1, (d, text)
+    assert err.diagnostics == sorted(err.diagnostics)
+    kinds = {d.kind for d in err.diagnostics}
+    assert type(err) is (RegSyntaxError if "syntax" in kinds else RegValidationError)
+
+
+@SETTINGS
+@given(st.text(max_size=80))
+def test_arbitrary_text_gives_a_spec_or_positioned_errors(text: str):
+    check_outcome(text)
+
+
+@SETTINGS
+@given(vocab_texts)
+def test_token_soup_gives_a_spec_or_positioned_errors(text: str):
+    check_outcome(text)
+
+
+@SETTINGS
+@given(statement_texts)
+def test_statement_shaped_text_gives_a_spec_or_positioned_errors(text: str):
+    check_outcome(text)
+
+
+@SETTINGS
+@given(st.one_of(vocab_texts, statement_texts))
+@example("all l2 1\rexclude bias\n")  # a lone CR: the first input that broke this
+def test_each_syntax_error_is_reported_once(text: str):
+    # Each syntax error blanks its statement; a second one at the same spot means it did not.
+    try:
+        regdsl.parse(text)
+    except RegDslError as err:
+        syntax_at = [(d.line, d.column) for d in err.diagnostics if d.kind == "syntax"]
+        assert len(syntax_at) == len(set(syntax_at)), syntax_at
+
+
+@SETTINGS
+@given(st.one_of(vocab_texts, statement_texts))
+def test_token_soup_errors_use_user_words(text: str):
+    # No run of VOCAB tokens spells a lark name (its only capitals are in *Norm, Linear, 5E-3),
+    # so one in a message came from regdsl, not from an echo of the input.
+    try:
+        regdsl.parse(text)
+    except RegDslError as err:
+        for d in err.diagnostics:
+            assert not any(name in d.message for name in LARK_NAMES), d.message
