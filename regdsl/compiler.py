@@ -80,7 +80,7 @@ class Regularizer:
                 if kind in self._rows[entry.index].terms
             ]
         )
-        self._default_device = trainable[0].param.device if trainable else None
+        self._first_trainable = trainable[0].param if trainable else None
 
     # ------------------------------------------------------------ resolution
 
@@ -143,7 +143,8 @@ class Regularizer:
 
     def penalty(self) -> torch.Tensor:
         """The sum of every loss term (``l1``, ``l2``) as a differentiable 0-dim tensor."""
-        return self._penalty(self._default_device)
+        device = self._first_trainable.device if self._first_trainable is not None else None
+        return self._penalty(device)
 
     def explain(self) -> list[ParamRow]:
         """One row per parameter tensor (frozen ones too), in registration order."""

@@ -44,16 +44,25 @@ class _Bucket:
     norm_dtype: torch.dtype
     order: int
     power: int
+    dtype: torch.dtype  # of the parameters when bucketed
 
 
 class PenaltyPlan:
-    """Evaluates ``Σ_terms Σ_params factor·λ·‖w‖^power`` with a handful of fused kernels."""
+    """Evaluates ``Σ_terms Σ_params factor·λ·‖w‖^power`` with a handful of fused kernels.
+
+    Buckets are keyed by each parameter's dtype and device at build time. A
+    ``model.to(...)`` after compiling changes them in place (the Parameter
+    objects stay), so each call compares one parameter per bucket with its key
+    and re-buckets when they differ: O(buckets), not O(parameters).
+    """
 
     def __init__(self, terms: Sequence[tuple[str, torch.Tensor, float]]):
+        self._terms = [(kind, p, s) for kind, p, s in terms if s != 0.0 and p.numel() > 0]
+        self._build()
+
+    def _build(self) -> None:
         grouped: dict[tuple[str, torch.device, torch.dtype], tuple[list[torch.Tensor], list[float]]] = {}
-        for kind, param, strength in terms:
-            if strength == 0.0 or param.numel() == 0:
-                continue
+        for kind, param, strength in self._terms:
             params, strengths = grouped.setdefault((kind, param.device, param.dtype), ([], []))
             params.append(param)
             strengths.append(strength)
@@ -61,17 +70,29 @@ class PenaltyPlan:
         for (kind, device, dtype), (params, strengths) in grouped.items():
             order, power, factor = FORMULAS[kind]
             weights = torch.tensor([factor * s for s in strengths], dtype=accumulation_dtype(dtype), device=device)
-            self._buckets.append(_Bucket(params, weights, _norm_dtype(dtype), order, power))
-        devices = [b.weights.device for b in self._buckets]
-        self._device = devices[0] if devices else None
+            self._buckets.append(_Bucket(params, weights, _norm_dtype(dtype), order, power, dtype))
+        self._device = self._buckets[0].weights.device if self._buckets else None
         self._dtype = torch.float64 if any(b.weights.dtype == torch.float64 for b in self._buckets) else torch.float32
 
     def __bool__(self) -> bool:
         return bool(self._buckets)
 
+    def _stale(self) -> bool:
+        return any(b.params[0].dtype != b.dtype or b.params[0].device != b.weights.device for b in self._buckets)
+
     def __call__(self, default_device: torch.device | None = None) -> torch.Tensor:
         if not self._buckets:
             return torch.zeros((), dtype=torch.float32, device=default_device)
+        if self._stale():
+            self._build()
+        try:
+            return self._evaluate()
+        except RuntimeError:
+            # Only part of a bucket was converted (one submodule's .to()): re-bucket once, retry.
+            self._build()
+            return self._evaluate()
+
+    def _evaluate(self) -> torch.Tensor:
         total: torch.Tensor | None = None
         for bucket in self._buckets:
             norms = torch.stack(torch._foreach_norm(bucket.params, bucket.order, dtype=bucket.norm_dtype))

@@ -95,9 +95,14 @@ def canonical_name(name: str) -> str:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(model, _root_wrappers()):
-        model = model.module
-    return model
+    """Peel DDP, DataParallel, AveragedModel and torch.compile wrappers, in any nesting."""
+    while True:
+        if isinstance(model, _root_wrappers()):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile; checked by name so torch._dynamo is never imported
+        else:
+            return model
 
 
 class ParamTable:
@@ -188,7 +193,9 @@ def _segment_regex(segment: str) -> str:
         elif c == "?":
             out.append(r"[^.]")
         elif c == "[":
-            end = segment.index("]", i + 2 if segment[i + 1 : i + 2] in ("!", "]") else i + 1)
+            # A ']' first in the class (after an optional '!') is a member, not the end.
+            first = i + 2 if segment[i + 1 : i + 2] == "!" else i + 1
+            end = segment.index("]", first + 1 if segment[first : first + 1] == "]" else first)
             body = segment[i + 1 : end]
             negate = body.startswith("!")
             body = body[1:] if negate else body
