@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from .errors import Diagnostic, RegSyntaxError, RegValidationError, source_line_at
 from .parser import decode_source, parse_tree
-from .spec import Spec, relevant_errors
+from .spec import Spec, error_code, relevant_errors
 
 
 def parse(text: str, filename: str = "<string>") -> Spec:
@@ -26,7 +26,7 @@ def parse(text: str, filename: str = "<string>") -> Spec:
     text = text.removeprefix("\ufeff")
     tree, diagnostics = parse_tree(text, filename)
     data, leaf_spans, literal_problems = _to_data(tree)
-    diagnostics += [_diagnostic(text, filename, span, message) for span, message in literal_problems]
+    diagnostics += [_diagnostic(text, filename, span, message, "RD003") for span, message in literal_problems]
     spec = None
     try:
         spec = Spec.model_validate({"statements": data, "origin": None if filename == "<string>" else filename})
@@ -141,11 +141,10 @@ def _from_pydantic(error: Any, data: list[dict[str, Any]], leaf_spans: LeafSpans
             span = node["pos"]
         elif (id(parent), key) in leaf_spans:
             span = leaf_spans[id(parent), key]
-    message = error["msg"]
-    return _diagnostic(text, filename, span, message)
+    return _diagnostic(text, filename, span, error["msg"], error_code(error))
 
 
-def _diagnostic(text: str, filename: str, span: dict[str, int] | None, message: str) -> Diagnostic:
+def _diagnostic(text: str, filename: str, span: dict[str, int] | None, message: str, code: str) -> Diagnostic:
     span = span or {"line": 1, "column": 1, "end_line": 1, "end_column": 1}
     return Diagnostic(
         line=span["line"],
@@ -155,5 +154,6 @@ def _diagnostic(text: str, filename: str, span: dict[str, int] | None, message: 
         message=message,
         file=filename,
         kind="validation",
+        code=code,
         source_line=source_line_at(text, span["line"]),
     )

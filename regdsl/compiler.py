@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from .build import load
-from .errors import RegUsageError
+from .codes import severity
+from .errors import Diagnostic, RegCompileError, RegUsageError, source_line_at
 from .penalties import FORMULAS, PenaltyPlan
-from .select import ParamEntry, ParamTable
+from .select import ParamEntry, ParamTable, is_embedding_module
 from .spec import VALUE_TERMS, Exclude, NoneTerm, Span, Spec
 
 
@@ -59,17 +60,116 @@ class GroupSummary:
     numel: int
 
 
+@dataclass(frozen=True)
+class Resolution:
+    """What a spec means for one model, before anything is built for the optimizer."""
+
+    spec: Spec
+    table: ParamTable
+    rows: tuple[ParamRow, ...]  # one per table entry, same order
+    matches: tuple[tuple[int, ...], ...]  # per statement: entries its selector matches, frozen ones too
+
+
+def resolve(spec: Spec, model: nn.Module) -> Resolution:
+    """Apply the cascade: per parameter and term kind, the last matching rule that sets it wins;
+    ``none`` clears at its position; any matching ``exclude`` removes everything."""
+    table = ParamTable(model)
+    origin = spec.origin
+    assigned: list[dict[str, Setting]] = [{} for _ in table.entries]
+    excluded: list[Setting | None] = [None] * len(table)
+    matches = []
+    for statement in spec.statements:
+        matched = table.select(statement.selector)
+        matches.append(tuple(e.index for e in matched))
+        selected = [e.index for e in matched if e.trainable]
+        if isinstance(statement, Exclude):
+            for i in selected:
+                excluded[i] = excluded[i] or Setting(0.0, origin, statement.pos)
+            continue
+        for term in statement.terms:
+            for i in selected:
+                if isinstance(term, NoneTerm):
+                    assigned[i].clear()
+                else:
+                    assigned[i][term.kind] = Setting(term.strength, origin, term.pos)
+    rows = tuple(
+        ParamRow(
+            name=entry.name,
+            aliases=entry.names[1:],
+            shape=entry.shape,
+            numel=entry.numel,
+            trainable=entry.trainable,
+            excluded_by=excluded[entry.index],
+            terms={}
+            if excluded[entry.index]
+            else {k: assigned[entry.index][k] for k in VALUE_TERMS if k in assigned[entry.index]},
+        )
+        for entry in table.entries
+    )
+    return Resolution(spec, table, rows, tuple(matches))
+
+
+def unusable_terms(resolution: Resolution) -> list[Diagnostic]:
+    """Terms the file sets that cannot work on their parameter (RD104), one diagnostic per rule and cause."""
+    found: dict[tuple[Setting, str, str], list[str]] = {}
+    for entry, row in zip(resolution.table.entries, resolution.rows):
+        for kind, setting in row.terms.items():
+            if setting.value == 0:
+                continue  # a zero term does nothing, so it cannot fail either
+            reason = None
+            if not entry.initialized and kind in FORMULAS:
+                reason = "has no shape until the lazy module's first forward pass; run one before compiling"
+            elif kind == "decay" and any(getattr(o, "sparse", False) for o in entry.owners if is_embedding_module(o)):
+                reason = "gets sparse gradients (sparse=True), and torch optimizers cannot apply weight decay to them"
+            elif any("_flat_param" in name.split(".") for name in entry.names):
+                reason = "is FSDP's flattened parameter; per-parameter rules need FSDP(use_orig_params=True)"
+            if reason:
+                found.setdefault((setting, kind, reason), []).append(row.name)
+    return [
+        model_diagnostic(resolution.spec, setting.pos, "RD104", f"'{kind}' cannot take effect on {_names(names)}: it {reason}")
+        for (setting, kind, reason), names in found.items()
+    ]
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def model_diagnostic(spec: Spec, pos: Span | None, code: str, message: str) -> Diagnostic:
+    """A diagnostic about the spec against a model, pinned to ``pos`` in the spec's source."""
+    line, column = (pos.line, pos.column) if pos else (0, 0)
+    return Diagnostic(
+        line=line,
+        column=column,
+        end_line=pos.end_line if pos else None,
+        end_column=pos.end_column if pos else None,
+        message=message,
+        file=spec.origin or "<string>",
+        severity=severity(code),
+        kind="model",
+        code=code,
+        source_line=source_line_at(spec.source, line) if spec.source and pos else "",
+    )
+
+
 class Regularizer:
     """A spec resolved against one model.
 
     ``param_groups()`` feeds the optimizer, ``penalty()`` the loss, and
-    ``explain()`` says what every parameter got and from which line.
+    ``explain()`` says what every parameter got and from which line. Terms that
+    cannot work on their parameter raise :class:`RegCompileError` here, before
+    anything is half-applied.
     """
 
     def __init__(self, spec: Spec, model: nn.Module):
         self.spec = spec
-        self.table = ParamTable(model)
-        self._rows = self._resolve()
+        self.resolution = resolve(spec, model)
+        problems = unusable_terms(self.resolution)
+        if problems:
+            raise RegCompileError(problems)
+        self.table = self.resolution.table
+        self._rows = self.resolution.rows
         self._groups = self._group()
         trainable = [e for e in self.table.entries if e.trainable]
         self._penalty = PenaltyPlan(
@@ -81,37 +181,6 @@ class Regularizer:
             ]
         )
         self._first_trainable = trainable[0].param if trainable else None
-
-    # ------------------------------------------------------------ resolution
-
-    def _resolve(self) -> list[ParamRow]:
-        origin = self.spec.origin
-        assigned: list[dict[str, Setting]] = [{} for _ in self.table.entries]
-        excluded: list[Setting | None] = [None] * len(self.table)
-        for statement in self.spec.statements:
-            selected = [e.index for e in self.table.select(statement.selector) if e.trainable]
-            if isinstance(statement, Exclude):
-                for i in selected:
-                    excluded[i] = excluded[i] or Setting(0.0, origin, statement.pos)
-                continue
-            for term in statement.terms:
-                for i in selected:
-                    if isinstance(term, NoneTerm):
-                        assigned[i].clear()
-                    else:
-                        assigned[i][term.kind] = Setting(term.strength, origin, term.pos)
-        return [
-            ParamRow(
-                name=entry.name,
-                aliases=entry.names[1:],
-                shape=tuple(entry.param.shape),
-                numel=entry.param.numel(),
-                trainable=entry.trainable,
-                excluded_by=excluded[entry.index],
-                terms={} if excluded[entry.index] else {k: assigned[entry.index][k] for k in VALUE_TERMS if k in assigned[entry.index]},
-            )
-            for entry in self.table.entries
-        ]
 
     def _group(self) -> list[tuple[float, list[ParamEntry]]]:
         # One group per distinct setting, ordered by first member: fewer groups keep

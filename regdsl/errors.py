@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Severity = Literal["error", "warning"]
+from .codes import Severity
 
 
 @dataclass(frozen=True, order=True)
@@ -24,13 +24,15 @@ class Diagnostic:
     end_line: int | None = field(default=None, compare=False)
     end_column: int | None = field(default=None, compare=False)
     severity: Severity = field(default="error", compare=False)
-    kind: Literal["syntax", "validation", "compile"] = field(default="validation", compare=False)
+    kind: Literal["syntax", "validation", "compile", "model"] = field(default="validation", compare=False)
+    code: str = field(default="", compare=False)  # a key of regdsl.codes.CODES
     source_line: str = field(default="", compare=False)
     expected: tuple[str, ...] = field(default=(), compare=False)
 
     def render(self) -> str:
-        """``file:line:col: error: message`` followed by the source line and a caret."""
-        head = f"{self.file}:{self.line}:{self.column}: {self.severity}: {self.message}"
+        """``file:line:col: error: CODE message`` followed by the source line and a caret."""
+        code = f"{self.code} " if self.code else ""
+        head = f"{self.file}:{self.line}:{self.column}: {self.severity}: {code}{self.message}"
         if not self.source_line:
             return head
         return f"{head}\n{self.source_line}\n{caret_line(self.source_line, self.column, self._caret_width())}"

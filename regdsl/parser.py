@@ -68,6 +68,7 @@ def decode_source(data: bytes, filename: str) -> str:
                 message=f"the file is not valid UTF-8 (byte 0x{data[exc.start]:02x})",
                 file=filename,
                 kind="syntax",
+                code="RD002",
                 source_line=shown,
             )
         ) from None
@@ -133,6 +134,7 @@ def _diagnose(exc: UnexpectedInput, work: str, text: str, filename: str) -> tupl
         message=message,
         file=filename,
         kind="syntax",
+        code="RD001",
         source_line=source_line_at(text, line),
         expected=tuple(expected),
     )

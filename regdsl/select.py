@@ -76,6 +76,19 @@ class ParamEntry:
     def trainable(self) -> bool:
         return self.param.requires_grad
 
+    @property
+    def initialized(self) -> bool:
+        """False for a lazy module's parameter before its first forward pass."""
+        return not isinstance(self.param, nn.parameter.UninitializedParameter)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape) if self.initialized else ()
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel() if self.initialized else 0
+
     @functools.cached_property
     def paths(self) -> frozenset[str]:
         """Each full name and the name of every module that contains it."""

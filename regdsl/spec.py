@@ -59,6 +59,14 @@ def relevant_errors(exc: ValidationError) -> list[Any]:
     ]
 
 
+_ERROR_CODES = {"strength": "RD004", "pattern": "RD005", "duplicate_term": "RD006"}
+
+
+def error_code(error: Any) -> str:
+    """The diagnostic code of one Pydantic error raised by these models."""
+    return _ERROR_CODES.get(error["type"], "RD009")
+
+
 # ---------------------------------------------------------------- patterns
 
 _CLASS = re.compile(r"\[!?\]?[^\]]*\]")
@@ -261,7 +269,12 @@ class Spec(Node):
         except ValidationError as exc:
             raise RegValidationError(
                 [
-                    Diagnostic(line=0, column=0, message=f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}")
+                    Diagnostic(
+                        line=0,
+                        column=0,
+                        message=f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}",
+                        code=error_code(e),
+                    )
                     for e in relevant_errors(exc)
                 ]
             ) from None

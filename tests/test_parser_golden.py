@@ -1,7 +1,7 @@
 """Golden files for the parser: every ``.reg`` under tests/data/parse is a case.
 
 valid/NAME.reg has NAME.canonical, the exact text ``to_source()`` must print.
-invalid/NAME.reg has NAME.expected, one ``LINE:COL: KIND: MESSAGE`` per diagnostic,
+invalid/NAME.reg has NAME.expected, one ``LINE:COL: KIND CODE: MESSAGE`` per diagnostic,
 in the order the exception lists them (by position). Both were written by hand
 from the language's rules, not copied from the code's output, so a change in
 wording or position shows up here as a diff to judge.
@@ -73,7 +73,7 @@ def test_canonical_file_is_itself_valid_and_canonical(path: Path):
 
 
 def _rendered(diagnostics) -> list[str]:
-    return [f"{d.line}:{d.column}: {d.kind}: {d.message}" for d in diagnostics]
+    return [f"{d.line}:{d.column}: {d.kind} {d.code}: {d.message}" for d in diagnostics]
 
 
 @pytest.mark.parametrize("path", INVALID, ids=_ids(INVALID))
@@ -84,7 +84,7 @@ def test_invalid_file_diagnostics(path: Path):
     err = info.value
     assert _rendered(err.diagnostics) == expected
     # The exception class follows from the kinds: any syntax problem makes it a syntax error.
-    kinds = {line.split(": ")[1] for line in expected}
+    kinds = {line.split(": ")[1].split()[0] for line in expected}
     wanted = RegSyntaxError if "syntax" in kinds else RegValidationError
     assert type(err) is wanted
     for d in err.diagnostics:
@@ -97,7 +97,7 @@ def test_rendered_diagnostic_has_head_source_line_and_caret():
         regdsl.load(path)
     (diag,) = info.value.diagnostics
     head, source, caret = diag.render().split("\n")
-    assert head.startswith(f"{path}:1:13: error: unexpected 'l3'")
+    assert head.startswith(f"{path}:1:13: error: RD001 unexpected 'l3'")
     assert source == "layer fc2.* l3 0.01"
     # The caret sits under column 13 and covers the two characters of 'l3'.
     assert caret == " " * 12 + "^^"

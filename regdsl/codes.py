@@ -1,0 +1,42 @@
+"""Every diagnostic code regdsl emits, with its severity and a one-line summary.
+
+Codes are stable: a code is never reused for another problem. docs/diagnostics.md
+explains each one with an example and a fix; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+Severity = Literal["error", "warning"]
+
+
+class Code(NamedTuple):
+    severity: Severity
+    summary: str
+
+
+CODES: dict[str, Code] = {
+    # The file itself: syntax and values (no model needed).
+    "RD001": Code("error", "syntax error"),
+    "RD002": Code("error", "the file is not valid UTF-8"),
+    "RD003": Code("error", "a number literal overflows to infinity or underflows to 0"),
+    "RD004": Code("error", "a strength is negative, NaN or infinite"),
+    "RD005": Code("error", "an invalid name pattern"),
+    "RD006": Code("error", "a term appears twice in one rule"),
+    "RD009": Code("error", "an invalid spec (JSON input)"),
+    # Against a model: rules that cannot do what they say.
+    "RD101": Code("error", "a selector, or one pattern in it, matches no parameter"),
+    "RD102": Code("error", "a type name matches no module class in the model"),
+    "RD103": Code("error", "a dead rule: later lines override its every effect"),
+    "RD104": Code("error", "a term that cannot take effect on a parameter"),
+    # Against a model: probably mistakes (errors under --strict).
+    "RD201": Code("warning", "an exclude matches nothing"),
+    "RD202": Code("warning", "a rule matches only frozen parameters"),
+    "RD203": Code("warning", "the aliases of a tied parameter are matched by different rules"),
+    "RD204": Code("warning", "decay and l2 on the same parameter"),
+}
+
+
+def severity(code: str) -> Severity:
+    return CODES[code].severity
