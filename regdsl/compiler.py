@@ -52,6 +52,26 @@ class ParamRow:
     terms: dict[str, Setting] = field(default_factory=dict)
 
 
+@dataclass
+class Count:
+    tensors: int = 0
+    elements: int = 0
+
+    def add(self, numel: int) -> None:
+        self.tensors += 1
+        self.elements += numel
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Tensor and element counts: per term (strength > 0), with no term, excluded, frozen."""
+
+    terms: dict[str, Count]
+    nothing: Count  # trainable, and no term with a strength above 0
+    excluded: Count  # trainable, removed by an exclude (also counted in ``nothing``)
+    frozen: Count
+
+
 @dataclass(frozen=True)
 class GroupSummary:
     name: str
@@ -68,6 +88,47 @@ class Resolution:
     table: ParamTable
     rows: tuple[ParamRow, ...]  # one per table entry, same order
     matches: tuple[tuple[int, ...], ...]  # per statement: entries its selector matches, frozen ones too
+
+    def groups(self) -> list[tuple[float, list[ParamEntry]]]:
+        """Trainable entries by ``weight_decay``, groups ordered by first member.
+
+        Equal settings share a group: fewer groups keep torch.optim on its
+        foreach/fused paths, and the order is reproducible.
+        """
+        groups: dict[float, list[ParamEntry]] = {}
+        for entry, row in zip(self.table.entries, self.rows):
+            if entry.trainable:
+                decay = row.terms.get("decay")
+                groups.setdefault(decay.value if decay else 0.0, []).append(entry)
+        return list(groups.items())
+
+    def groups_summary(self) -> list[GroupSummary]:
+        return [
+            GroupSummary(
+                name=group_name(decay),
+                weight_decay=decay,
+                params=tuple(e.name for e in members),
+                numel=sum(e.numel for e in members),
+            )
+            for decay, members in self.groups()
+        ]
+
+    def coverage(self) -> Coverage:
+        """How many tensors and elements get each term, nothing, or are frozen."""
+        terms = {k: Count() for k in VALUE_TERMS}
+        nothing, frozen, excluded = Count(), Count(), Count()
+        for row in self.rows:
+            if not row.trainable:
+                frozen.add(row.numel)
+                continue
+            if row.excluded_by:
+                excluded.add(row.numel)
+            active = [k for k, setting in row.terms.items() if setting.value > 0]
+            for kind in active:
+                terms[kind].add(row.numel)
+            if not active:
+                nothing.add(row.numel)
+        return Coverage(terms=terms, nothing=nothing, excluded=excluded, frozen=frozen)
 
 
 def resolve(spec: Spec, model: nn.Module) -> Resolution:
@@ -126,12 +187,12 @@ def unusable_terms(resolution: Resolution) -> list[Diagnostic]:
             if reason:
                 found.setdefault((setting, kind, reason), []).append(row.name)
     return [
-        model_diagnostic(resolution.spec, setting.pos, "RD104", f"'{kind}' cannot take effect on {_names(names)}: it {reason}")
+        model_diagnostic(resolution.spec, setting.pos, "RD104", f"'{kind}' cannot take effect on {name_list(names)}: it {reason}")
         for (setting, kind, reason), names in found.items()
     ]
 
 
-def _names(names: list[str], limit: int = 3) -> str:
+def name_list(names: list[str], limit: int = 3) -> str:
     shown = ", ".join(f"'{n}'" for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -170,7 +231,7 @@ class Regularizer:
             raise RegCompileError(problems)
         self.table = self.resolution.table
         self._rows = self.resolution.rows
-        self._groups = self._group()
+        self._groups = self.resolution.groups()
         trainable = [e for e in self.table.entries if e.trainable]
         self._penalty = PenaltyPlan(
             [
@@ -181,16 +242,6 @@ class Regularizer:
             ]
         )
         self._first_trainable = trainable[0].param if trainable else None
-
-    def _group(self) -> list[tuple[float, list[ParamEntry]]]:
-        # One group per distinct setting, ordered by first member: fewer groups keep
-        # torch.optim on its foreach/fused paths, and the order is reproducible.
-        groups: dict[float, list[ParamEntry]] = {}
-        for entry in self.table.entries:
-            if entry.trainable:
-                decay = self._rows[entry.index].terms.get("decay")
-                groups.setdefault(decay.value if decay else 0.0, []).append(entry)
-        return list(groups.items())
 
     # ------------------------------------------------------------ public API
 
@@ -206,7 +257,7 @@ class Regularizer:
                     + (" (write 'all decay VALUE' for a default decay)" if key == "weight_decay" else "")
                 )
         return [
-            {"params": [e.param for e in members], "weight_decay": decay, "name": _group_name(decay), **defaults}
+            {"params": [e.param for e in members], "weight_decay": decay, "name": group_name(decay), **defaults}
             for decay, members in self._groups
         ]
 
@@ -220,22 +271,18 @@ class Regularizer:
         return list(self._rows)
 
     def groups_summary(self) -> list[GroupSummary]:
-        return [
-            GroupSummary(
-                name=_group_name(decay),
-                weight_decay=decay,
-                params=tuple(e.name for e in members),
-                numel=sum(e.param.numel() for e in members),
-            )
-            for decay, members in self._groups
-        ]
+        """Each optimizer group: name, weight_decay, member names, element count."""
+        return self.resolution.groups_summary()
+
+    def coverage(self) -> Coverage:
+        return self.resolution.coverage()
 
     def __repr__(self) -> str:
         trainable = sum(e.trainable for e in self.table.entries)
         return f"<Regularizer {len(self.spec.statements)} statements, {trainable} trainable tensors, {len(self._groups)} groups>"
 
 
-def _group_name(decay: float) -> str:
+def group_name(decay: float) -> str:
     return f"decay={decay!r}" if decay else "no_decay"
 
 

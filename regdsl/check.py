@@ -1,0 +1,207 @@
+"""Model-aware linting: what a rule file does to a real model, and what it fails to do.
+
+``check(spec, model)`` returns diagnostics (codes in :mod:`regdsl.codes`):
+patterns and selectors that match nothing, type names no module has, rules
+whose every effect a later line overrides, terms that cannot work on their
+parameter, excludes that match nothing, rules that hit only frozen parameters,
+tied parameters whose names different rules pick, and decay stacked on l2.
+
+What is checked statically, without running the model, is only what the
+parameters and modules show: a loss term on a parameter that the forward pass
+never uses cannot be seen here (the model is never run, and may live on meta).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+from torch import nn
+
+from .compiler import Resolution, model_diagnostic, name_list, resolve, unusable_terms
+from .errors import Diagnostic
+from .select import ParamEntry, atom_matches, class_names, glob_regex
+from .spec import Exclude, LayerAtom, NoneTerm, Rule, Selector, Spec, TypeAtom
+
+
+def check(spec: Spec, model: nn.Module) -> list[Diagnostic]:
+    """Every problem of ``spec`` against ``model``, sorted by position."""
+    resolution = resolve(spec, model)
+    diagnostics: list[Diagnostic] = []
+    diagnostics += _unmatched(resolution)
+    diagnostics += _only_frozen(resolution)
+    diagnostics += _dead_rules(resolution)
+    diagnostics += unusable_terms(resolution)
+    diagnostics += _tied_aliases(resolution)
+    diagnostics += _decay_and_l2(resolution)
+    return sorted(diagnostics)
+
+
+# ---------------------------------------------------------------- RD101, RD102, RD201
+
+
+def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
+    spec, table = res.spec, res.table
+    all_paths = sorted({p for e in table.entries for p in e.paths})
+    all_classes = sorted({n for m in table.module_names.values() for n in class_names(type(m))})
+    owner_classes = {n for e in table.entries for n in e.owner_class_names}
+    for statement, matched in zip(spec.statements, res.matches):
+        is_exclude = isinstance(statement, Exclude)
+        code = "RD201" if is_exclude else "RD101"
+        what = "exclude" if is_exclude else "rule"
+        found_part = False
+        for atom in statement.selector.atoms:
+            if isinstance(atom, LayerAtom):
+                for pattern in atom.patterns:
+                    regex = glob_regex(pattern.text)
+                    if not any(regex.fullmatch(p) for p in all_paths):
+                        found_part = True
+                        yield model_diagnostic(
+                            spec, pattern.pos, code,
+                            f"layer pattern '{pattern.text}' matches no parameter or module"
+                            + _nearest(pattern.text, all_paths),
+                        )
+            elif isinstance(atom, TypeAtom):
+                for pattern in atom.patterns:
+                    regex = glob_regex(pattern.text)
+                    if not any(regex.fullmatch(c) for c in all_classes):
+                        found_part = True
+                        yield model_diagnostic(
+                            spec, pattern.pos, code if is_exclude else "RD102",
+                            f"type '{pattern.text}' matches no module class in the model"
+                            + _nearest(pattern.text, all_classes),
+                        )
+                    elif not any(regex.fullmatch(c) for c in owner_classes):
+                        found_part = True
+                        yield model_diagnostic(
+                            spec, pattern.pos, code,
+                            f"type '{pattern.text}' matches only modules that own no parameters directly",
+                        )
+            elif not any(atom_matches(atom, e) for e in table.entries):
+                found_part = True
+                yield model_diagnostic(spec, atom.pos, code, f"no parameter in the model is selected by '{atom.kind}'")
+        if not matched and not found_part:
+            yield model_diagnostic(
+                spec, statement.selector.pos, code,
+                f"{what} selects no parameter: each part matches something, but never all at once",
+            )
+
+
+def _nearest(text: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(text, names, n=3, cutoff=0.5)
+    return f"; nearest: {', '.join(repr(c) for c in close)}" if close else ""
+
+
+# ---------------------------------------------------------------- RD202
+
+
+def _only_frozen(res: Resolution) -> Iterable[Diagnostic]:
+    for statement, matched in zip(res.spec.statements, res.matches):
+        if isinstance(statement, Rule) and matched and not any(res.table.entries[i].trainable for i in matched):
+            yield model_diagnostic(
+                res.spec, statement.selector.pos, "RD202",
+                f"rule matches only frozen parameters (requires_grad=False): "
+                f"{name_list([res.table.entries[i].name for i in matched])}",
+            )
+
+
+# ---------------------------------------------------------------- RD103
+
+
+def _dead_rules(res: Resolution) -> Iterable[Diagnostic]:
+    """A rule is dead when, for every trainable parameter it selects and every kind it
+    sets, a later rule sets that kind (or clears it with ``none``), or an exclude removes it."""
+    statements = res.spec.statements
+    trainable = [{i for i in m if res.table.entries[i].trainable} for m in res.matches]
+    excluded_by: dict[int, list[int]] = {}
+    for index, statement in enumerate(statements):
+        if isinstance(statement, Exclude):
+            for i in trainable[index]:
+                excluded_by.setdefault(i, []).append(index)
+    for index, statement in enumerate(statements):
+        if not isinstance(statement, Rule) or not trainable[index]:
+            continue
+        kinds = {t.kind for t in statement.terms if not isinstance(t, NoneTerm)}
+        if not kinds:
+            continue  # a pure 'none' rule's effect depends on what came before; not judged here
+        overriders: set[int] = set()
+        dead = True
+        for i in trainable[index]:
+            if i in excluded_by:
+                overriders.update(excluded_by[i])
+                continue
+            for kind in kinds:
+                later = [
+                    j for j in range(index + 1, len(statements))
+                    if i in trainable[j] and isinstance(statements[j], Rule)
+                    and any(t.kind in (kind, "none") for t in statements[j].terms)
+                ]
+                if not later:
+                    dead = False
+                    break
+                overriders.add(later[-1])
+            if not dead:
+                break
+        if dead:
+            lines = sorted({statements[j].pos.line for j in overriders if statements[j].pos})
+            yield model_diagnostic(
+                res.spec, statement.pos, "RD103",
+                f"rule has no effect: every parameter it selects is overridden or excluded by "
+                f"line{'s' * (len(lines) != 1)} {', '.join(map(str, lines))}",
+            )
+
+
+# ---------------------------------------------------------------- RD203
+
+
+def _alias_view(entry: ParamEntry, k: int) -> ParamEntry:
+    return ParamEntry(index=entry.index, param=entry.param, names=(entry.names[k],), owners=(entry.owners[k],))
+
+
+def _selector_matches(selector: Selector, entry: ParamEntry) -> bool:
+    return all(atom_matches(atom, entry) for atom in selector.atoms)
+
+
+def _tied_aliases(res: Resolution) -> Iterable[Diagnostic]:
+    statements = res.spec.statements
+    for entry in res.table.entries:
+        if len(entry.names) < 2 or not entry.trainable:
+            continue
+        by_alias = [
+            {j for j, s in enumerate(statements) if _selector_matches(s.selector, _alias_view(entry, k))}
+            for k in range(len(entry.names))
+        ]
+        for a in range(len(by_alias)):
+            for b in range(a + 1, len(by_alias)):
+                only_a, only_b = by_alias[a] - by_alias[b], by_alias[b] - by_alias[a]
+                if only_a and only_b:
+                    first, second = sorted((min(only_a), min(only_b)))
+                    name_of = {min(only_a): entry.names[a], min(only_b): entry.names[b]}
+                    yield model_diagnostic(
+                        res.spec, statements[second].pos, "RD203",
+                        f"'{name_of[second]}' and '{name_of[first]}' are one tied tensor, but line "
+                        f"{_line(statements[first])} selects it as '{name_of[first]}' and this line as "
+                        f"'{name_of[second]}': both rules apply to the one tensor",
+                    )
+
+
+def _line(statement: Rule | Exclude) -> str:
+    return str(statement.pos.line) if statement.pos else "?"
+
+
+# ---------------------------------------------------------------- RD204
+
+
+def _decay_and_l2(res: Resolution) -> Iterable[Diagnostic]:
+    pairs: dict[tuple[object, object], list[str]] = {}
+    for row in res.rows:
+        decay, l2 = row.terms.get("decay"), row.terms.get("l2")
+        if decay and l2 and decay.value > 0 and l2.value > 0:
+            pairs.setdefault((decay.pos, l2.pos), []).append(row.name)
+    for (decay_pos, l2_pos), names in pairs.items():
+        decay_line = decay_pos.line if decay_pos else "?"
+        yield model_diagnostic(
+            res.spec, l2_pos, "RD204",
+            f"{name_list(names)} also get{'s' * (len(names) == 1)} decay from line {decay_line}: "
+            "decay and l2 both shrink the weights (double regularization)",
+        )
