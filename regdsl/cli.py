@@ -1,22 +1,64 @@
-"""``regdsl`` command line. Exit codes follow ruff: 0 clean, 1 problems found, 2 usage or IO error."""
+"""The ``regdsl`` command line: ``check``, ``explain`` and ``fmt``.
+
+Exit codes, as in ruff: 0 clean; 1 problems found (errors, warnings under
+``--strict``, files ``fmt --check`` would change); 2 a usage error, an unreadable
+file, or a model that cannot be built.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from .build import load
-from .errors import RegDslError
+from .build import parse
+from .errors import Diagnostic, RegDslError
+from .parser import decode_source
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
 
+class _UsageError(Exception):
+    """Ends the command with exit status 2 and a one-line message on stderr."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regdsl", description="Declarative regularization for PyTorch.")
+    parser = argparse.ArgumentParser(prog="regdsl", description="Declarative regularization rules for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    check = commands.add_parser("check", help="validate rule files", description="Validate .reg rule files.")
-    check.add_argument("files", nargs="+", metavar="FILE", help="rule files to check")
+
+    def model_options(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument(
+            "--model", required=required, metavar="TARGET",
+            help="'package.module:callable' or 'path/to/file.py:callable' returning an nn.Module",
+        )
+        p.add_argument(
+            "--model-arg", action="append", default=[], metavar="KEY=VALUE",
+            help="keyword argument for the callable; VALUE is a Python literal, else a string (repeatable)",
+        )
+        p.add_argument("--no-meta", action="store_true", help="build the model on the CPU, not on the meta device")
+
+    check = commands.add_parser("check", help="validate rule files, optionally against a model")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    model_options(check, required=False)
+    check.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    check.add_argument("--format", choices=("text", "json", "github"), default="text")
+
+    explain = commands.add_parser("explain", help="show what every parameter gets, or the optimizer groups")
+    explain.add_argument("file", metavar="FILE")
+    model_options(explain, required=True)
+    explain.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    explain.add_argument("--group", action="store_true", help="show the optimizer parameter groups instead")
+
+    fmt = commands.add_parser("fmt", help="rewrite rule files in canonical form, keeping comments")
+    fmt.add_argument("files", nargs="+", metavar="FILE")
+    fmt.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
+    fmt.add_argument("--diff", action="store_true", help="change nothing; print a diff of what would change")
     return parser
 
 
@@ -25,25 +67,191 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error
         return int(exc.code or 0)
-    return _check(args.files)
+    command = {"check": _check, "explain": _explain, "fmt": _fmt}[args.command]
+    try:
+        return command(args)
+    except _UsageError as exc:
+        print(f"regdsl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
-def _check(files: Sequence[str]) -> int:
-    problems = statements = 0
-    for path in files:
+# ---------------------------------------------------------------- shared
+
+
+def _read(path: str) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise _UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return decode_source(data, path)
+
+
+def _load_spec(path: str):
+    return parse(_read(path), path)
+
+
+def _model(args: argparse.Namespace):
+    if not args.model:
+        return None
+    from .loading import ModelLoadError, load_model, parse_model_args
+
+    try:
+        return load_model(args.model, parse_model_args(args.model_arg), meta=not args.no_meta)
+    except ModelLoadError as exc:
+        raise _UsageError(f"cannot build the model: {exc}") from None
+
+
+def _color() -> bool:
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# ---------------------------------------------------------------- check
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .report import coverage_record, diagnostic_record, format_diagnostic, github_annotation
+
+    model = _model(args)
+    diagnostics: list[Diagnostic] = []
+    files: list[dict[str, Any]] = []
+    coverages = []
+    for path in args.files:
+        entry: dict[str, Any] = {"file": path, "statements": None, "coverage": None}
+        files.append(entry)
         try:
-            spec = load(path)
-        except OSError as exc:
-            print(f"regdsl: error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
-            return EXIT_USAGE
+            spec = _load_spec(path)
         except RegDslError as exc:
-            for diagnostic in exc.diagnostics:
-                print(diagnostic.render())
-            problems += len(exc.diagnostics)
+            diagnostics += exc.diagnostics
             continue
-        statements += len(spec.statements)
-    if problems:
-        print(f"Found {problems} error{'s' * (problems != 1)}.")
+        entry["statements"] = len(spec.statements)
+        if model is not None:
+            from .check import check
+            from .compiler import resolve
+
+            diagnostics += check(spec, model)
+            coverage = resolve(spec, model).coverage()
+            coverages.append((path, coverage))
+            entry["coverage"] = coverage_record(coverage)
+    if args.strict:
+        diagnostics = [dataclasses.replace(d, severity="error") for d in diagnostics]
+    errors = sum(d.severity == "error" for d in diagnostics)
+    warnings = len(diagnostics) - errors
+
+    if args.format == "json":
+        document = {
+            "model": args.model,
+            "strict": args.strict,
+            "files": files,
+            "diagnostics": [diagnostic_record(d) for d in diagnostics],
+            "summary": {"errors": errors, "warnings": warnings},
+        }
+        print(json.dumps(document, indent=2))
+    elif args.format == "github":
+        for d in diagnostics:
+            print(github_annotation(d))
+    else:
+        color = _color()
+        for d in diagnostics:
+            print(format_diagnostic(d, color))
+        for path, coverage in coverages:
+            from .report import format_coverage
+
+            print(f"Coverage of {path} on {args.model}:")
+            print(format_coverage(coverage))
+        if diagnostics:
+            print(f"Found {_plural(errors, 'error')} and {_plural(warnings, 'warning')}.")
+        else:
+            statements = sum(f["statements"] or 0 for f in files)
+            print(f"All checks passed: {_plural(len(files), 'file')}, {_plural(statements, 'statement')}.")
+    return EXIT_PROBLEMS if errors else EXIT_OK
+
+
+# ---------------------------------------------------------------- explain
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .compiler import resolve
+    from .report import (
+        explain_csv,
+        explain_records,
+        format_explain,
+        format_groups,
+        group_records,
+        groups_csv,
+    )
+
+    try:
+        spec = _load_spec(args.file)
+    except RegDslError as exc:
+        for d in exc.diagnostics:
+            print(d.render())
         return EXIT_PROBLEMS
-    print(f"All checks passed: {len(files)} file{'s' * (len(files) != 1)}, {statements} statement{'s' * (statements != 1)}.")
+    resolution = resolve(spec, _model(args))
+    if args.group:
+        groups = resolution.groups_summary()
+        if args.format == "json":
+            print(json.dumps(group_records(groups), indent=2))
+        elif args.format == "csv":
+            print(groups_csv(groups), end="")
+        else:
+            print(format_groups(groups))
+        return EXIT_OK
+    rows = list(resolution.rows)
+    if args.format == "json":
+        print(json.dumps(explain_records(rows), indent=2))
+    elif args.format == "csv":
+        print(explain_csv(rows), end="")
+    else:
+        trainable = sum(r.trainable for r in rows)
+        print(
+            f"{args.file} on {args.model}: {_plural(len(rows), 'tensor')} ({trainable} trainable), "
+            f"{sum(r.numel for r in rows):,} elements"
+        )
+        print(f"'set by' names the term and the line of {args.file} that set it.\n")
+        print(format_explain(rows))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- fmt
+
+
+def _fmt(args: argparse.Namespace) -> int:
+    from .formatter import format_source
+
+    changed = unchanged = failed = 0
+    for path in args.files:
+        try:
+            text = _read(path)
+            formatted = format_source(text, path)
+        except RegDslError as exc:
+            for d in exc.diagnostics:
+                print(d.render())
+            failed += 1
+            continue
+        if formatted == text:
+            unchanged += 1
+            continue
+        changed += 1
+        if args.diff:
+            sys.stdout.writelines(
+                difflib.unified_diff(
+                    text.splitlines(keepends=True), formatted.splitlines(keepends=True), f"{path}", f"{path} (formatted)"
+                )
+            )
+        elif args.check:
+            print(f"Would reformat: {path}")
+        else:
+            Path(path).write_text(formatted, encoding="utf-8")
+    dry = args.check or args.diff
+    verb = "would be reformatted" if dry else "reformatted"
+    summary = [f"{_plural(changed, 'file')} {verb}", f"{unchanged} left unchanged"]
+    if failed:
+        summary.append(f"{failed} with errors")
+    print(", ".join(summary) + ".", file=sys.stderr if args.diff else sys.stdout)
+    if failed or (dry and changed):
+        return EXIT_PROBLEMS
     return EXIT_OK

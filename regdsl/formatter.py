@@ -1,0 +1,40 @@
+"""Rewrite a rule file in canonical form, keeping every comment.
+
+One statement per line (``a; b`` becomes two lines), canonical spelling of
+each statement (see :meth:`Spec.to_source`), a comment after the statements of
+its line stays after the last of them, runs of blank lines shrink to one.
+Formatting never changes meaning: ``parse(format_source(t)) == parse(t)``.
+"""
+
+from __future__ import annotations
+
+from .build import parse
+from .parser import split_line
+from .printer import format_statement
+
+
+def format_source(text: str, filename: str = "<string>") -> str:
+    """Canonical text of a valid rule file; an invalid one raises its ``RegDslError``."""
+    text = text.removeprefix("\ufeff")
+    spec = parse(text, filename)
+    by_line: dict[int, list[str]] = {}
+    for statement in spec.statements:
+        assert statement.pos is not None  # parse() positions every node
+        by_line.setdefault(statement.pos.line, []).append(format_statement(statement))
+    out: list[str] = []
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.removesuffix("\r")
+        _, comment_at = split_line(line)
+        comment = line[comment_at:].rstrip() if comment_at is not None else None
+        statements = by_line.get(number, [])
+        if statements:
+            out.extend(statements)
+            if comment:
+                out[-1] += f"  {comment}"
+        elif comment:
+            out.append(comment)
+        elif out and out[-1] != "":
+            out.append("")  # one blank line survives; the rest, and trailing ones, go
+    while out and out[-1] == "":
+        out.pop()
+    return "".join(f"{line}\n" for line in out)
