@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     print(f"Rules from {path}:\n{rules.to_source()}")
     print("Training with the rules:")
     model, reg, accuracy = train(rules, verbose=True)
-    print("\nWhat each parameter got (value and the rule line that set it):")
+    print(f"\nWhat each parameter got ('set by' = term:line in {path}):")
     print(regdsl.format_explain(reg.explain()))
     print("\nOptimizer parameter groups:")
     print(regdsl.format_groups(reg.groups_summary()))

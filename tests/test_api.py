@@ -69,7 +69,12 @@ def test_example_trains_and_the_rules_change_the_head(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "head.weight" in out and "excluded (examples/rules.reg:4)" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("head.", "body."))}
+    # rules.reg: line 3 'all decay 0.05', 4 'exclude bias', 5 'exclude norm', 6 'layer head.** decay 0.1 l1 1e-4'
+    assert rows["head.weight"][-2:] == ["decay:6", "l1:6"]
+    assert rows["head.bias"][-1] == "excluded:4"
+    assert rows["body.1.weight"][-1] == "excluded:5"  # the first LayerNorm
+    assert rows["body.0.weight"][-1] == "decay:3"
     line = next(l for l in out.splitlines() if "norm of head.weight" in l).split()
     with_rules, without = float(line[3]), float(line[6])
     # decay 0.05 plus l1/l2 on the head must leave it measurably smaller than the plain run.
