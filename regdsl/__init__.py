@@ -20,11 +20,18 @@ from .errors import (
 from .spec import Spec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .compiler import GroupSummary, ParamRow, Regularizer, Setting, compile
+    from .compiler import Coverage, GroupSummary, ParamRow, Regularizer, Resolution, Setting, compile, resolve
+    from .formatter import format_source
+    from .lint import check
     from .report import format_explain, format_groups
 
 # Names that need torch load on first use, so `regdsl check` on a file stays fast.
 _LAZY = {
+    "Coverage": "compiler",
+    "Resolution": "compiler",
+    "resolve": "compiler",
+    "check": "lint",
+    "format_source": "formatter",
     "GroupSummary": "compiler",
     "ParamRow": "compiler",
     "Regularizer": "compiler",
@@ -45,6 +52,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'regdsl' has no attribute {name!r}")
 
 __all__ = [
+    "Coverage",
     "Diagnostic",
     "GroupSummary",
     "ParamRow",
@@ -54,13 +62,17 @@ __all__ = [
     "RegUsageError",
     "RegValidationError",
     "Regularizer",
+    "Resolution",
     "Setting",
     "Spec",
+    "check",
     "compile",
     "format_explain",
     "format_groups",
+    "format_source",
     "load",
     "parse",
+    "resolve",
 ]
 
 __version__ = "0.1.0"

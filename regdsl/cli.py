@@ -129,8 +129,8 @@ def _check(args: argparse.Namespace) -> int:
             continue
         entry["statements"] = len(spec.statements)
         if model is not None:
-            from .check import check
             from .compiler import resolve
+            from .lint import check
 
             diagnostics += check(spec, model)
             coverage = resolve(spec, model).coverage()
