@@ -9,15 +9,18 @@ Parameters are bucketed once, at compile time, by (term, device, dtype). A call
 then costs one ``torch._foreach_norm`` per bucket (one fused kernel on CUDA)
 plus a dot product with the precomputed strengths: there is no Python loop over
 parameters. Norms are accumulated in float32, or float64 for float64
-parameters, so half-precision weights cannot overflow the sum.
+parameters, so half-precision weights cannot overflow the sum. The backward
+pass is the closed-form gradient, one fused multiply per bucket.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 # term -> (order of the vector norm, power applied to it, constant factor)
 # l2: λ/2 · ‖w‖₂²   l1: λ · ‖w‖₁
@@ -94,11 +97,39 @@ class PenaltyPlan:
 
     def _evaluate(self) -> torch.Tensor:
         total: torch.Tensor | None = None
-        for bucket in self._buckets:
-            norms = torch.stack(torch._foreach_norm(bucket.params, bucket.order, dtype=bucket.norm_dtype))
-            if bucket.power == 2:
-                norms = norms.square()
-            value = torch.dot(bucket.weights, norms).to(device=self._device, dtype=self._dtype)
+        for b in self._buckets:
+            value = _BucketPenalty.apply(b.weights, b.order, b.power, b.norm_dtype, *b.params)
+            value = value.to(device=self._device, dtype=self._dtype)
             total = value if total is None else total + value
         assert total is not None
         return total
+
+
+class _BucketPenalty(torch.autograd.Function):
+    """``Σ_i weights_i · ‖p_i‖_order^power`` with a hand-written backward.
+
+    Autograd through ``_foreach_norm`` and ``square`` costs several passes per
+    tensor (the norm's backward divides by the norm and masks zeros); the closed
+    forms need one: ``2·weights_i·p_i`` for the squared L2 norm and
+    ``weights_i·sign(p_i)`` for the L1 norm (0 at 0). Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weights: torch.Tensor, order: int, power: int, norm_dtype: torch.dtype, *params: torch.Tensor):
+        ctx.order = order
+        ctx.save_for_backward(weights, *params)
+        norms = torch.stack(torch._foreach_norm(params, order, dtype=norm_dtype))
+        return torch.dot(weights, norms.square() if power == 2 else norms)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor):
+        weights, *params = ctx.saved_tensors
+        if ctx.order == 2:
+            scales = (2 * weights * grad).unbind()
+            grads = torch._foreach_mul(params, list(scales))
+        else:
+            scales = (weights * grad).unbind()
+            signs = [torch.sgn(p) for p in params] if params[0].is_complex() else torch._foreach_sign(params)
+            grads = torch._foreach_mul(signs, list(scales))
+        return (None, None, None, None, *grads)
