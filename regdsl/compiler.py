@@ -179,15 +179,15 @@ def unusable_terms(resolution: Resolution) -> list[Diagnostic]:
                 continue  # a zero term does nothing, so it cannot fail either
             reason = None
             if not entry.initialized and kind in FORMULAS:
-                reason = "has no shape until the lazy module's first forward pass; run one before compiling"
+                reason = "a lazy module's parameters have no shape until its first forward pass; run one before compiling"
             elif kind == "decay" and any(getattr(o, "sparse", False) for o in entry.owners if is_embedding_module(o)):
-                reason = "gets sparse gradients (sparse=True), and torch optimizers cannot apply weight decay to them"
+                reason = "an embedding with sparse=True gets sparse gradients, and torch optimizers cannot decay them"
             elif any("_flat_param" in name.split(".") for name in entry.names):
-                reason = "is FSDP's flattened parameter; per-parameter rules need FSDP(use_orig_params=True)"
+                reason = "FSDP's flattened parameter takes no per-parameter rules; wrap with FSDP(use_orig_params=True)"
             if reason:
                 found.setdefault((setting, kind, reason), []).append(row.name)
     return [
-        model_diagnostic(resolution.spec, setting.pos, "RD104", f"'{kind}' cannot take effect on {name_list(names)}: it {reason}")
+        model_diagnostic(resolution.spec, setting.pos, "RD104", f"'{kind}' cannot take effect on {name_list(names)}: {reason}")
         for (setting, kind, reason), names in found.items()
     ]
 

@@ -7,27 +7,34 @@ a user fixes everything in one round instead of one error per run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from .codes import Severity
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Diagnostic:
     """One problem at one place in a rule file (1-based line and column)."""
 
     line: int
     column: int
-    message: str = field(compare=False)
-    file: str = field(default="<string>", compare=False)
-    end_line: int | None = field(default=None, compare=False)
-    end_column: int | None = field(default=None, compare=False)
-    severity: Severity = field(default="error", compare=False)
-    kind: Literal["syntax", "validation", "compile", "model"] = field(default="validation", compare=False)
-    code: str = field(default="", compare=False)  # a key of regdsl.codes.CODES
-    source_line: str = field(default="", compare=False)
-    expected: tuple[str, ...] = field(default=(), compare=False)
+    message: str
+    file: str = "<string>"
+    end_line: int | None = None
+    end_column: int | None = None
+    severity: Severity = "error"
+    kind: Literal["syntax", "validation", "compile", "model"] = "validation"
+    code: str = ""  # a key of regdsl.codes.CODES
+    source_line: str = ""
+    expected: tuple[str, ...] = ()
+
+    def sort_key(self) -> tuple[str, int, int]:
+        return (self.file, self.line, self.column)
+
+    def __lt__(self, other: Diagnostic) -> bool:
+        # Diagnostics sort by position; equality still compares every field.
+        return self.sort_key() < other.sort_key()
 
     def render(self) -> str:
         """``file:line:col: error: CODE message`` followed by the source line and a caret."""
@@ -63,7 +70,7 @@ class RegDslError(Exception):
             diagnostics = [Diagnostic(line=0, column=0, message=diagnostics)]
         elif isinstance(diagnostics, Diagnostic):
             diagnostics = [diagnostics]
-        self.diagnostics: list[Diagnostic] = sorted(diagnostics)
+        self.diagnostics: list[Diagnostic] = sorted(diagnostics, key=Diagnostic.sort_key)
         super().__init__(self._text())
 
     def _text(self) -> str:

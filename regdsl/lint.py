@@ -14,14 +14,14 @@ never uses cannot be seen here (the model is never run, and may live on meta).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
 from .compiler import Resolution, model_diagnostic, name_list, resolve, unusable_terms
 from .errors import Diagnostic
 from .select import ParamEntry, atom_matches, class_names, glob_regex
-from .spec import Exclude, LayerAtom, NoneTerm, Rule, Selector, Spec, TypeAtom
+from .spec import VALUE_TERMS, Exclude, LayerAtom, NoneTerm, Rule, Selector, Spec, TypeAtom
 
 
 def check(spec: Spec, model: nn.Module) -> list[Diagnostic]:
@@ -34,7 +34,7 @@ def check(spec: Spec, model: nn.Module) -> list[Diagnostic]:
     diagnostics += unusable_terms(resolution)
     diagnostics += _tied_aliases(resolution)
     diagnostics += _decay_and_l2(resolution)
-    return sorted(diagnostics)
+    return sorted(diagnostics, key=Diagnostic.sort_key)
 
 
 # ---------------------------------------------------------------- RD101, RD102, RD201
@@ -56,9 +56,12 @@ def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
                     regex = glob_regex(pattern.text)
                     if not any(regex.fullmatch(p) for p in all_paths):
                         found_part = True
+                        empty = [m for m in table.module_names if m and regex.fullmatch(m)]
                         yield model_diagnostic(
                             spec, pattern.pos, code,
-                            f"layer pattern '{pattern.text}' matches no parameter or module"
+                            f"layer pattern '{pattern.text}' matches only modules with no parameters: {name_list(empty)}"
+                            if empty
+                            else f"layer pattern '{pattern.text}' matches no parameter or module"
                             + _nearest(pattern.text, all_paths),
                         )
             elif isinstance(atom, TypeAtom):
@@ -87,8 +90,14 @@ def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
             )
 
 
-def _nearest(text: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(text, names, n=3, cutoff=0.5)
+def _nearest(text: str, names: Iterable[str], limit: int = 3) -> str:
+    # difflib's ranking, with ties broken alphabetically (get_close_matches reverses them).
+    scored = []
+    for name in names:
+        matcher = difflib.SequenceMatcher(None, text, name)
+        if matcher.real_quick_ratio() >= 0.5 and matcher.quick_ratio() >= 0.5 and (ratio := matcher.ratio()) >= 0.5:
+            scored.append((-ratio, name))
+    close = [name for _, name in sorted(scored)[:limit]]
     return f"; nearest: {', '.join(repr(c) for c in close)}" if close else ""
 
 
@@ -121,14 +130,17 @@ def _dead_rules(res: Resolution) -> Iterable[Diagnostic]:
     for index, statement in enumerate(statements):
         if not isinstance(statement, Rule) or not trainable[index]:
             continue
-        kinds = {t.kind for t in statement.terms if not isinstance(t, NoneTerm)}
-        if not kinds:
+        if all(isinstance(t, NoneTerm) for t in statement.terms):
             continue  # a pure 'none' rule's effect depends on what came before; not judged here
+        # A 'none' among other terms clears every kind, so every kind is an effect of the rule.
+        has_none = any(isinstance(t, NoneTerm) for t in statement.terms)
+        kinds = set(VALUE_TERMS) if has_none else {t.kind for t in statement.terms}
         overriders: set[int] = set()
+        excluders: set[int] = set()
         dead = True
         for i in trainable[index]:
             if i in excluded_by:
-                overriders.update(excluded_by[i])
+                excluders.update(excluded_by[i])
                 continue
             for kind in kinds:
                 later = [
@@ -143,12 +155,20 @@ def _dead_rules(res: Resolution) -> Iterable[Diagnostic]:
             if not dead:
                 break
         if dead:
-            lines = sorted({statements[j].pos.line for j in overriders if statements[j].pos})
+            causes = [
+                f"{verb} by {_lines(statements, which)}"
+                for verb, which in (("overridden", overriders), ("excluded", excluders))
+                if which
+            ]
             yield model_diagnostic(
                 res.spec, statement.pos, "RD103",
-                f"rule has no effect: every parameter it selects is overridden or excluded by "
-                f"line{'s' * (len(lines) != 1)} {', '.join(map(str, lines))}",
+                f"rule has no effect: every parameter it selects is {' or '.join(causes)}",
             )
+
+
+def _lines(statements: Sequence[Rule | Exclude], indices: set[int]) -> str:
+    lines = sorted({statements[j].pos.line for j in indices if statements[j].pos})
+    return f"line{'s' * (len(lines) != 1)} {', '.join(map(str, lines))}"
 
 
 # ---------------------------------------------------------------- RD203
@@ -177,11 +197,17 @@ def _tied_aliases(res: Resolution) -> Iterable[Diagnostic]:
                 if only_a and only_b:
                     first, second = sorted((min(only_a), min(only_b)))
                     name_of = {min(only_a): entry.names[a], min(only_b): entry.names[b]}
+                    excluder = next((j for j in (first, second) if isinstance(statements[j], Exclude)), None)
+                    consequence = (
+                        f"the exclude on line {_line(statements[excluder])} removes every term from it"
+                        if excluder is not None
+                        else "both rules apply to the one tensor"
+                    )
                     yield model_diagnostic(
                         res.spec, statements[second].pos, "RD203",
                         f"'{name_of[second]}' and '{name_of[first]}' are one tied tensor, but line "
                         f"{_line(statements[first])} selects it as '{name_of[first]}' and this line as "
-                        f"'{name_of[second]}': both rules apply to the one tensor",
+                        f"'{name_of[second]}': {consequence}",
                     )
 
 

@@ -1,0 +1,114 @@
+"""Models for the model-aware checks (``regdsl.check``), by the name a golden file gives.
+
+Each ``tests/data/check/NAME.reg`` starts with ``# model: NAME``; :data:`FACTORIES`
+maps that name to a function that builds the model. The models that only the
+checks need live here (lazy, sparse, frozen, a stand-in for FSDP's flat
+parameter); the others come from ``models.py``.
+
+Parameter names, in registration order, so the goldens can be derived by hand:
+
+* ``lazy``: fc1.weight, fc1.bias (``nn.LazyLinear(8)``, uninitialized), head.weight, head.bias
+* ``sparse``: embed.weight (``nn.Embedding(10, 4, sparse=True)``), head.weight, head.bias
+* ``frozen_mlp``: the MLP with fc1.weight and fc1.bias frozen
+* ``fsdp_flat``: ``_fsdp_wrapped_module._flat_param`` (read as ``_flat_param``), 435 elements
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from models import CNN, MLP, TinyTransformer, bert, gpt2, seeded
+from torch import nn
+
+
+class LazyMLP(nn.Module):
+    """fc1 is lazy: its weight and bias have no shape until the first forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.LazyLinear(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc1(x)))
+
+
+class SparseEmbeddingModel(nn.Module):
+    """A bag-of-words classifier with a sparse-gradient embedding (embed.weight is 10x4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4, sparse=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(dim=1))
+
+
+def lazy() -> nn.Module:
+    seeded()
+    return LazyMLP()
+
+
+def sparse() -> nn.Module:
+    seeded()
+    return SparseEmbeddingModel()
+
+
+def frozen_mlp() -> nn.Module:
+    """The MLP with its first layer frozen (as after loading a pretrained trunk)."""
+    seeded()
+    model = MLP()
+    model.fc1.requires_grad_(False)
+    return model
+
+
+def fsdp_flat() -> nn.Module:
+    """The parameter layout of ``FSDP(MLP(), use_orig_params=False)``, without a process group.
+
+    FSDP replaces the wrapped module's parameters by one flat parameter registered
+    as ``_fsdp_wrapped_module._flat_param``; regdsl removes the wrapper segment, so
+    the rule file sees a single parameter called ``_flat_param``.
+    """
+    seeded()
+    numel = sum(p.numel() for p in MLP().parameters())  # 96 + 16 + 256 + 16 + 48 + 3 = 435
+    inner = nn.Module()
+    inner.register_parameter("_flat_param", nn.Parameter(torch.randn(numel)))
+    root = nn.Module()
+    root.add_module("_fsdp_wrapped_module", inner)
+    return root
+
+
+def _seeded(cls: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        seeded()
+        return cls()
+
+    return build
+
+
+FACTORIES: dict[str, Callable[[], nn.Module]] = {
+    "mlp": _seeded(MLP),
+    "cnn": _seeded(CNN),
+    "transformer": _seeded(TinyTransformer),
+    "gpt2": gpt2,
+    "bert": bert,
+    "lazy": lazy,
+    "sparse": sparse,
+    "frozen_mlp": frozen_mlp,
+    "fsdp_flat": fsdp_flat,
+}
+
+
+_MODEL_LINE = re.compile(r"# model: (\w+)\s*")
+
+
+def model_of(path: Path) -> str:
+    """The factory name a golden ``.reg`` file names on its first line, ``# model: NAME``."""
+    first = path.read_text(encoding="utf-8").split("\n", 1)[0]
+    match = _MODEL_LINE.fullmatch(first)
+    assert match, f"{path.name}: the first line must be '# model: NAME', got {first!r}"
+    return match.group(1)
