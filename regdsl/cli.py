@@ -96,13 +96,18 @@ def _model(args: argparse.Namespace):
     from .loading import ModelLoadError, load_model, parse_model_args
 
     try:
-        return load_model(args.model, parse_model_args(args.model_arg), meta=not args.no_meta)
+        kwargs = parse_model_args(args.model_arg)
+    except ModelLoadError as exc:
+        raise _UsageError(str(exc)) from None
+    try:
+        return load_model(args.model, kwargs, meta=not args.no_meta)
     except ModelLoadError as exc:
         raise _UsageError(f"cannot build the model: {exc}") from None
 
 
 def _color() -> bool:
-    return sys.stdout.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+    # no-color.org: a NO_COLOR that is set and not empty turns colour off.
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
 
 
 def _plural(n: int, word: str) -> str:
@@ -187,8 +192,9 @@ def _explain(args: argparse.Namespace) -> int:
     try:
         spec = _load_spec(args.file)
     except RegDslError as exc:
+        # stderr: stdout is for the table, JSON or CSV a tool may be reading.
         for d in exc.diagnostics:
-            print(d.render())
+            print(d.render(), file=sys.stderr)
         return EXIT_PROBLEMS
     resolution = resolve(spec, _model(args))
     if args.group:
@@ -207,9 +213,10 @@ def _explain(args: argparse.Namespace) -> int:
         print(explain_csv(rows), end="")
     else:
         trainable = sum(r.trainable for r in rows)
+        numel = sum(r.numel for r in rows)
         print(
             f"{args.file} on {args.model}: {_plural(len(rows), 'tensor')} ({trainable} trainable), "
-            f"{sum(r.numel for r in rows):,} elements"
+            f"{numel:,} element{'' if numel == 1 else 's'}"
         )
         print(f"'set by' names the term and the line of {args.file} that set it.\n")
         print(format_explain(rows))
@@ -237,11 +244,7 @@ def _fmt(args: argparse.Namespace) -> int:
             continue
         changed += 1
         if args.diff:
-            sys.stdout.writelines(
-                difflib.unified_diff(
-                    text.splitlines(keepends=True), formatted.splitlines(keepends=True), f"{path}", f"{path} (formatted)"
-                )
-            )
+            sys.stdout.write(_unified_diff(text, formatted, path))
         elif args.check:
             print(f"Would reformat: {path}")
         else:
@@ -255,3 +258,13 @@ def _fmt(args: argparse.Namespace) -> int:
     if failed or (dry and changed):
         return EXIT_PROBLEMS
     return EXIT_OK
+
+
+def _unified_diff(before: str, after: str, path: str) -> str:
+    """A unified diff that marks a missing final newline, as ``diff -u`` does."""
+    lines = []
+    for line in difflib.unified_diff(
+        before.splitlines(keepends=True), after.splitlines(keepends=True), path, f"{path} (formatted)"
+    ):
+        lines.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    return "".join(lines)

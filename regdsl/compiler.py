@@ -45,10 +45,11 @@ class ParamRow:
 
     name: str
     aliases: tuple[str, ...]
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None  # None for an uninitialized lazy parameter
     numel: int
     trainable: bool
     excluded_by: Setting | None  # the first exclude that matched, if any
+    cleared_by: Setting | None  # the last 'none' that cleared its terms, if any
     terms: dict[str, Setting] = field(default_factory=dict)
 
 
@@ -138,6 +139,7 @@ def resolve(spec: Spec, model: nn.Module) -> Resolution:
     origin = spec.origin
     assigned: list[dict[str, Setting]] = [{} for _ in table.entries]
     excluded: list[Setting | None] = [None] * len(table)
+    cleared: list[Setting | None] = [None] * len(table)
     matches = []
     for statement in spec.statements:
         matched = table.select(statement.selector)
@@ -151,6 +153,7 @@ def resolve(spec: Spec, model: nn.Module) -> Resolution:
             for i in selected:
                 if isinstance(term, NoneTerm):
                     assigned[i].clear()
+                    cleared[i] = Setting(0.0, origin, term.pos)
                 else:
                     assigned[i][term.kind] = Setting(term.strength, origin, term.pos)
     rows = tuple(
@@ -161,6 +164,7 @@ def resolve(spec: Spec, model: nn.Module) -> Resolution:
             numel=entry.numel,
             trainable=entry.trainable,
             excluded_by=excluded[entry.index],
+            cleared_by=cleared[entry.index],
             terms={}
             if excluded[entry.index]
             else {k: assigned[entry.index][k] for k in VALUE_TERMS if k in assigned[entry.index]},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,10 +44,13 @@ def resolve_target(target: str) -> Callable[..., Any]:
     if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
         module = _import_file(Path(module_part))
     else:
+        # As `python -m` does, the working directory is importable (a console script's is not).
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(module_part)
-        except ImportError as exc:
-            raise ModelLoadError(f"cannot import {module_part!r}: {exc}") from exc
+        except (Exception, SystemExit) as exc:
+            raise ModelLoadError(f"cannot import {module_part!r}: {type(exc).__name__}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -71,7 +75,7 @@ def _import_file(path: Path) -> Any:
     sys.path.insert(0, str(path.resolve().parent))
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ModelLoadError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
     finally:
         sys.path.remove(str(path.resolve().parent))
@@ -89,12 +93,12 @@ def load_model(target: str, kwargs: dict[str, Any] | None = None, *, meta: bool 
         try:
             with torch.device("meta"):
                 model = factory(**kwargs)
-        except Exception:  # noqa: BLE001 - any failure on meta means: build it for real below
+        except (Exception, SystemExit):  # noqa: BLE001 - any failure on meta means: build it for real below
             model = None
     if model is None:
         try:
             model = factory(**kwargs)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise ModelLoadError(f"calling {target} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{target} returned {type(model).__name__}, not a torch.nn.Module")

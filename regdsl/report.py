@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .compiler import Coverage, GroupSummary, ParamRow
 from .errors import Diagnostic, caret_line
+from .printer import format_number
 from .spec import VALUE_TERMS
+
+if TYPE_CHECKING:  # pragma: no cover - the real import would load torch for `regdsl check FILE`
+    from .compiler import Coverage, GroupSummary, ParamRow
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
@@ -22,7 +25,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
-def _shape(shape: Sequence[int]) -> str:
+def _shape(shape: Sequence[int] | None) -> str:
+    if shape is None:
+        return "lazy"  # an uninitialized lazy parameter has no shape yet
     return "x".join(map(str, shape)) or "scalar"
 
 
@@ -31,6 +36,9 @@ def _set_by(row: ParamRow) -> str:
         return "frozen"
     if row.excluded_by:
         return f"excluded:{row.excluded_by.pos.line if row.excluded_by.pos else '?'}"
+    if not row.terms:
+        # Say whether a 'none' cleared it or no rule reached it at all.
+        return f"none:{row.cleared_by.pos.line if row.cleared_by.pos else '?'}" if row.cleared_by else "-"
     return " ".join(f"{kind}:{s.pos.line if s.pos else '?'}" for kind, s in row.terms.items())
 
 
@@ -41,7 +49,7 @@ def format_explain(rows: Sequence[ParamRow]) -> str:
     header = ["parameter", *(["aliases"] if with_aliases else []), "shape", "numel", *VALUE_TERMS, "set by (line)"]
     body = []
     for row in rows:
-        values = [f"{row.terms[k].value:g}" if k in row.terms else "-" for k in VALUE_TERMS]
+        values = [format_number(row.terms[k].value) if k in row.terms else "-" for k in VALUE_TERMS]
         aliases = [", ".join(row.aliases)] if with_aliases else []
         body.append([row.name, *aliases, _shape(row.shape), f"{row.numel:,}", *values, _set_by(row)])
     numel_column = header.index("numel")
@@ -61,10 +69,11 @@ def explain_records(rows: Sequence[ParamRow]) -> list[dict[str, Any]]:
         {
             "name": row.name,
             "aliases": list(row.aliases),
-            "shape": list(row.shape),
+            "shape": list(row.shape) if row.shape is not None else None,
             "numel": row.numel,
             "trainable": row.trainable,
             "excluded_by": where(row.excluded_by),
+            "cleared_by": where(row.cleared_by),
             "terms": {kind: {"value": s.value, **(where(s) or {})} for kind, s in row.terms.items()},
         }
         for row in rows

@@ -82,8 +82,9 @@ class ParamEntry:
         return not isinstance(self.param, nn.parameter.UninitializedParameter)
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.param.shape) if self.initialized else ()
+    def shape(self) -> tuple[int, ...] | None:
+        """None for an uninitialized lazy parameter."""
+        return tuple(self.param.shape) if self.initialized else None
 
     @property
     def numel(self) -> int:
