@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-
-def _entry_point() -> list[str]:
-    # Prefer the script installed beside this interpreter (a venv), then PATH.
-    script = Path(sys.executable).with_name("regdsl")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("regdsl")
-    if found is None:
-        pytest.skip("the regdsl entry point is not installed")
-    return [found]
+from support import entry_point
 
 
 def run(*args: str, module: bool = False) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "regdsl"] if module else _entry_point()
+    command = [sys.executable, "-m", "regdsl"] if module else entry_point()
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120)
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -29,22 +28,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from support import aligned_cells, entry_point, table_columns
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSIFIER = "examples/train.py:Classifier"
 RULES = "examples/rules.reg"  # 3 all decay 0.05 / 4 exclude bias / 5 exclude norm / 6 layer head.** decay 0.1 l1 1e-4
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _entry_point() -> list[str]:
-    # As in test_cli.py: the script beside this interpreter (a venv), else the one on PATH.
-    script = Path(sys.executable).with_name("regdsl")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("regdsl")
-    if found is None:
-        pytest.skip("the regdsl entry point is not installed")
-    return [found]
 
 
 def _env(**changes: str | None) -> dict[str, str]:
@@ -60,7 +49,7 @@ def _env(**changes: str | None) -> dict[str, str]:
 def run(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """One run, stdout and stderr piped; from the repository root so `examples/...` targets resolve."""
     return subprocess.run(
-        [*_entry_point(), *args], check=False, capture_output=True, text=True, timeout=300, cwd=cwd, env=env
+        [*entry_point(), *args], check=False, capture_output=True, text=True, timeout=300, cwd=cwd, env=env
     )
 
 
@@ -68,7 +57,7 @@ def run_in_pty(*args: str, env: dict[str, str]) -> tuple[int, str]:
     """Run with stdout on a pseudo-terminal (so isatty() is true); return the exit code and the output."""
     master, slave = os.openpty()
     proc = subprocess.Popen(
-        [*_entry_point(), *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.DEVNULL, env=env, cwd=ROOT
+        [*entry_point(), *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.DEVNULL, env=env, cwd=ROOT
     )
     os.close(slave)
     chunks: list[bytes] = []
@@ -179,7 +168,7 @@ def _bad_target_cases(work: Path) -> list[tuple[str, tuple[str, ...], str]]:
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
-    _entry_point()  # skip the module early when there is no entry point
+    entry_point()  # skip the module early when there is no entry point
     work = tmp_path_factory.mktemp("cli_model")
     (work / "warn.reg").write_text(WARN_RULES, encoding="utf-8")
     (work / "broken.reg").write_text("all decay 0.05\nall l3 1\n", encoding="utf-8")
@@ -496,37 +485,6 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(cli: Runs) -> None:
 # ---------------------------------------------------------------- tables
 
 
-def table_columns(lines: list[str]) -> list[tuple[int, int]]:
-    """Column spans (start, end) read from the dashes under the header."""
-    return [m.span() for m in re.finditer(r"-+", lines[1])]
-
-
-def check_aligned(lines: list[str], right: set[int]) -> list[list[str]]:
-    """Every cell of the header and of every row sits inside its column: left-aligned cells
-    start at the column's offset, right-aligned ones end at its last character, and the gaps
-    between columns are blank. Returns the cells of the header and the rows."""
-    spans = table_columns(lines)
-    assert lines[1] == "  ".join("-" * (end - start) for start, end in spans)
-    width = spans[-1][1]
-    out = []
-    for number, line in enumerate([lines[0], *lines[2:]]):
-        assert len(line) <= width and line == line.rstrip(), (number, line)
-        padded = line.ljust(width)
-        cells = []
-        for i, (start, end) in enumerate(spans):
-            gap = padded[spans[i - 1][1] : start] if i else ""
-            assert gap.strip() == "", f"line {number}: text between columns {i - 1} and {i}: {line!r}"
-            cell = padded[start:end]
-            if cell.strip():
-                if i in right:
-                    assert cell[-1] != " ", f"line {number}, column {i} is not right-aligned: {line!r}"
-                else:
-                    assert cell[0] != " ", f"line {number}, column {i} does not start at offset {start}: {line!r}"
-            cells.append(cell.strip())
-        out.append(cells)
-    return out
-
-
 # ---------------------------------------------------------------- explain on the Classifier
 
 # (name, shape, numel, decay, l1, l2, set by), derived from rules.reg by hand.
@@ -558,7 +516,7 @@ def test_explain_table(cli: Runs) -> None:
     assert lines[2] == ""
     table = lines[3:]
     assert len(table) == 2 + len(CLASSIFIER_ROWS)
-    cells = check_aligned(table, right={2})  # numel is right-aligned
+    cells = aligned_cells(table, right={2})  # numel is right-aligned
     assert cells[0] == ["parameter", "shape", "numel", "decay", "l1", "l2", "set by (line)"]
     assert [tuple(c) for c in cells[1:]] == CLASSIFIER_ROWS
 
@@ -606,7 +564,7 @@ def test_explain_groups(cli: Runs, capsys: pytest.CaptureFixture[str]) -> None:
     # no_decay: six tensors of 32 and head.bias (4) = 196. Groups in the order of their first tensor.
     lines = _ok(cli["groups-table"]).stdout.splitlines()
     assert len(lines) == 5
-    assert check_aligned(lines, right={2, 3}) == [
+    assert aligned_cells(lines, right={2, 3}) == [
         ["group", "weight_decay", "tensors", "elements"],
         ["decay=0.05", "0.05", "2", "1,536"],
         ["no_decay", "0", "7", "196"],
@@ -679,7 +637,7 @@ def test_explain_table_on_gpt2_keeps_long_names_whole_and_aligned(cli: Runs) -> 
     table = lines[3:]
     expected = _gpt2_expected()
     assert len(table) == 2 + len(expected)  # one line per tensor: nothing wrapped, nothing elided
-    cells = check_aligned(table, right={3})
+    cells = aligned_cells(table, right={3})
     assert cells[0] == ["parameter", "aliases", "shape", "numel", "decay", "l1", "l2", "set by (line)"]
     assert [tuple(c) for c in cells[1:]] == expected
     # The longest name sets the first column's width; every row starts with its full name.

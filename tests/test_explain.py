@@ -12,11 +12,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from collections.abc import Sequence
 
 import pytest
 from models import CNN, MLP, TinyTransformer
+from support import aligned_cells
 from torch import nn
 
 import regdsl
@@ -328,27 +328,6 @@ def wide_expected() -> list[tuple[str, str, str, str, str, str, str, str]]:
                 rows.append((f"{module}.{kind}", aliases, shape, size, "0.01",
                              "0.001" if l1 else "-", "0.5" if l2 else "-", set_by))
     return rows
-
-
-def aligned_cells(lines: list[str], right: set[int]) -> list[list[str]]:
-    """Cells by the column spans of the dash line: left-aligned cells start at their column's offset,
-    right-aligned ones end at its last character, and nothing stands between columns."""
-    spans = [m.span() for m in re.finditer(r"-+", lines[1])]
-    assert lines[1] == "  ".join("-" * (b - a) for a, b in spans)
-    width = spans[-1][1]
-    out = []
-    for number, line in enumerate([lines[0], *lines[2:]]):
-        assert len(line) <= width and line == line.rstrip(), (number, line)
-        padded = line.ljust(width)
-        cells = []
-        for i, (start, end) in enumerate(spans):
-            assert not (padded[spans[i - 1][1] : start].strip() if i else ""), (number, i, line)
-            cell = padded[start:end]
-            if cell.strip():
-                assert cell[-1] != " " if i in right else cell[0] != " ", (number, i, line)
-            cells.append(cell.strip())
-        out.append(cells)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,34 +13,22 @@ runs of blank lines become one; leading and trailing blank lines go.
 from __future__ import annotations
 
 import itertools
-import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support import entry_point
 
 import regdsl
 from regdsl import RegSyntaxError, RegValidationError
 from regdsl.formatter import format_source
 
 
-def _entry_point() -> list[str]:
-    # As in test_cli.py: the script beside this interpreter (a venv), else the one on PATH.
-    script = Path(sys.executable).with_name("regdsl")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("regdsl")
-    if found is None:
-        pytest.skip("the regdsl entry point is not installed")
-    return [found]
-
-
 def fmt(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*_entry_point(), "fmt", *args], check=False, capture_output=True, text=True, timeout=120)
+    return subprocess.run([*entry_point(), "fmt", *args], check=False, capture_output=True, text=True, timeout=120)
 
 
 # ---------------------------------------------------------------- canonical text of hand-written inputs
