@@ -118,7 +118,7 @@ def _plural(n: int, word: str) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .report import coverage_record, diagnostic_record, format_diagnostic, github_annotation
+    from .report import coverage_record, diagnostic_record, format_coverage, format_diagnostic, github_annotation
 
     model = _model(args)
     diagnostics: list[Diagnostic] = []
@@ -135,10 +135,11 @@ def _check(args: argparse.Namespace) -> int:
         entry["statements"] = len(spec.statements)
         if model is not None:
             from .compiler import resolve
-            from .lint import check
+            from .lint import check_resolution
 
-            diagnostics += check(spec, model)
-            coverage = resolve(spec, model).coverage()
+            resolution = resolve(spec, model)  # once: both the diagnostics and the coverage read it
+            diagnostics += check_resolution(resolution)
+            coverage = resolution.coverage()
             coverages.append((path, coverage))
             entry["coverage"] = coverage_record(coverage)
     if args.strict:
@@ -163,8 +164,6 @@ def _check(args: argparse.Namespace) -> int:
         for d in diagnostics:
             print(format_diagnostic(d, color))
         for path, coverage in coverages:
-            from .report import format_coverage
-
             print(f"Coverage of {path} on {args.model}:")
             print(format_coverage(coverage))
         if diagnostics:

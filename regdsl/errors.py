@@ -12,6 +12,8 @@ from typing import Literal
 
 from .codes import Severity
 
+_ANSI = {"error": "\x1b[1;31m", "warning": "\x1b[1;33m", "bold": "\x1b[1m", "caret": "\x1b[1;34m", "reset": "\x1b[0m"}
+
 
 @dataclass(frozen=True)
 class Diagnostic:
@@ -36,13 +38,18 @@ class Diagnostic:
         # Diagnostics sort by position; equality still compares every field.
         return self.sort_key() < other.sort_key()
 
-    def render(self) -> str:
-        """``file:line:col: error: CODE message`` followed by the source line and a caret."""
-        code = f"{self.code} " if self.code else ""
-        head = f"{self.file}:{self.line}:{self.column}: {self.severity}: {code}{self.message}"
+    def render(self, color: bool = False) -> str:
+        """``file:line:col: error: CODE message``, the source line and a caret; ANSI colour on request."""
+        paint = _ANSI if color else dict.fromkeys(_ANSI, "")
+        code = f"{paint['bold']}{self.code}{paint['reset']} " if self.code else ""
+        head = (
+            f"{paint['bold']}{self.file}:{self.line}:{self.column}:{paint['reset']} "
+            f"{paint[self.severity]}{self.severity}:{paint['reset']} {code}{self.message}"
+        )
         if not self.source_line:
             return head
-        return f"{head}\n{self.source_line}\n{caret_line(self.source_line, self.column, self._caret_width())}"
+        caret = caret_line(self.source_line, self.column, self._caret_width())
+        return f"{head}\n{self.source_line}\n{paint['caret']}{caret}{paint['reset']}"
 
     def _caret_width(self) -> int:
         if self.end_line == self.line and self.end_column and self.end_column > self.column:

@@ -26,7 +26,11 @@ from .spec import VALUE_TERMS, Exclude, LayerAtom, NoneTerm, Rule, Selector, Spe
 
 def check(spec: Spec, model: nn.Module) -> list[Diagnostic]:
     """Every problem of ``spec`` against ``model``, sorted by position."""
-    resolution = resolve(spec, model)
+    return check_resolution(resolve(spec, model))
+
+
+def check_resolution(resolution: Resolution) -> list[Diagnostic]:
+    """:func:`check` on a resolution already made (the CLI also reads its coverage)."""
     diagnostics: list[Diagnostic] = []
     diagnostics += _unmatched(resolution)
     diagnostics += _only_frozen(resolution)

@@ -46,6 +46,7 @@ def _lark() -> Lark:
     return Lark(grammar_text(), parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=False)
 
 
+@functools.cache
 def keyword_terminals() -> dict[str, str]:
     """Lark terminal name -> keyword text, e.g. ``"_L2" -> "l2"``."""
     return {t.name: t.name.lstrip("_").lower() for t in _lark().terminals if t.name.lstrip("_").lower() in KEYWORDS}
@@ -75,8 +76,7 @@ def decode_source(data: bytes, filename: str) -> str:
 
 
 def parse_tree(text: str, filename: str = "<string>") -> tuple[Tree, list[Diagnostic]]:
-    """Parse ``text``; return the tree of everything that parsed and one diagnostic per bad statement."""
-    text = text.removeprefix("\ufeff")
+    """Parse ``text`` (BOM already removed); return the tree of what parsed and one diagnostic per bad statement."""
     diagnostics: list[Diagnostic] = []
     work = text
     # Each round blanks one statement, so the number of statements bounds the loop.

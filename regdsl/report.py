@@ -7,7 +7,7 @@ import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import Diagnostic, caret_line
+from .errors import Diagnostic
 from .printer import format_number
 from .spec import VALUE_TERMS
 
@@ -152,19 +152,9 @@ def format_coverage(coverage: Coverage) -> str:
 
 # ---------------------------------------------------------------- diagnostics
 
-_COLORS = {"error": "\x1b[1;31m", "warning": "\x1b[1;33m", "bold": "\x1b[1m", "caret": "\x1b[1;34m", "reset": "\x1b[0m"}
-
-
 def format_diagnostic(d: Diagnostic, color: bool = False) -> str:
     """``path:line:col: severity: CODE message``, the source line and a caret; ANSI colour on request."""
-    if not color:
-        return d.render()
-    c = _COLORS
-    code = f"{c['bold']}{d.code}{c['reset']} " if d.code else ""
-    head = f"{c['bold']}{d.file}:{d.line}:{d.column}:{c['reset']} {c[d.severity]}{d.severity}:{c['reset']} {code}{d.message}"
-    if not d.source_line:
-        return head
-    return f"{head}\n{d.source_line}\n{c['caret']}{caret_line(d.source_line, d.column, d._caret_width())}{c['reset']}"
+    return d.render(color)
 
 
 def diagnostic_record(d: Diagnostic) -> dict[str, Any]:

@@ -23,12 +23,14 @@ from .spec import AllAtom, Atom, BiasAtom, EmbeddingAtom, LayerAtom, NormAtom, P
 _WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
+@functools.cache
 def _root_wrappers() -> tuple[type, ...]:
     from torch.optim.swa_utils import AveragedModel
 
     return (nn.parallel.DistributedDataParallel, nn.DataParallel, AveragedModel)
 
 
+@functools.cache
 def _norm_classes() -> tuple[type, ...]:
     names = ("LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm", "CrossMapLRN2d")
     found = tuple(getattr(nn, name) for name in names if hasattr(nn, name))
