@@ -98,11 +98,45 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[di
     def selector(node: Tree) -> dict[str, Any]:
         return {"atoms": [atom(child) for child in node.children], "pos": _span(node.meta)}
 
+    def schedule(node: Tree) -> dict[str, Any]:
+        steps = []
+        for child in node.children:
+            step: dict[str, Any] = {"kind": str(child.data), "pos": _span(child.meta)}
+            if child.data == "cosine":
+                step["end"] = number(child.children[0])
+                step["steps"] = number(child.children[1])
+                leaf_spans[id(step), "end"] = _span(child.children[0])
+                leaf_spans[id(step), "steps"] = _span(child.children[1])
+            else:
+                field = "steps" if child.data == "warmup" else "step"
+                step[field] = number(child.children[0])
+                leaf_spans[id(step), field] = _span(child.children[0])
+            steps.append(step)
+        out: dict[str, Any] = {"steps": steps}
+        if not node.meta.empty:
+            out["pos"] = _span(node.meta)
+        return out
+
+    # The field each term's number fills.
+    value_field = {"max_norm": "norm", "lr_mult": "factor"}
+
     def term(node: Tree) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": str(node.data), "pos": _span(node.meta)}
-        if node.children:
-            out["strength"] = number(node.children[0])
-            leaf_spans[id(out), "strength"] = _span(node.children[0])
+        kind = str(node.data)
+        out: dict[str, Any] = {"kind": kind, "pos": _span(node.meta)}
+        for child in node.children:
+            if isinstance(child, Token):
+                field = value_field.get(kind, "strength")
+                out[field] = number(child)
+                leaf_spans[id(out), field] = _span(child)
+            elif child.data == "prox":
+                out["prox"] = True
+            elif child.data in ("to_init", "to_ref"):
+                out["to"] = str(child.data)[3:]
+            elif child.data == "dim":
+                out["dim"] = number(child.children[0])
+                leaf_spans[id(out), "dim"] = _span(child.children[0])
+            elif child.data == "schedule":
+                out["schedule"] = schedule(child)
         return out
 
     statements = []
@@ -125,7 +159,8 @@ def _from_pydantic(error: Any, data: list[dict[str, Any]], leaf_spans: LeafSpans
     # A validator may name the offending element itself ("at"), finer than its field.
     ctx = error.get("ctx") or {}
     if "at" in ctx:
-        loc.append(ctx["at"])
+        at = ctx["at"]
+        loc += [int(k) if k.isdigit() else k for k in at.split(".")] if isinstance(at, str) else [at]
     node: Any = data
     span = None
     for key in loc:

@@ -205,11 +205,11 @@ def _explain(args: argparse.Namespace) -> int:
         else:
             print(format_groups(groups))
         return EXIT_OK
-    rows = list(resolution.rows)
+    rows, modules = list(resolution.rows), list(resolution.modules)
     if args.format == "json":
-        print(json.dumps(explain_records(rows), indent=2))
+        print(json.dumps(explain_records(rows, modules), indent=2))
     elif args.format == "csv":
-        print(explain_csv(rows), end="")
+        print(explain_csv(rows, modules), end="")
     else:
         trainable = sum(r.trainable for r in rows)
         numel = sum(r.numel for r in rows)
@@ -218,7 +218,7 @@ def _explain(args: argparse.Namespace) -> int:
             f"{numel:,} element{'' if numel == 1 else 's'}"
         )
         print(f"'set by' names the term and the line of {args.file} that set it.\n")
-        print(format_explain(rows))
+        print(format_explain(rows, modules))
     return EXIT_OK
 
 

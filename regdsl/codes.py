@@ -24,12 +24,16 @@ CODES: dict[str, Code] = {
     "RD004": Code("error", "a strength is negative, NaN or infinite"),
     "RD005": Code("error", "an invalid name pattern"),
     "RD006": Code("error", "a term appears twice in one rule"),
+    "RD007": Code("error", "an invalid schedule or dim (not a whole number, out of range, repeated, until before from)"),
+    "RD008": Code("error", "a selector atom that cannot select what a term acts on ('bias' with an activity term)"),
     "RD009": Code("error", "an invalid spec (JSON input)"),
     # Against a model: rules that cannot do what they say.
     "RD101": Code("error", "a selector, or one pattern in it, matches no parameter"),
     "RD102": Code("error", "a type name matches no module class in the model"),
     "RD103": Code("error", "a dead rule: later lines override its every effect"),
     "RD104": Code("error", "a term that cannot take effect on a parameter"),
+    "RD105": Code("error", "a reference for 'l2 ... to ref' is missing, lacks a parameter, or has the wrong shape"),
+    "RD106": Code("error", "an activity term on a module whose output is not a tensor"),
     # Against a model: probably mistakes (errors under --strict).
     "RD201": Code("warning", "an exclude matches nothing"),
     "RD202": Code("warning", "a rule matches only frozen parameters"),

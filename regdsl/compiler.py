@@ -2,35 +2,49 @@
 
 Resolution happens once, here: for every parameter tensor and every term kind,
 the last rule in file order that matches the tensor and sets that kind wins;
-``none`` clears all kinds at its position; any ``exclude`` that matches the
-tensor removes every term, wherever it stands. Per-step work is left to
-:mod:`regdsl.penalties` (the penalty) and to the optimizer (``decay``).
+``none`` clears all regularization kinds at its position; any ``exclude`` that
+matches the tensor removes every regularization term, wherever it stands
+(``lr_mult`` is an optimizer setting, which neither touches). Activity terms
+resolve the same way over modules instead of parameters.
+
+Per-step work is left to :mod:`regdsl.penalties` (the loss), :mod:`regdsl.activity`
+(module outputs), :mod:`regdsl.constraints` (after each optimizer step) and to the
+optimizer itself (``decay``, ``lr_mult``). The :class:`Regularizer` owns the step
+counter that drives every schedule.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .activity import ActivityPlan, ActivityTarget
 from .build import load
 from .codes import severity
+from .constraints import PostStepItem, PostStepPlan
 from .errors import Diagnostic, RegCompileError, RegUsageError, source_line_at
-from .penalties import FORMULAS, PenaltyPlan
-from .select import ParamEntry, ParamTable, is_embedding_module
-from .spec import VALUE_TERMS, Exclude, NoneTerm, Span, Spec
+from .penalties import LossItem, PenaltyPlan
+from .printer import format_schedule
+from .schedule import always_zero, is_scheduled, strength_at
+from .select import ParamEntry, ParamTable, canonical_name, is_embedding_module, module_matches
+from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Exclude, NoneTerm, Span, Spec
 
 
 @dataclass(frozen=True)
 class Setting:
-    """A term's value on one parameter, and the rule that set it."""
+    """A term on one parameter (or module), and the rule that set it."""
 
     value: float
     origin: str | None
     pos: Span | None
+    term: Any = None  # the spec's term node; None for an exclude or a 'none'
 
     @property
     def where(self) -> str:
@@ -50,6 +64,17 @@ class ParamRow:
     trainable: bool
     excluded_by: Setting | None  # the first exclude that matched, if any
     cleared_by: Setting | None  # the last 'none' that cleared its terms, if any
+    terms: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModuleRow:
+    """What the rule file does to one module's output (activity terms)."""
+
+    name: str
+    class_name: str
+    excluded_by: Setting | None
+    cleared_by: Setting | None
     terms: dict[str, Setting] = field(default_factory=dict)
 
 
@@ -76,9 +101,23 @@ class Coverage:
 @dataclass(frozen=True)
 class GroupSummary:
     name: str
-    weight_decay: float
+    weight_decay: float  # the decay's strength; a schedule scales it from step to step
     params: tuple[str, ...]
     numel: int
+    lr_mult: float = 1.0
+    schedule: str = ""  # the decay's schedule as written ("warmup 100"), or ""
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """What makes two parameters share an optimizer group."""
+
+    decay: DecayTerm | None
+    lr_mult: float | None
+
+    @property
+    def name(self) -> str:
+        return group_name(self.decay.strength if self.decay else 0.0, self.decay, self.lr_mult)
 
 
 @dataclass(frozen=True)
@@ -89,34 +128,40 @@ class Resolution:
     table: ParamTable
     rows: tuple[ParamRow, ...]  # one per table entry, same order
     matches: tuple[tuple[int, ...], ...]  # per statement: entries its selector matches, frozen ones too
+    modules: tuple[ModuleRow, ...] = ()  # one per module with an activity term, in registration order
+    module_matches: tuple[tuple[str, ...], ...] = ()  # per statement: names of the modules it selects
 
-    def groups(self) -> list[tuple[float, list[ParamEntry]]]:
-        """Trainable entries by ``weight_decay``, groups ordered by first member.
+    def groups(self) -> list[tuple[GroupKey, list[ParamEntry]]]:
+        """Trainable entries by (decay, lr_mult), groups ordered by first member.
 
         Equal settings share a group: fewer groups keep torch.optim on its
         foreach/fused paths, and the order is reproducible.
         """
-        groups: dict[float, list[ParamEntry]] = {}
+        groups: dict[GroupKey, list[ParamEntry]] = {}
         for entry, row in zip(self.table.entries, self.rows):
             if entry.trainable:
-                decay = row.terms.get("decay")
-                groups.setdefault(decay.value if decay else 0.0, []).append(entry)
+                decay, mult = row.terms.get("decay"), row.terms.get("lr_mult")
+                term = decay.term if decay is not None and not always_zero(decay.term) else None
+                groups.setdefault(GroupKey(term, mult.value if mult is not None else None), []).append(entry)
         return list(groups.items())
 
     def groups_summary(self) -> list[GroupSummary]:
         return [
             GroupSummary(
-                name=group_name(decay),
-                weight_decay=decay,
+                name=key.name,
+                weight_decay=key.decay.strength if key.decay else 0.0,
                 params=tuple(e.name for e in members),
                 numel=sum(e.numel for e in members),
+                lr_mult=key.lr_mult if key.lr_mult is not None else 1.0,
+                schedule=format_schedule(key.decay.schedule) if key.decay else "",
             )
-            for decay, members in self.groups()
+            for key, members in self.groups()
         ]
 
     def coverage(self) -> Coverage:
-        """How many tensors and elements get each term, nothing, or are frozen."""
-        terms = {k: Count() for k in VALUE_TERMS}
+        """How many tensors and elements get each regularization term, nothing, or are frozen."""
+        kinds = [k for k in PARAM_TERMS if k not in NOT_REGULARIZERS]
+        terms = {k: Count() for k in kinds}
         nothing, frozen, excluded = Count(), Count(), Count()
         for row in self.rows:
             if not row.trainable:
@@ -124,7 +169,7 @@ class Resolution:
                 continue
             if row.excluded_by:
                 excluded.add(row.numel)
-            active = [k for k, setting in row.terms.items() if setting.value > 0]
+            active = [k for k, setting in row.terms.items() if k in terms and not always_zero(setting.term)]
             for kind in active:
                 terms[kind].add(row.numel)
             if not active:
@@ -133,29 +178,20 @@ class Resolution:
 
 
 def resolve(spec: Spec, model: nn.Module) -> Resolution:
-    """Apply the cascade: per parameter and term kind, the last matching rule that sets it wins;
-    ``none`` clears at its position; any matching ``exclude`` removes everything."""
+    """Apply the cascade: per parameter (or module) and term kind, the last matching rule that
+    sets it wins; ``none`` clears at its position; any matching ``exclude`` removes everything
+    but ``lr_mult``."""
     table = ParamTable(model)
-    origin = spec.origin
-    assigned: list[dict[str, Setting]] = [{} for _ in table.entries]
-    excluded: list[Setting | None] = [None] * len(table)
-    cleared: list[Setting | None] = [None] * len(table)
-    matches = []
+    params = _Cascade(len(table), spec.origin)
+    modules = _Cascade(len(table.modules), spec.origin)
+    matches, module_matches_ = [], []
     for statement in spec.statements:
         matched = table.select(statement.selector)
         matches.append(tuple(e.index for e in matched))
-        selected = [e.index for e in matched if e.trainable]
-        if isinstance(statement, Exclude):
-            for i in selected:
-                excluded[i] = excluded[i] or Setting(0.0, origin, statement.pos)
-            continue
-        for term in statement.terms:
-            for i in selected:
-                if isinstance(term, NoneTerm):
-                    assigned[i].clear()
-                    cleared[i] = Setting(0.0, origin, term.pos)
-                else:
-                    assigned[i][term.kind] = Setting(term.strength, origin, term.pos)
+        picked = [i for i, (name, module) in enumerate(table.modules) if _selects_module(statement.selector, name, module)]
+        module_matches_.append(tuple(table.modules[i][0] for i in picked))
+        params.apply(statement, [e.index for e in matched if e.trainable], PARAM_TERMS)
+        modules.apply(statement, picked, MODULE_TERMS)
     rows = tuple(
         ParamRow(
             name=entry.name,
@@ -163,15 +199,88 @@ def resolve(spec: Spec, model: nn.Module) -> Resolution:
             shape=entry.shape,
             numel=entry.numel,
             trainable=entry.trainable,
-            excluded_by=excluded[entry.index],
-            cleared_by=cleared[entry.index],
-            terms={}
-            if excluded[entry.index]
-            else {k: assigned[entry.index][k] for k in VALUE_TERMS if k in assigned[entry.index]},
+            excluded_by=params.excluded[entry.index],
+            cleared_by=params.cleared[entry.index],
+            terms=params.result(entry.index, PARAM_TERMS),
         )
         for entry in table.entries
     )
-    return Resolution(spec, table, rows, tuple(matches))
+    module_rows = tuple(
+        ModuleRow(
+            name=name,
+            class_name=type(module).__name__,
+            excluded_by=modules.excluded[i],
+            cleared_by=modules.cleared[i],
+            terms=modules.result(i, MODULE_TERMS),
+        )
+        for i, (name, module) in enumerate(table.modules)
+        if modules.assigned[i]
+    )
+    return Resolution(spec, table, rows, tuple(matches), module_rows, tuple(module_matches_))
+
+
+def _selects_module(selector: Any, name: str, module: nn.Module) -> bool:
+    return all(module_matches(atom, name, module) for atom in selector.atoms)
+
+
+class _Cascade:
+    """The per-target bookkeeping of :func:`resolve`, for parameters or for modules."""
+
+    def __init__(self, size: int, origin: str | None):
+        self.origin = origin
+        self.assigned: list[dict[str, Setting]] = [{} for _ in range(size)]
+        self.excluded: list[Setting | None] = [None] * size
+        self.cleared: list[Setting | None] = [None] * size
+
+    def apply(self, statement: Any, targets: list[int], kinds: tuple[str, ...]) -> None:
+        if isinstance(statement, Exclude):
+            for i in targets:
+                self.excluded[i] = self.excluded[i] or Setting(0.0, self.origin, statement.pos)
+            return
+        for term in statement.terms:
+            if not isinstance(term, NoneTerm) and term.kind not in kinds:
+                continue
+            for i in targets:
+                if isinstance(term, NoneTerm):
+                    for kind in [k for k in self.assigned[i] if k not in NOT_REGULARIZERS]:
+                        del self.assigned[i][kind]
+                    self.cleared[i] = Setting(0.0, self.origin, term.pos)
+                else:
+                    self.assigned[i][term.kind] = Setting(term.value, self.origin, term.pos, term)
+
+    def result(self, i: int, kinds: tuple[str, ...]) -> dict[str, Setting]:
+        kept = self.assigned[i]
+        if self.excluded[i]:
+            kept = {k: v for k, v in kept.items() if k in NOT_REGULARIZERS}
+        return {k: kept[k] for k in kinds if k in kept}
+
+
+# Kinds that need the parameter's shape, so an uninitialized lazy parameter cannot take them.
+_SHAPED = ("l1", "l2", "group_lasso", "orthogonal", "max_norm")
+
+
+def _why_unusable(entry: ParamEntry, kind: str, term: Any) -> str | None:
+    if any("_flat_param" in name.split(".") for name in entry.names):
+        return "FSDP's flattened parameter takes no per-parameter rules; wrap with FSDP(use_orig_params=True)"
+    if not entry.initialized:
+        if kind in _SHAPED:
+            return "a lazy module's parameters have no shape until its first forward pass; run one before compiling"
+        return None
+    if kind == "decay" and any(getattr(o, "sparse", False) for o in entry.owners if is_embedding_module(o)):
+        return "an embedding with sparse=True gets sparse gradients, and torch optimizers cannot decay them"
+    shape = tuple(entry.param.shape)
+    if kind == "orthogonal" and len(shape) < 2:
+        return f"it needs a weight with 2 or more dimensions, and the shape is {_shape_text(shape)}"
+    if kind in ("group_lasso", "max_norm") and not -len(shape) <= term.dim < max(len(shape), 0):
+        return f"dim={term.dim} is out of range for shape {_shape_text(shape)}"
+    complex_ok = kind in ("decay", "l2") or (kind == "l1" and not term.prox)
+    if entry.param.is_complex() and not complex_ok:
+        return "complex parameters take only decay, l1 and l2 (through the loss)"
+    return None
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
 
 def unusable_terms(resolution: Resolution) -> list[Diagnostic]:
@@ -179,20 +288,53 @@ def unusable_terms(resolution: Resolution) -> list[Diagnostic]:
     found: dict[tuple[Setting, str, str], list[str]] = {}
     for entry, row in zip(resolution.table.entries, resolution.rows):
         for kind, setting in row.terms.items():
-            if setting.value == 0:
+            if kind in NOT_REGULARIZERS or always_zero(setting.term):
                 continue  # a zero term does nothing, so it cannot fail either
-            reason = None
-            if not entry.initialized and kind in FORMULAS:
-                reason = "a lazy module's parameters have no shape until its first forward pass; run one before compiling"
-            elif kind == "decay" and any(getattr(o, "sparse", False) for o in entry.owners if is_embedding_module(o)):
-                reason = "an embedding with sparse=True gets sparse gradients, and torch optimizers cannot decay them"
-            elif any("_flat_param" in name.split(".") for name in entry.names):
-                reason = "FSDP's flattened parameter takes no per-parameter rules; wrap with FSDP(use_orig_params=True)"
+            reason = _why_unusable(entry, kind, setting.term)
             if reason:
                 found.setdefault((setting, kind, reason), []).append(row.name)
     return [
         model_diagnostic(resolution.spec, setting.pos, "RD104", f"'{kind}' cannot take effect on {name_list(names)}: {reason}")
         for (setting, kind, reason), names in found.items()
+    ]
+
+
+def _reference_index(reference: Mapping[str, Any]) -> dict[str, Any]:
+    """Reference keys as parameter names: wrapper segments removed, and DDP's ``module.`` when every key has it."""
+    keys = list(reference)
+    strip = bool(keys) and all(k.startswith("module.") for k in keys)
+    return {canonical_name(k.removeprefix("module.") if strip else k): v for k, v in reference.items()}
+
+
+def reference_problems(resolution: Resolution, reference: Mapping[str, Any] | None) -> list[Diagnostic]:
+    """RD105: what keeps ``l2 ... to ref`` from finding its ``w0`` in ``reference``."""
+    found: dict[tuple[Setting, str], list[str]] = {}
+    index = _reference_index(reference) if reference is not None else {}
+    for entry, row in zip(resolution.table.entries, resolution.rows):
+        setting = row.terms.get("l2")
+        if not entry.trainable or setting is None or setting.term.to != "ref" or always_zero(setting.term):
+            continue
+        if reference is None:
+            found.setdefault((setting, "no reference was given: compile with spec.compile(model, reference=state_dict)"), [])
+            continue
+        value = next((index[n] for n in entry.names if n in index), None)
+        if value is None:
+            found.setdefault((setting, "the reference has no entry for"), []).append(row.name)
+        elif tuple(value.shape) != tuple(entry.param.shape):
+            found.setdefault(
+                (
+                    setting,
+                    (f"the reference's shape {_shape_text(tuple(value.shape))} differs from the parameter's "
+                    f"{_shape_text(tuple(entry.param.shape))} for"),
+                ),
+                [],
+            ).append(row.name)
+    return [
+        model_diagnostic(
+            resolution.spec, setting.pos, "RD105",
+            f"'l2 ... to ref': {reason}" + (f" {name_list(names)}" if names else ""),
+        )
+        for (setting, reason), names in found.items()
     ]
 
 
@@ -221,38 +363,92 @@ def model_diagnostic(spec: Spec, pos: Span | None, code: str, message: str) -> D
 class Regularizer:
     """A spec resolved against one model.
 
-    ``param_groups()`` feeds the optimizer, ``penalty()`` the loss, and
+    ``param_groups()`` feeds the optimizer, ``penalty()`` the loss, ``attach()``
+    (or ``after_step()``) runs what happens after each optimizer step, and
     ``explain()`` says what every parameter got and from which line. Terms that
     cannot work on their parameter raise :class:`RegCompileError` here, before
     anything is half-applied.
     """
 
-    def __init__(self, spec: Spec, model: nn.Module):
+    def __init__(self, spec: Spec, model: nn.Module, reference: Mapping[str, torch.Tensor] | None = None):
         self.spec = spec
         self.resolution = resolve(spec, model)
-        problems = unusable_terms(self.resolution)
+        problems = unusable_terms(self.resolution) + reference_problems(self.resolution, reference)
         if problems:
             raise RegCompileError(problems)
         self.table = self.resolution.table
         self._rows = self.resolution.rows
         self._groups = self.resolution.groups()
-        trainable = [e for e in self.table.entries if e.trainable]
-        self._penalty = PenaltyPlan(
+        self._step = 0
+        self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
+        self._hooks: list[Any] = []
+        self._hook_finalizer = weakref.finalize(self, _remove_all, self._hooks)
+        index = _reference_index(reference) if reference is not None else {}
+        loss, post = [], []
+        self._references: dict[str, LossItem] = {}
+        for entry in self.table.entries:
+            if not entry.trainable:
+                continue
+            terms = self._rows[entry.index].terms
+            for kind in ("l1", "l2", "group_lasso", "orthogonal"):
+                setting = terms.get(kind)
+                if setting is None:
+                    continue
+                term = setting.term
+                if kind == "l1" and term.prox:
+                    post.append(PostStepItem("prox", entry.param, term))
+                    continue
+                item = LossItem(kind, entry.param, term, self._reference(entry, term, index))
+                if item.ref is not None:
+                    self._references[entry.name] = item
+                loss.append(item)
+            if "max_norm" in terms:
+                post.append(PostStepItem("max_norm", entry.param, terms["max_norm"].term))
+        self._penalty = PenaltyPlan(loss)
+        self._post = PostStepPlan(post)
+        self._activity = ActivityPlan(
             [
-                (kind, entry.param, self._rows[entry.index].terms[kind].value)
-                for entry in trainable
-                for kind in FORMULAS
-                if kind in self._rows[entry.index].terms
+                ActivityTarget(row.name, self.table.modules_by_name[row.name], setting.term, self._bad_output(setting))
+                for row in self.resolution.modules
+                for setting in row.terms.values()
+                if not always_zero(setting.term)
             ]
         )
-        self._first_trainable = trainable[0].param if trainable else None
+        first = next((e.param for e in self.table.entries if e.trainable), None)
+        self._default_device = first.device if first is not None else None
 
-    # ------------------------------------------------------------ public API
+    @staticmethod
+    def _reference(entry: ParamEntry, term: Any, index: dict[str, Any]) -> torch.Tensor | None:
+        if target := getattr(term, "to", None):
+            source = entry.param if target == "init" else next(index[n] for n in entry.names if n in index)
+            return source.detach().to(device=entry.param.device, dtype=entry.param.dtype).clone()
+        return None
+
+    def _bad_output(self, setting: Setting) -> Any:
+        spec = self.spec
+
+        def error(name: str, type_name: str) -> RegCompileError:
+            kind = setting.term.kind.replace("_", " ")
+            return RegCompileError(
+                [
+                    model_diagnostic(
+                        spec, setting.pos, "RD106",
+                        f"'{kind}' needs a tensor output, but module '{name}' returned a {type_name}; "
+                        "select a submodule whose output is one tensor",
+                    )
+                ]
+            )
+
+        return error
+
+    # ------------------------------------------------------------ optimizer
 
     def param_groups(self, **defaults: Any) -> list[dict[str, Any]]:
         """Parameter groups for any ``torch.optim`` optimizer; each trainable tensor appears once.
 
-        Keyword arguments (``lr=...``, ``betas=...``) are copied into every group.
+        Keyword arguments (``lr=...``, ``betas=...``) are copied into every group. A group
+        with ``lr_mult m`` gets ``lr = m · lr``: LR schedulers scale each group's own lr,
+        so the ratio holds through any of them.
         """
         for key in ("params", "weight_decay", "name"):
             if key in defaults:
@@ -260,22 +456,160 @@ class Regularizer:
                     f"param_groups() does not take {key!r}: the rule file sets it"
                     + (" (write 'all decay VALUE' for a default decay)" if key == "weight_decay" else "")
                 )
-        return [
-            {"params": [e.param for e in members], "weight_decay": decay, "name": group_name(decay), **defaults}
-            for decay, members in self._groups
-        ]
+        if "lr" not in defaults and any(key.lr_mult not in (None, 1.0) for key, _ in self._groups):
+            raise RegUsageError(
+                "the rule file sets lr_mult, so param_groups() needs the base learning rate: param_groups(lr=...)"
+            )
+        groups = []
+        for key, members in self._groups:
+            group = {
+                "params": [e.param for e in members],
+                "weight_decay": strength_at(key.decay, self._step) if key.decay else 0.0,
+                "name": key.name,
+                **defaults,
+            }
+            if key.lr_mult is not None:
+                group["lr_mult"] = key.lr_mult
+                group["lr"] = defaults["lr"] * key.lr_mult if "lr" in defaults else group.get("lr")
+                if group["lr"] is None:
+                    del group["lr"]
+            groups.append(group)
+        return groups
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Regularizer:
+        """Run :meth:`after_step` automatically after every ``optimizer.step()`` (torch's step hooks).
+
+        Needs an optimizer built from :meth:`param_groups` when a ``decay`` has a schedule.
+        """
+        if self._optimizer is not None:
+            raise RegUsageError("this regularizer is already attached to an optimizer; detach() first")
+        self._write_decay(optimizer, strict=True)
+        self._check_prox(optimizer)
+        self._hooks.append(optimizer.register_step_post_hook(functools.partial(_on_step, weakref.ref(self))))
+        self._optimizer = weakref.ref(optimizer)
+        return self
+
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Call right after ``optimizer.step()`` when not attached: proximal steps and constraints
+        with this step's strengths, then the step counter advances and every scheduled strength
+        (and scheduled ``decay``, written into ``optimizer``'s groups) moves to the next step."""
+        if self._optimizer is not None:
+            raise RegUsageError("after_step() on an attached regularizer would count each step twice")
+        if optimizer is None and (self._post.prox or self._scheduled_decay()):
+            raise RegUsageError(
+                "after_step() needs the optimizer: "
+                + ("'l1 ... prox' reads each group's learning rate" if self._post.prox else "a scheduled decay is written into its groups")
+            )
+        if optimizer is not None:
+            self._check_prox(optimizer)
+        self._advance(optimizer)
+
+    def _advance(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self._post.apply(self._step, optimizer.param_groups if optimizer is not None else None)
+        self._set_step(self._step + 1, optimizer)
+
+    def _set_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
+        self._step = step
+        self._penalty.set_step(step)
+        self._activity.set_step(step)
+        if optimizer is not None:
+            self._write_decay(optimizer, strict=False)
+
+    def _scheduled_decay(self) -> list[tuple[GroupKey, list[ParamEntry]]]:
+        return [(key, members) for key, members in self._groups if key.decay is not None and is_scheduled(key.decay)]
+
+    def _write_decay(self, optimizer: torch.optim.Optimizer, strict: bool) -> None:
+        scheduled = self._scheduled_decay()
+        if not scheduled:
+            return
+        by_first = {id(g["params"][0]): g for g in optimizer.param_groups if g["params"]}
+        for key, members in scheduled:
+            group = by_first.get(id(members[0].param))
+            if group is None:
+                if strict:
+                    raise RegUsageError(
+                        f"the optimizer has no group '{key.name}': build it from reg.param_groups() "
+                        "so a scheduled decay can be written into it"
+                    )
+                continue
+            group["weight_decay"] = strength_at(key.decay, self._step)
+
+    def _check_prox(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._post.prox:
+            return
+        present = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [e.name for e in self.table.entries if any(i.param is e.param for i in self._post.prox) and id(e.param) not in present]
+        if missing:
+            raise RegUsageError(f"'l1 ... prox' parameters are not in the optimizer: {name_list(missing)}")
+
+    def detach(self) -> None:
+        """Remove the optimizer hook and the forward hooks of activity terms."""
+        _remove_all(self._hooks)
+        self._activity.remove()
+        self._optimizer = None
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps counted so far: the ``t`` of every schedule."""
+        return self._step
+
+    def strength(self, name: str, kind: str) -> float:
+        """The effective strength of ``kind`` on parameter (or module) ``name`` at the current step; 0 if unset."""
+        row = next((r for r in self._rows if name == r.name or name in r.aliases), None)
+        settings = row.terms if row is not None else next((m.terms for m in self.resolution.modules if m.name == name), None)
+        if settings is None:
+            raise KeyError(f"no parameter or module named {name!r}")
+        setting = settings.get(kind)
+        if setting is None:
+            return 0.0
+        return strength_at(setting.term, self._step) if hasattr(setting.term, "strength") else setting.value
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter and every ``w0`` of ``l2 ... to init|ref``, keyed by parameter name."""
+        return {"step": self._step, "references": {name: item.ref for name, item in self._references.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`: schedules continue from the saved step, references are the saved ones."""
+        step = state.get("step")
+        if not isinstance(step, int) or step < 0:
+            raise RegUsageError(f"state_dict 'step' must be a whole number >= 0, got {step!r}")
+        saved = state.get("references", {})
+        missing = [name for name in self._references if name not in saved]
+        if missing:
+            raise RegUsageError(f"state_dict has no reference for {name_list(missing)}")
+        for name, item in self._references.items():
+            if tuple(saved[name].shape) != tuple(item.param.shape):
+                raise RegUsageError(
+                    f"state_dict reference for '{name}' has shape {_shape_text(tuple(saved[name].shape))}, "
+                    f"the parameter {_shape_text(tuple(item.param.shape))}"
+                )
+        for name, item in self._references.items():
+            item.ref = saved[name].detach().to(device=item.param.device, dtype=item.param.dtype).clone()
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        self._set_step(step, optimizer)
+
+    # ------------------------------------------------------------ loss and reports
 
     def penalty(self) -> torch.Tensor:
-        """The sum of every loss term (``l1``, ``l2``) as a differentiable 0-dim tensor."""
-        device = self._first_trainable.device if self._first_trainable is not None else None
-        return self._penalty(device)
+        """Every loss term (``l1``, ``l2``, ``group_lasso``, ``orthogonal``, and the activity terms
+        collected since the last call) as a differentiable 0-dim tensor."""
+        total = self._penalty(self._default_device)
+        for value in self._activity.take():
+            total = total + value.to(device=total.device, dtype=total.dtype)
+        return total
 
     def explain(self) -> list[ParamRow]:
         """One row per parameter tensor (frozen ones too), in registration order."""
         return list(self._rows)
 
+    def explain_modules(self) -> list[ModuleRow]:
+        """One row per module with an activity term."""
+        return list(self.resolution.modules)
+
     def groups_summary(self) -> list[GroupSummary]:
-        """Each optimizer group: name, weight_decay, member names, element count."""
+        """Each optimizer group: name, weight_decay, member names, element count, lr_mult."""
         return self.resolution.groups_summary()
 
     def coverage(self) -> Coverage:
@@ -283,14 +617,39 @@ class Regularizer:
 
     def __repr__(self) -> str:
         trainable = sum(e.trainable for e in self.table.entries)
-        return f"<Regularizer {len(self.spec.statements)} statements, {trainable} trainable tensors, {len(self._groups)} groups>"
+        return (
+            f"<Regularizer {len(self.spec.statements)} statements, {trainable} trainable tensors, "
+            f"{len(self._groups)} groups, step {self._step}>"
+        )
 
 
-def group_name(decay: float) -> str:
-    return f"decay={decay!r}" if decay else "no_decay"
+def _on_step(reg_ref: weakref.ref[Regularizer], optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    reg = reg_ref()
+    if reg is not None:
+        reg._advance(optimizer)
 
 
-def compile(rules: Spec | str | os.PathLike[str], model: nn.Module) -> Regularizer:
-    """Compile a spec, or the ``.reg`` file at a path, against ``model``."""
+def _remove_all(handles: list[Any]) -> None:
+    while handles:
+        handles.pop().remove()
+
+
+def group_name(decay: float, term: DecayTerm | None = None, lr_mult: float | None = None) -> str:
+    """``decay=0.05``, ``no_decay``, plus the decay's schedule and ``lr_mult=...`` when set."""
+    name = f"decay={decay!r}" if decay else "no_decay"
+    if term is not None and is_scheduled(term):
+        name += " " + format_schedule(term.schedule)
+    if lr_mult is not None:
+        name += f" lr_mult={lr_mult!r}"
+    return name
+
+
+def compile(
+    rules: Spec | str | os.PathLike[str], model: nn.Module, reference: Mapping[str, torch.Tensor] | None = None
+) -> Regularizer:
+    """Compile a spec, or the ``.reg`` file at a path, against ``model``.
+
+    ``reference`` (a state_dict) supplies ``w0`` for ``l2 ... to ref``.
+    """
     spec = rules if isinstance(rules, Spec) else load(rules)
-    return spec.compile(model)
+    return spec.compile(model, reference=reference)

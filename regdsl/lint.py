@@ -21,7 +21,18 @@ from torch import nn
 from .compiler import Resolution, model_diagnostic, name_list, resolve, unusable_terms
 from .errors import Diagnostic
 from .select import ParamEntry, atom_matches, class_names, glob_regex
-from .spec import VALUE_TERMS, Exclude, LayerAtom, NoneTerm, Rule, Selector, Spec, TypeAtom
+from .spec import (
+    MODULE_TERMS,
+    NOT_REGULARIZERS,
+    PARAM_TERMS,
+    Exclude,
+    LayerAtom,
+    NoneTerm,
+    Rule,
+    Selector,
+    Spec,
+    TypeAtom,
+)
 
 
 def check(spec: Spec, model: nn.Module) -> list[Diagnostic]:
@@ -49,7 +60,13 @@ def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
     all_paths = sorted({p for e in table.entries for p in e.paths})
     all_classes = sorted({n for m in table.module_names.values() for n in class_names(type(m))})
     owner_classes = {n for e in table.entries for n in e.owner_class_names}
-    for statement, matched in zip(spec.statements, res.matches):
+    module_names = [name for name, _ in table.modules]
+    module_classes = sorted({n for _, m in table.modules for n in class_names(type(m))})
+    for statement, matched, modules in zip(spec.statements, res.matches, res.module_matches):
+        if _acts_on_modules(statement) and not modules:
+            yield from _unmatched_modules(spec, statement, module_names, module_classes)
+        if not _acts_on_params(statement):
+            continue
         is_exclude = isinstance(statement, Exclude)
         code = "RD201" if is_exclude else "RD101"
         what = "exclude" if is_exclude else "rule"
@@ -94,6 +111,43 @@ def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
             )
 
 
+def _acts_on_params(statement: Rule | Exclude) -> bool:
+    return isinstance(statement, Exclude) or any(t.kind not in MODULE_TERMS for t in statement.terms)
+
+
+def _acts_on_modules(statement: Rule | Exclude) -> bool:
+    return isinstance(statement, Rule) and any(t.kind in MODULE_TERMS for t in statement.terms)
+
+
+def _unmatched_modules(
+    spec: Spec, statement: Rule, module_names: list[str], module_classes: list[str]
+) -> Iterable[Diagnostic]:
+    """RD101/RD102 for activity terms, which select modules: name and class patterns are read as modules'."""
+    found_part = False
+    for atom in statement.selector.atoms:
+        for pattern in getattr(atom, "patterns", ()):
+            regex = glob_regex(pattern.text)
+            if isinstance(atom, LayerAtom) and not any(regex.fullmatch(n) for n in module_names):
+                found_part = True
+                yield model_diagnostic(
+                    spec, pattern.pos, "RD101",
+                    f"layer pattern '{pattern.text}' matches no module (activity terms select modules by their own name)"
+                    + _nearest(pattern.text, module_names),
+                )
+            elif isinstance(atom, TypeAtom) and not any(regex.fullmatch(c) for c in module_classes):
+                found_part = True
+                yield model_diagnostic(
+                    spec, pattern.pos, "RD102",
+                    f"type '{pattern.text}' matches no module class in the model" + _nearest(pattern.text, module_classes),
+                )
+    if not found_part:
+        kinds = ", ".join(f"'{t.kind.replace('_', ' ')}'" for t in statement.terms if t.kind in MODULE_TERMS)
+        yield model_diagnostic(
+            spec, statement.selector.pos, "RD101",
+            f"rule selects no module for {kinds}: 'all' means modules without submodules, 'layer' a module's own name",
+        )
+
+
 def _nearest(text: str, names: Iterable[str], limit: int = 3) -> str:
     # difflib's ranking, with ties broken alphabetically (get_close_matches reverses them).
     scored = []
@@ -110,7 +164,12 @@ def _nearest(text: str, names: Iterable[str], limit: int = 3) -> str:
 
 def _only_frozen(res: Resolution) -> Iterable[Diagnostic]:
     for statement, matched in zip(res.spec.statements, res.matches):
-        if isinstance(statement, Rule) and matched and not any(res.table.entries[i].trainable for i in matched):
+        if (
+            isinstance(statement, Rule)
+            and _acts_on_params(statement)
+            and matched
+            and not any(res.table.entries[i].trainable for i in matched)
+        ):
             yield model_diagnostic(
                 res.spec, statement.selector.pos, "RD202",
                 f"rule matches only frozen parameters (requires_grad=False): "
@@ -132,25 +191,26 @@ def _dead_rules(res: Resolution) -> Iterable[Diagnostic]:
             for i in trainable[index]:
                 excluded_by.setdefault(i, []).append(index)
     for index, statement in enumerate(statements):
-        if not isinstance(statement, Rule) or not trainable[index]:
+        if not isinstance(statement, Rule) or not trainable[index] or not _acts_on_params(statement):
             continue
         if all(isinstance(t, NoneTerm) for t in statement.terms):
             continue  # a pure 'none' rule's effect depends on what came before; not judged here
-        # A 'none' among other terms clears every kind, so every kind is an effect of the rule.
+        # A 'none' among other terms clears every regularization kind, so each is an effect of the rule.
+        own = {t.kind for t in statement.terms if t.kind in PARAM_TERMS}
         has_none = any(isinstance(t, NoneTerm) for t in statement.terms)
-        kinds = set(VALUE_TERMS) if has_none else {t.kind for t in statement.terms}
+        kinds = own | ({k for k in PARAM_TERMS if k not in NOT_REGULARIZERS} if has_none else set())
         overriders: set[int] = set()
         excluders: set[int] = set()
         dead = True
         for i in trainable[index]:
-            if i in excluded_by:
-                excluders.update(excluded_by[i])
-                continue
             for kind in kinds:
+                if i in excluded_by and kind not in NOT_REGULARIZERS:
+                    excluders.update(excluded_by[i])
+                    continue
                 later = [
                     j for j in range(index + 1, len(statements))
                     if i in trainable[j] and isinstance(statements[j], Rule)
-                    and any(t.kind in (kind, "none") for t in statements[j].terms)
+                    and any(t.kind == kind or (t.kind == "none" and kind not in NOT_REGULARIZERS) for t in statements[j].terms)
                 ]
                 if not later:
                     dead = False
@@ -226,7 +286,8 @@ def _decay_and_l2(res: Resolution) -> Iterable[Diagnostic]:
     pairs: dict[tuple[object, object], list[str]] = {}
     for row in res.rows:
         decay, l2 = row.terms.get("decay"), row.terms.get("l2")
-        if decay and l2 and decay.value > 0 and l2.value > 0:
+        # l2 toward a reference pulls elsewhere than decay does: not a double regularization.
+        if decay and l2 and decay.value > 0 and l2.value > 0 and l2.term.to is None:
             pairs.setdefault((decay.pos, l2.pos), []).append(row.name)
     for (decay_pos, l2_pos), names in pairs.items():
         decay_line = decay_pos.line if decay_pos else "?"

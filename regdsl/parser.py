@@ -19,8 +19,11 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from .errors import Diagnostic, RegSyntaxError, source_line_at
 
 KEYWORDS_SELECTOR = ("all", "layer", "type", "bias", "norm", "embedding")
-KEYWORDS_TERM = ("decay", "l1", "l2", "none")
-KEYWORDS = KEYWORDS_SELECTOR + KEYWORDS_TERM + ("exclude",)
+KEYWORDS_TERM = ("decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "activity", "lr_mult", "none")
+KEYWORDS_SCHEDULE = ("warmup", "from", "until", "cosine")
+# Words that only continue a term: `l1 λ prox`, `l2 λ to init`, `dim=1`, `cosine to λ over N`.
+KEYWORDS_OPTION = ("prox", "to", "init", "ref", "dim", "over")
+KEYWORDS = KEYWORDS_SELECTOR + KEYWORDS_TERM + KEYWORDS_SCHEDULE + KEYWORDS_OPTION + ("exclude",)
 
 # Lark's terminal names, in the words a user of the language knows.
 _TERMINAL_WORDS = {
@@ -28,6 +31,7 @@ _TERMINAL_WORDS = {
     "STRING": "a name pattern",
     "NUMBER": "a number",
     "COMMA": "','",
+    "EQUAL": "'='",
     "_END": "end of statement",
     "$END": "end of file",
 }
@@ -164,8 +168,10 @@ def _token_message(token: lark.Token, expected: list[str], keywords: list[str]) 
         return message + "; a rule starts with a selector, e.g. 'all l2 0.01'"
     if token.type not in ("GLOB", "NUMBER"):
         return message
-    # A misspelt keyword lexes as a pattern or number; offer the nearest allowed keyword.
-    hint = difflib.get_close_matches(word.lower(), keywords, n=1, cutoff=0.5)
+    # A misspelt keyword lexes as a pattern or number; offer the nearest allowed keyword
+    # (a keyword out of place is not a misspelling of another one).
+    misspelt = word not in KEYWORDS
+    hint = difflib.get_close_matches(word.lower(), keywords, n=1, cutoff=0.5) if misspelt else []
     if hint:
         message += f"; did you mean '{hint[0]}'?"
     elif at_statement_start and difflib.get_close_matches(word.lower(), KEYWORDS_TERM, n=1, cutoff=0.5):
@@ -190,7 +196,12 @@ def _expected_words(terminals) -> list[str]:
         words.append(f"a selector ({', '.join(sorted(atoms, key=KEYWORDS_SELECTOR.index))})")
     if any(kw.get(n) == "exclude" for n in names):
         words.append("'exclude'")
-    for name in ("GLOB", "STRING", "NUMBER", "COMMA", "_END", "$END"):
+    options = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_OPTION]
+    words += [f"'{o}'" for o in sorted(options, key=KEYWORDS_OPTION.index)]
+    steps = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_SCHEDULE]
+    if steps:
+        words.append(f"a schedule ({', '.join(sorted(steps, key=KEYWORDS_SCHEDULE.index))})")
+    for name in ("GLOB", "STRING", "NUMBER", "COMMA", "EQUAL", "_END", "$END"):
         word = _TERMINAL_WORDS[name]
         if name in names and word not in words:
             words.append(word)

@@ -1,16 +1,23 @@
-"""The loss penalties, vectorized.
+"""The loss penalties, vectorized where the math allows.
 
-Formulas (the contract; docs/language.md repeats them):
+Formulas (the contract; docs/language.md repeats them), for one parameter ``w``:
 
 * ``l2 λ``: ``λ/2 · Σ w²``, gradient ``λ·w`` (= ``torch.optim.SGD(weight_decay=λ)``)
+* ``l2 λ to init|ref``: ``λ/2 · Σ (w − w₀)²``, gradient ``λ·(w − w₀)``
 * ``l1 λ``: ``λ · Σ |w|``, gradient ``λ·sign(w)`` (0 at 0)
+* ``group_lasso λ dim=D``: ``λ · Σ_i ‖w_i‖₂`` over the slices ``w_i`` along D;
+  gradient ``λ·w_i/‖w_i‖``, and 0 (not NaN) for an all-zero slice
+* ``orthogonal λ``: ``λ · ‖G − I‖²_F`` with ``W = w.reshape(out, −1)`` and G the
+  smaller of ``W Wᵀ`` and ``Wᵀ W``
 
-Parameters are bucketed once, at compile time, by (term, device, dtype). A call
-then costs one ``torch._foreach_norm`` per bucket (one fused kernel on CUDA)
-plus a dot product with the precomputed strengths: there is no Python loop over
-parameters. Norms are accumulated in float32, or float64 for float64
-parameters, so half-precision weights cannot overflow the sum. The backward
-pass is the closed-form gradient, one fused multiply per bucket.
+Parameters are bucketed once, at compile time, by (term, device, dtype). For
+``l1``, ``l2`` and ``l2 to ...`` a call costs one ``torch._foreach_norm`` per
+bucket (one fused kernel on CUDA) and a dot product with the strengths, with a
+closed-form backward; ``group_lasso`` and ``orthogonal`` need per-tensor
+reductions and loop over their (usually few) tensors. Sums are accumulated in
+float32, or float64 for float64 parameters, so half-precision weights cannot
+overflow. Strengths live in tensors that a schedule updates in place, so a
+changing strength never becomes a constant baked into a ``torch.compile`` graph.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .schedule import always_zero, is_scheduled, strength_at
 
 # term -> (order of the vector norm, power applied to it, constant factor)
 # l2: λ/2 · ‖w‖₂²   l1: λ · ‖w‖₁
@@ -40,53 +49,113 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return real
 
 
-@dataclass(frozen=True)
+@dataclass
+class LossItem:
+    """One loss term on one parameter. ``ref`` is ``w₀`` for ``l2 ... to``."""
+
+    kind: str  # "l1", "l2", "group_lasso" or "orthogonal"
+    param: torch.Tensor
+    term: Any
+    ref: torch.Tensor | None = None
+
+    @property
+    def family(self) -> str:
+        return "l2_to" if self.ref is not None else self.kind
+
+
+def _group_lasso(w: torch.Tensor, term: Any, acc: torch.dtype) -> torch.Tensor:
+    w = w.to(acc)
+    keep = term.dim % w.ndim
+    squares = (w * w).sum(dim=[d for d in range(w.ndim) if d != keep]) if w.ndim > 1 else w * w
+    # sqrt has an infinite slope at 0; route all-zero slices around it so their gradient is 0, not NaN.
+    nonzero = squares > 0
+    return torch.where(nonzero, torch.where(nonzero, squares, 1.0).sqrt(), 0.0).sum()
+
+
+def _orthogonal(w: torch.Tensor, term: Any, acc: torch.dtype) -> torch.Tensor:
+    m = w.reshape(w.shape[0], -1).to(acc)
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return (gram - torch.eye(gram.shape[0], dtype=acc, device=gram.device)).square().sum()
+
+
+# Terms without a foreach form: a reduction per tensor, summed with the strengths.
+_PER_TENSOR = {"group_lasso": _group_lasso, "orthogonal": _orthogonal}
+
+
 class _Bucket:
-    params: list[torch.Tensor]
-    weights: torch.Tensor  # factor · λ per parameter, on the bucket's device
-    norm_dtype: torch.dtype
-    order: int
-    power: int
-    dtype: torch.dtype  # of the parameters when bucketed
+    def __init__(self, family: str, items: list[LossItem], step: int):
+        self.family = family
+        self.items = items
+        self.params = [i.param for i in items]
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.acc = accumulation_dtype(self.dtype)
+        self.factor = FORMULAS[family][2] if family in FORMULAS else (0.5 if family == "l2_to" else 1.0)
+        self.scheduled = any(is_scheduled(i.term) for i in items)
+        self.weights = torch.tensor(self._values(step), dtype=self.acc, device=self.device)
+
+    def _values(self, step: int) -> list[float]:
+        return [self.factor * strength_at(i.term, step) for i in self.items]
+
+    def set_step(self, step: int) -> None:
+        if self.scheduled:
+            with torch.no_grad():
+                self.weights.copy_(torch.tensor(self._values(step), dtype=self.acc))
+
+    def stale(self) -> bool:
+        p = self.params[0]
+        return p.dtype != self.dtype or p.device != self.device
+
+    def evaluate(self) -> torch.Tensor:
+        if self.family in FORMULAS:
+            order, power, _ = FORMULAS[self.family]
+            return _BucketPenalty.apply(self.weights, order, power, _norm_dtype(self.dtype), *self.params)
+        if self.family == "l2_to":
+            refs = [i.ref for i in self.items]
+            return _AnchoredL2.apply(self.weights, _norm_dtype(self.dtype), len(refs), *refs, *self.params)
+        per_tensor = _PER_TENSOR[self.family]
+        values = torch.stack([per_tensor(i.param, i.term, self.acc) for i in self.items])
+        return torch.dot(self.weights, values)
 
 
 class PenaltyPlan:
-    """Evaluates ``Σ_terms Σ_params factor·λ·‖w‖^power`` with a handful of fused kernels.
+    """Evaluates every loss term with a handful of kernels per (term, device, dtype).
 
     Buckets are keyed by each parameter's dtype and device at build time. A
     ``model.to(...)`` after compiling changes them in place (the Parameter
     objects stay), so each call compares one parameter per bucket with its key
-    and re-buckets when they differ: O(buckets), not O(parameters).
+    and re-buckets when they differ: O(buckets), not O(parameters). References
+    (``w₀``) follow their parameter's device and dtype.
     """
 
-    def __init__(self, terms: Sequence[tuple[str, torch.Tensor, float]]):
-        self._terms = [(kind, p, s) for kind, p, s in terms if s != 0.0 and p.numel() > 0]
+    def __init__(self, items: Sequence[LossItem], step: int = 0):
+        self.items = [i for i in items if not always_zero(i.term) and i.param.numel() > 0]
+        self._step = step
         self._build()
 
     def _build(self) -> None:
-        grouped: dict[tuple[str, torch.device, torch.dtype], tuple[list[torch.Tensor], list[float]]] = {}
-        for kind, param, strength in self._terms:
-            params, strengths = grouped.setdefault((kind, param.device, param.dtype), ([], []))
-            params.append(param)
-            strengths.append(strength)
-        self._buckets = []
-        for (kind, device, dtype), (params, strengths) in grouped.items():
-            order, power, factor = FORMULAS[kind]
-            weights = torch.tensor([factor * s for s in strengths], dtype=accumulation_dtype(dtype), device=device)
-            self._buckets.append(_Bucket(params, weights, _norm_dtype(dtype), order, power, dtype))
-        self._device = self._buckets[0].weights.device if self._buckets else None
-        self._dtype = torch.float64 if any(b.weights.dtype == torch.float64 for b in self._buckets) else torch.float32
+        for item in self.items:
+            if item.ref is not None and (item.ref.device != item.param.device or item.ref.dtype != item.param.dtype):
+                item.ref = item.ref.to(device=item.param.device, dtype=item.param.dtype)
+        grouped: dict[tuple[str, torch.device, torch.dtype], list[LossItem]] = {}
+        for item in self.items:
+            grouped.setdefault((item.family, item.param.device, item.param.dtype), []).append(item)
+        self._buckets = [_Bucket(family, items, self._step) for (family, _, _), items in grouped.items()]
+        self._device = self._buckets[0].device if self._buckets else None
+        self._dtype = torch.float64 if any(b.acc == torch.float64 for b in self._buckets) else torch.float32
 
     def __bool__(self) -> bool:
         return bool(self._buckets)
 
-    def _stale(self) -> bool:
-        return any(b.params[0].dtype != b.dtype or b.params[0].device != b.weights.device for b in self._buckets)
+    def set_step(self, step: int) -> None:
+        self._step = step
+        for bucket in self._buckets:
+            bucket.set_step(step)
 
     def __call__(self, default_device: torch.device | None = None) -> torch.Tensor:
         if not self._buckets:
             return torch.zeros((), dtype=torch.float32, device=default_device)
-        if self._stale():
+        if any(b.stale() for b in self._buckets):
             self._build()
         try:
             return self._evaluate()
@@ -98,8 +167,7 @@ class PenaltyPlan:
     def _evaluate(self) -> torch.Tensor:
         total: torch.Tensor | None = None
         for b in self._buckets:
-            value = _BucketPenalty.apply(b.weights, b.order, b.power, b.norm_dtype, *b.params)
-            value = value.to(device=self._device, dtype=self._dtype)
+            value = b.evaluate().to(device=self._device, dtype=self._dtype)
             total = value if total is None else total + value
         assert total is not None
         return total
@@ -133,3 +201,23 @@ class _BucketPenalty(torch.autograd.Function):
             signs = [torch.sgn(p) for p in params] if params[0].is_complex() else torch._foreach_sign(params)
             grads = torch._foreach_mul(signs, list(scales))
         return (None, None, None, None, *grads)
+
+
+class _AnchoredL2(torch.autograd.Function):
+    """``Σ_i weights_i · ‖p_i − r_i‖₂²``; backward ``2·weights_i·(p_i − r_i)``, one pass per bucket."""
+
+    @staticmethod
+    def forward(ctx: Any, weights: torch.Tensor, norm_dtype: torch.dtype, n: int, *tensors: torch.Tensor):
+        refs, params = tensors[:n], tensors[n:]
+        ctx.n = n
+        ctx.save_for_backward(weights, *tensors)
+        norms = torch.stack(torch._foreach_norm(torch._foreach_sub(params, refs), 2, dtype=norm_dtype))
+        return torch.dot(weights, norms.square())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor):
+        weights, *tensors = ctx.saved_tensors
+        refs, params = tensors[: ctx.n], tensors[ctx.n :]
+        grads = torch._foreach_mul(torch._foreach_sub(params, refs), list((2 * weights * grad).unbind()))
+        return (None, None, None, *([None] * ctx.n), *grads)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .parser import bare_pattern_ok
-from .spec import Exclude, LayerAtom, NoneTerm, Pattern, Rule, Selector, TypeAtom
+from .spec import Exclude, LayerAtom, NoneTerm, Pattern, Rule, Schedule, Selector, TypeAtom
 
 
 def format_number(value: float) -> str:
@@ -25,8 +27,38 @@ def format_selector(selector: Selector) -> str:
     return " ".join(parts)
 
 
+def format_schedule(schedule: Schedule) -> str:
+    parts = []
+    for step in schedule.steps:
+        if step.kind == "cosine":
+            parts.append(f"cosine to {format_number(step.end)} over {step.steps}")
+        else:
+            parts.append(f"{step.kind} {step.steps if step.kind == 'warmup' else step.step}")
+    return " ".join(parts)
+
+
+def format_term_value(term: Any) -> str:
+    """A term without its keyword: ``1e-4 prox warmup 100``, ``0.01 to init``, ``3.0 dim=1``."""
+    parts = [format_number(term.value)]
+    if getattr(term, "prox", False):
+        parts.append("prox")
+    if getattr(term, "to", None):
+        parts.append(f"to {term.to}")
+    if getattr(term, "dim", 0):
+        parts.append(f"dim={term.dim}")
+    schedule = getattr(term, "schedule", None)
+    if schedule is not None and schedule.steps:
+        parts.append(format_schedule(schedule))
+    return " ".join(parts)
+
+
+def format_term(term: Any) -> str:
+    if isinstance(term, NoneTerm):
+        return "none"
+    return f"{term.kind.replace('_l', ' l') if term.kind.startswith('activity') else term.kind} {format_term_value(term)}"
+
+
 def format_statement(statement: Rule | Exclude) -> str:
     if isinstance(statement, Exclude):
         return f"exclude {format_selector(statement.selector)}"
-    terms = [t.kind if isinstance(t, NoneTerm) else f"{t.kind} {format_number(t.strength)}" for t in statement.terms]
-    return f"{format_selector(statement.selector)} {' '.join(terms)}"
+    return f"{format_selector(statement.selector)} {' '.join(format_term(t) for t in statement.terms)}"

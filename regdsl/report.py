@@ -8,11 +8,19 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import Diagnostic
-from .printer import format_number
-from .spec import VALUE_TERMS
+from .printer import format_term_value
+from .spec import MODULE_TERMS, PARAM_TERMS, VALUE_TERMS
 
 if TYPE_CHECKING:  # pragma: no cover - the real import would load torch for `regdsl check FILE`
-    from .compiler import Coverage, GroupSummary, ParamRow
+    from .compiler import Coverage, GroupSummary, ModuleRow, ParamRow
+
+# Columns explain always shows; other kinds get a column only when some row has them.
+_ALWAYS_SHOWN = ("decay", "l1", "l2")
+
+
+def term_label(kind: str) -> str:
+    """How the language spells a kind: ``activity_l1`` is written ``activity l1``."""
+    return kind.replace("_l", " l") if kind in MODULE_TERMS else kind
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
@@ -31,86 +39,149 @@ def _shape(shape: Sequence[int] | None) -> str:
     return "x".join(map(str, shape)) or "scalar"
 
 
-def _set_by(row: ParamRow) -> str:
-    if not row.trainable:
+def _set_by(row: ParamRow | ModuleRow, trainable: bool = True) -> str:
+    if not trainable:
         return "frozen"
+    terms = " ".join(f"{term_label(kind)}:{s.pos.line if s.pos else '?'}" for kind, s in row.terms.items())
     if row.excluded_by:
-        return f"excluded:{row.excluded_by.pos.line if row.excluded_by.pos else '?'}"
+        # lr_mult survives an exclude; say both.
+        return f"excluded:{row.excluded_by.pos.line if row.excluded_by.pos else '?'}" + (f" {terms}" if terms else "")
     if not row.terms:
         # Say whether a 'none' cleared it or no rule reached it at all.
         return f"none:{row.cleared_by.pos.line if row.cleared_by.pos else '?'}" if row.cleared_by else "-"
-    return " ".join(f"{kind}:{s.pos.line if s.pos else '?'}" for kind, s in row.terms.items())
+    return terms
 
 
-def format_explain(rows: Sequence[ParamRow]) -> str:
+def _value(setting: Any) -> str:
+    return format_term_value(setting.term) if setting.term is not None else repr(setting.value)
+
+
+def format_explain(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) -> str:
     """One aligned line per parameter: name, aliases, shape, numel, each term's value, and
-    ``set by``: which rule line set each term (``decay:3 l2:6``), or ``excluded:4``, or ``frozen``."""
+    ``set by``: which rule line set each term (``decay:3 l2:6``), or ``excluded:4``, or ``frozen``.
+    Modules with activity terms follow in a second table."""
     with_aliases = any(r.aliases for r in rows)
-    header = ["parameter", *(["aliases"] if with_aliases else []), "shape", "numel", *VALUE_TERMS, "set by (line)"]
+    used = {k for r in rows for k in r.terms}
+    kinds = [k for k in PARAM_TERMS if k in _ALWAYS_SHOWN or k in used]
+    header = ["parameter", *(["aliases"] if with_aliases else []), "shape", "numel", *kinds, "set by (line)"]
     body = []
     for row in rows:
-        values = [format_number(row.terms[k].value) if k in row.terms else "-" for k in VALUE_TERMS]
+        values = [_value(row.terms[k]) if k in row.terms else "-" for k in kinds]
         aliases = [", ".join(row.aliases)] if with_aliases else []
-        body.append([row.name, *aliases, _shape(row.shape), f"{row.numel:,}", *values, _set_by(row)])
+        body.append([row.name, *aliases, _shape(row.shape), f"{row.numel:,}", *values, _set_by(row, row.trainable)])
     numel_column = header.index("numel")
-    return _table(header, body, right=[numel_column])
+    text = _table(header, body, right=[numel_column])
+    if modules:
+        module_body = [
+            [m.name, m.class_name, *(_value(m.terms[k]) if k in m.terms else "-" for k in MODULE_TERMS), _set_by(m)]
+            for m in modules
+        ]
+        text += "\n\n" + _table(["module output", "class", *map(term_label, MODULE_TERMS), "set by (line)"], module_body)
+    return text
 
 
-def explain_records(rows: Sequence[ParamRow]) -> list[dict[str, Any]]:
-    """JSON-ready rows: every field of :class:`ParamRow`, positions as ``{"file", "line", "column"}``."""
-
-    def where(setting: Any) -> dict[str, Any] | None:
-        if setting is None:
-            return None
-        pos = setting.pos
-        return {"file": setting.origin, "line": pos.line if pos else None, "column": pos.column if pos else None}
-
-    return [
-        {
-            "name": row.name,
-            "aliases": list(row.aliases),
-            "shape": list(row.shape) if row.shape is not None else None,
-            "numel": row.numel,
-            "trainable": row.trainable,
-            "excluded_by": where(row.excluded_by),
-            "cleared_by": where(row.cleared_by),
-            "terms": {kind: {"value": s.value, **(where(s) or {})} for kind, s in row.terms.items()},
-        }
-        for row in rows
-    ]
+def _where(setting: Any) -> dict[str, Any] | None:
+    if setting is None:
+        return None
+    pos = setting.pos
+    return {"file": setting.origin, "line": pos.line if pos else None, "column": pos.column if pos else None}
 
 
-def explain_csv(rows: Sequence[ParamRow]) -> str:
+def _term_records(terms: dict[str, Any]) -> dict[str, Any]:
+    return {kind: {"value": s.value, "text": _value(s), **(_where(s) or {})} for kind, s in terms.items()}
+
+
+def explain_records(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) -> dict[str, Any]:
+    """JSON-ready ``{"parameters": [...], "modules": [...]}``: every field of the rows,
+    positions as ``{"file", "line", "column"}``, each term's value and its text (``0.01 prox``)."""
+    return {
+        "parameters": [
+            {
+                "name": row.name,
+                "aliases": list(row.aliases),
+                "shape": list(row.shape) if row.shape is not None else None,
+                "numel": row.numel,
+                "trainable": row.trainable,
+                "excluded_by": _where(row.excluded_by),
+                "cleared_by": _where(row.cleared_by),
+                "terms": _term_records(row.terms),
+            }
+            for row in rows
+        ],
+        "modules": [
+            {
+                "name": m.name,
+                "class": m.class_name,
+                "excluded_by": _where(m.excluded_by),
+                "cleared_by": _where(m.cleared_by),
+                "terms": _term_records(m.terms),
+            }
+            for m in modules
+        ],
+    }
+
+
+def explain_csv(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) -> str:
+    """One line per parameter, then per module with an activity term; each kind has a value and
+    a line column, and ``details`` spells out options and schedules (``l1 0.01 prox``)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
-        ["name", "aliases", "shape", "numel", "trainable", "excluded_by_line"]
+        ["name", "target", "aliases", "shape", "numel", "trainable", "excluded_by_line"]
         + [c for k in VALUE_TERMS for c in (k, f"{k}_line")]
+        + ["details"]
     )
-    for row in rows:
-        cells = [
-            row.name,
-            ";".join(row.aliases),
-            _shape(row.shape),
-            row.numel,
-            row.trainable,
-            row.excluded_by.pos.line if row.excluded_by and row.excluded_by.pos else "",
-        ]
+
+    def term_cells(terms: dict[str, Any]) -> list[Any]:
+        cells: list[Any] = []
         for kind in VALUE_TERMS:
-            setting = row.terms.get(kind)
+            setting = terms.get(kind)
             cells += [setting.value, setting.pos.line if setting.pos else ""] if setting else ["", ""]
-        writer.writerow(cells)
+        details = [f"{term_label(k)} {_value(s)}" for k, s in terms.items() if _value(s) != repr(s.value)]
+        return cells + ["; ".join(details)]
+
+    def excluded_line(row: Any) -> Any:
+        return row.excluded_by.pos.line if row.excluded_by and row.excluded_by.pos else ""
+
+    for row in rows:
+        writer.writerow(
+            [row.name, "parameter", ";".join(row.aliases), _shape(row.shape), row.numel, row.trainable, excluded_line(row)]
+            + term_cells(row.terms)
+        )
+    for m in modules:
+        writer.writerow([m.name, "module", "", "", "", "", excluded_line(m)] + term_cells(m.terms))
     return out.getvalue()
 
 
 def format_groups(groups: Sequence[GroupSummary]) -> str:
-    body = [[g.name, f"{g.weight_decay:g}", str(len(g.params)), f"{g.numel:,}"] for g in groups]
-    return _table(["group", "weight_decay", "tensors", "elements"], body, right=[2, 3])
+    with_mult = any(g.lr_mult != 1.0 for g in groups)
+    with_schedule = any(g.schedule for g in groups)
+    body = [
+        [
+            g.name,
+            f"{g.weight_decay:g}",
+            *([g.schedule or "-"] if with_schedule else []),
+            *([f"{g.lr_mult:g}"] if with_mult else []),
+            str(len(g.params)),
+            f"{g.numel:,}",
+        ]
+        for g in groups
+    ]
+    header = ["group", "weight_decay", *(["schedule"] if with_schedule else []), *(["lr_mult"] if with_mult else []), "tensors", "elements"]
+    return _table(header, body, right=[len(header) - 2, len(header) - 1])
 
 
 def group_records(groups: Sequence[GroupSummary]) -> list[dict[str, Any]]:
     return [
-        {"name": g.name, "weight_decay": g.weight_decay, "tensors": len(g.params), "elements": g.numel, "params": list(g.params)}
+        {
+            "name": g.name,
+            "weight_decay": g.weight_decay,
+            "schedule": g.schedule,
+            "lr_mult": g.lr_mult,
+            "tensors": len(g.params),
+            "elements": g.numel,
+            "params": list(g.params),
+        }
         for g in groups
     ]
 
@@ -118,9 +189,9 @@ def group_records(groups: Sequence[GroupSummary]) -> list[dict[str, Any]]:
 def groups_csv(groups: Sequence[GroupSummary]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["name", "weight_decay", "tensors", "elements"])
+    writer.writerow(["name", "weight_decay", "schedule", "lr_mult", "tensors", "elements"])
     for g in groups:
-        writer.writerow([g.name, g.weight_decay, len(g.params), g.numel])
+        writer.writerow([g.name, g.weight_decay, g.schedule, g.lr_mult, len(g.params), g.numel])
     return out.getvalue()
 
 
@@ -140,7 +211,7 @@ def coverage_record(coverage: Coverage) -> dict[str, Any]:
 
 
 def format_coverage(coverage: Coverage) -> str:
-    lines = [(k, c) for k, c in coverage.terms.items()]
+    lines = [(k, c) for k, c in coverage.terms.items() if k in _ALWAYS_SHOWN or c.tensors]
     lines += [("nothing", coverage.nothing), ("  excluded", coverage.excluded), ("frozen", coverage.frozen)]
     body = [[label, f"{c.tensors:,}", "tensor" if c.tensors == 1 else "tensors", f"{c.elements:,}", "elements"] for label, c in lines]
     widths = [max(len(r[i]) for r in body) for i in range(5)]

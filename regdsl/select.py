@@ -146,6 +146,14 @@ class ParamTable:
             for i, (param, names, owners) in enumerate(by_tensor.values())
         ]
         self.module_names = module_names
+        # Each module object once, under its first name; the root is no target of its own.
+        seen: set[int] = set()
+        self.modules: list[tuple[str, nn.Module]] = []
+        for name, module in module_names.items():
+            if name and id(module) not in seen:
+                seen.add(id(module))
+                self.modules.append((name, module))
+        self.modules_by_name = dict(self.modules)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -169,6 +177,26 @@ def atom_matches(atom: Atom, entry: ParamEntry) -> bool:
     if isinstance(atom, EmbeddingAtom):
         return any(is_embedding_module(owner) for owner in entry.owners)
     raise AssertionError(f"unhandled atom {atom!r}")  # pragma: no cover - the spec admits no other atom
+
+
+def module_matches(atom: Atom, name: str, module: nn.Module) -> bool:
+    """An atom read as a statement about a module (activity terms select module outputs).
+
+    ``all`` is every module without submodules (a layer, not a container);
+    ``layer`` matches the module's own name; ``bias`` matches no module.
+    """
+    if isinstance(atom, AllAtom):
+        return next(iter(module.children()), None) is None
+    if isinstance(atom, LayerAtom):
+        return any(glob_regex(p.text).fullmatch(name) for p in atom.patterns)
+    if isinstance(atom, TypeAtom):
+        names = frozenset(class_names(type(module)))
+        return any(pattern_matches_any(p, names) for p in atom.patterns)
+    if isinstance(atom, NormAtom):
+        return is_norm_module(module)
+    if isinstance(atom, EmbeddingAtom):
+        return is_embedding_module(module)
+    return False  # bias names a parameter, never a module
 
 
 def pattern_matches_any(pattern: Pattern, names: frozenset[str]) -> bool:

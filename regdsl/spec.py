@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +60,7 @@ def relevant_errors(exc: ValidationError) -> list[Any]:
     ]
 
 
-_ERROR_CODES = {"strength": "RD004", "pattern": "RD005", "duplicate_term": "RD006"}
+_ERROR_CODES = {"strength": "RD004", "pattern": "RD005", "duplicate_term": "RD006", "schedule": "RD007", "dim": "RD007", "selector": "RD008"}
 
 
 def error_code(error: Any) -> str:
@@ -155,20 +156,124 @@ class Selector(Node):
     atoms: tuple[Atom, ...] = Field(min_length=1)
 
 
+# ---------------------------------------------------------------- schedules
+
+
+def _whole_steps(value: float, what: str, minimum: int) -> int:
+    if not math.isfinite(value) or value != int(value):
+        raise PydanticCustomError("schedule", "{what} takes a whole number of steps, got {value}", {"what": what, "value": value})
+    if value < minimum:
+        raise PydanticCustomError("schedule", "{what} must be >= {minimum}, got {value}", {"what": what, "minimum": minimum, "value": int(value)})
+    return int(value)
+
+
+class WarmupStep(Node):
+    """Linear ramp from 0 to the strength over ``steps`` optimizer steps."""
+
+    kind: Literal["warmup"] = "warmup"
+    steps: int
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, value: float) -> int:
+        return _whole_steps(value, "warmup", 1)
+
+
+class FromStep(Node):
+    """The term is 0 before optimizer step ``step``."""
+
+    kind: Literal["from"] = "from"
+    step: int
+
+    @field_validator("step", mode="before")
+    @classmethod
+    def _step(cls, value: float) -> int:
+        return _whole_steps(value, "from", 0)
+
+
+class UntilStep(Node):
+    """The term is 0 from optimizer step ``step`` on."""
+
+    kind: Literal["until"] = "until"
+    step: int
+
+    @field_validator("step", mode="before")
+    @classmethod
+    def _step(cls, value: float) -> int:
+        return _whole_steps(value, "until", 1)
+
+
+class CosineStep(Node):
+    """Half-cosine anneal from the strength to ``end`` over ``steps`` optimizer steps."""
+
+    kind: Literal["cosine"] = "cosine"
+    end: float
+    steps: int
+
+    @field_validator("end")
+    @classmethod
+    def _end(cls, value: float) -> float:
+        return _check_strength(value)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, value: float) -> int:
+        return _whole_steps(value, "over", 1)
+
+
+ScheduleStep = Annotated[WarmupStep | FromStep | UntilStep | CosineStep, Field(discriminator="kind")]
+
+
+class Schedule(Node):
+    """How a strength changes with the optimizer step; see :func:`regdsl.schedule.factor`."""
+
+    steps: tuple[ScheduleStep, ...] = ()
+
+    @field_validator("steps")
+    @classmethod
+    def _once_each(cls, steps: tuple[Any, ...]) -> tuple[Any, ...]:
+        seen: dict[str, Any] = {}
+        for index, step in enumerate(steps):
+            if step.kind in seen:
+                raise PydanticCustomError(
+                    "schedule", "'{kind}' appears twice in one schedule; write it once", {"kind": step.kind, "at": index}
+                )
+            seen[step.kind] = step
+        if "from" in seen and "until" in seen and seen["until"].step <= seen["from"].step:
+            raise PydanticCustomError(
+                "schedule",
+                "until {until} must come after from {start}: the term would never be on",
+                {"until": seen["until"].step, "start": seen["from"].step, "at": steps.index(seen["until"])},
+            )
+        return steps
+
+    def get(self, kind: str) -> Any:
+        return next((s for s in self.steps if s.kind == kind), None)
+
+
 # ---------------------------------------------------------------- terms
+
+
+def _check_strength(value: float) -> float:
+    if not math.isfinite(value):
+        raise PydanticCustomError("strength", "strength must be a finite number, got {value}", {"value": value})
+    if value < 0:
+        raise PydanticCustomError("strength", "strength must be >= 0, got {value}", {"value": value})
+    return value + 0.0  # -0.0 becomes 0.0, so it prints as 0.0
 
 
 class _Strength(Node):
     strength: float
+    schedule: Schedule = Schedule()
 
     @field_validator("strength")
     @classmethod
     def _finite_nonnegative(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise PydanticCustomError("strength", "strength must be a finite number, got {value}", {"value": value})
-        if value < 0:
-            raise PydanticCustomError("strength", "strength must be >= 0, got {value}", {"value": value})
-        return value + 0.0  # -0.0 becomes 0.0, so it prints as 0.0
+        return _check_strength(value)
+
+    @property
+    def value(self) -> float:
+        return self.strength
 
 
 class DecayTerm(_Strength):
@@ -178,27 +283,115 @@ class DecayTerm(_Strength):
 
 
 class L2Term(_Strength):
-    """Loss penalty ``strength/2 * sum(w**2)``; gradient ``strength * w``."""
+    """Loss penalty ``strength/2 * sum((w - w0)**2)``, ``w0`` = 0, the initial weights or a reference."""
 
     kind: Literal["l2"] = "l2"
+    to: Literal["init", "ref"] | None = None
 
 
 class L1Term(_Strength):
-    """Loss penalty ``strength * sum(|w|)``."""
+    """Loss penalty ``strength * sum(|w|)``; with ``prox``, a soft-threshold after each optimizer step."""
 
     kind: Literal["l1"] = "l1"
+    prox: bool = False
+
+
+def _dim(value: float) -> int:
+    if not math.isfinite(value) or value != int(value):
+        raise PydanticCustomError("dim", "dim must be a whole number, got {value}", {"value": value})
+    return int(value)
+
+
+class GroupLassoTerm(_Strength):
+    """Loss penalty ``strength * sum_i ||w_i||_2`` over the slices ``w_i`` along ``dim``."""
+
+    kind: Literal["group_lasso"] = "group_lasso"
+    dim: int = 0
+
+    @field_validator("dim", mode="before")
+    @classmethod
+    def _whole(cls, value: float) -> int:
+        return _dim(value)
+
+
+class OrthogonalTerm(_Strength):
+    """Loss penalty ``strength * ||G - I||_F^2``, G the smaller Gram matrix of the weight as (out, -1)."""
+
+    kind: Literal["orthogonal"] = "orthogonal"
+
+
+class ActivityL1Term(_Strength):
+    """Penalty on a module's output: ``strength * mean over batch of sum(|a|)``."""
+
+    kind: Literal["activity_l1"] = "activity_l1"
+
+
+class ActivityL2Term(_Strength):
+    """Penalty on a module's output: ``strength/2 * mean over batch of sum(a**2)``."""
+
+    kind: Literal["activity_l2"] = "activity_l2"
+
+
+class MaxNormTerm(Node):
+    """Constraint: after each optimizer step, slices along ``dim`` with L2 norm above ``norm`` are scaled to it."""
+
+    kind: Literal["max_norm"] = "max_norm"
+    norm: float
+    dim: int = 0
+
+    @field_validator("norm")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not math.isfinite(value) or value <= 0:
+            raise PydanticCustomError("strength", "max_norm must be a finite number > 0, got {value}", {"value": value})
+        return value
+
+    @field_validator("dim", mode="before")
+    @classmethod
+    def _whole(cls, value: float) -> int:
+        return _dim(value)
+
+    @property
+    def value(self) -> float:
+        return self.norm
+
+
+class LrMultTerm(Node):
+    """The group's learning rate is ``factor`` times the base lr."""
+
+    kind: Literal["lr_mult"] = "lr_mult"
+    factor: float
+
+    @field_validator("factor")
+    @classmethod
+    def _finite_nonnegative(cls, value: float) -> float:
+        return _check_strength(value)
+
+    @property
+    def value(self) -> float:
+        return self.factor
 
 
 class NoneTerm(Node):
-    """Clears every term earlier rules set on the matched parameters."""
+    """Clears every regularization term earlier rules set on the matched parameters."""
 
     kind: Literal["none"] = "none"
 
 
-Term = Annotated[DecayTerm | L2Term | L1Term | NoneTerm, Field(discriminator="kind")]
+ValueTerm = (
+    DecayTerm | L1Term | L2Term | GroupLassoTerm | OrthogonalTerm | MaxNormTerm | ActivityL1Term | ActivityL2Term | LrMultTerm
+)
+Term = Annotated[ValueTerm | NoneTerm, Field(discriminator="kind")]
 
 # Term kinds that carry a value, in the order explain() and the docs list them.
-VALUE_TERMS: tuple[str, ...] = ("decay", "l1", "l2")
+VALUE_TERMS: tuple[str, ...] = (
+    "decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "lr_mult", "activity_l1", "activity_l2"
+)
+# Kinds that act on a module's output rather than on its parameters.
+MODULE_TERMS: tuple[str, ...] = ("activity_l1", "activity_l2")
+PARAM_TERMS: tuple[str, ...] = tuple(k for k in VALUE_TERMS if k not in MODULE_TERMS)
+# Kinds that 'exclude' and 'none' leave alone: an optimizer setting, not a regularizer.
+NOT_REGULARIZERS: tuple[str, ...] = ("lr_mult",)
 
 # ---------------------------------------------------------------- statements
 
@@ -223,6 +416,18 @@ class Rule(Node):
                 )
             seen.add(term.kind)
         return terms
+
+    @model_validator(mode="after")
+    def _modules_for_activity(self) -> Rule:
+        activity = next((t for t in self.terms if t.kind in MODULE_TERMS), None)
+        bias = next((i for i, a in enumerate(self.selector.atoms) if a.kind == "bias"), None)
+        if activity is not None and bias is not None:
+            raise PydanticCustomError(
+                "selector",
+                "'{term}' penalizes module outputs, but 'bias' selects parameters, never a module",
+                {"term": activity.kind.replace("_", " "), "at": f"selector.atoms.{bias}"},
+            )
+        return self
 
 
 class Exclude(Node):
@@ -279,8 +484,11 @@ class Spec(Node):
                 ]
             ) from None
 
-    def compile(self, model: torch.nn.Module) -> Regularizer:
-        """Resolve the rules against ``model``: see :class:`regdsl.Regularizer`."""
+    def compile(self, model: torch.nn.Module, reference: Mapping[str, torch.Tensor] | None = None) -> Regularizer:
+        """Resolve the rules against ``model``: see :class:`regdsl.Regularizer`.
+
+        ``reference`` (a state_dict) supplies ``w0`` for ``l2 ... to ref``.
+        """
         from .compiler import Regularizer
 
-        return Regularizer(self, model)
+        return Regularizer(self, model, reference=reference)

@@ -1,0 +1,102 @@
+"""Penalties on module outputs, collected by forward hooks.
+
+``activity l1 λ`` adds ``λ · Σ|a| / B`` and ``activity l2 λ`` adds
+``λ/2 · Σa² / B`` for each output ``a`` of a selected module, ``B`` its first
+(batch) dimension (1 for a 0-dim output). A module called several times in one
+forward pass contributes once per call. Values are collected only while
+autograd records (not under ``torch.no_grad()``/``inference_mode``, so
+evaluation passes cost nothing and leave nothing behind) and are consumed by the
+next ``penalty()``.
+
+The hooks hold only a weak reference to the plan: dropping the regularizer
+removes them, as does ``detach()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .schedule import strength_at
+
+
+@dataclass(frozen=True)
+class ActivityTarget:
+    name: str
+    module: nn.Module
+    term: Any  # ActivityL1Term or ActivityL2Term
+    on_bad_output: Callable[[str, str], Exception]  # (module name, output type) -> error to raise
+
+
+class ActivityPlan:
+    def __init__(self, targets: Sequence[ActivityTarget], step: int = 0):
+        self.targets = list(targets)
+        self._pending: list[torch.Tensor] = []
+        self._strengths = [torch.tensor(0.0, dtype=torch.float64) for _ in self.targets]
+        self._on_device: list[dict[torch.device, torch.Tensor]] = [{} for _ in self.targets]
+        self.set_step(step)
+        plan = weakref.ref(self)
+        self._handles = [
+            t.module.register_forward_hook(functools.partial(_hook, plan, i)) for i, t in enumerate(self.targets)
+        ]
+        self._finalizer = weakref.finalize(self, _remove, list(self._handles))
+
+    def __bool__(self) -> bool:
+        return bool(self.targets)
+
+    def set_step(self, step: int) -> None:
+        with torch.no_grad():
+            for i, target in enumerate(self.targets):
+                self._strengths[i].fill_(strength_at(target.term, step))
+                for cached in self._on_device[i].values():
+                    cached.copy_(self._strengths[i])
+
+    def strength(self, index: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        cache = self._on_device[index]
+        key = (device, dtype)
+        if key not in cache:
+            cache[key] = self._strengths[index].to(device=device, dtype=dtype)
+        return cache[key]
+
+    def collect(self, index: int, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        target = self.targets[index]
+        if not isinstance(output, torch.Tensor):
+            raise target.on_bad_output(target.name, type(output).__name__)
+        acc = torch.float64 if output.dtype == torch.float64 else torch.float32
+        batch = output.shape[0] if output.ndim > 0 else 1
+        if target.term.kind == "activity_l1":
+            total = torch.linalg.vector_norm(output, 1, dtype=acc)
+            factor = 1.0
+        else:
+            total = output.to(acc).square().sum()
+            factor = 0.5
+        self._pending.append(self.strength(index, output.device, acc) * (total * (factor / max(batch, 1))))
+
+    def take(self) -> list[torch.Tensor]:
+        """The values collected since the last call."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    def remove(self) -> None:
+        self._finalizer()
+        self._pending = []
+
+
+def _hook(plan_ref: weakref.ref[ActivityPlan], index: int, module: nn.Module, args: Any, output: Any) -> None:
+    plan = plan_ref()
+    if plan is not None:
+        plan.collect(index, output)
+
+
+def _remove(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+

@@ -1,0 +1,69 @@
+"""What happens to the weights after each optimizer step: proximal L1, then max-norm.
+
+* ``l1 λ prox``: soft-threshold by ``τ = lr_group · λ``:
+  ``w ← sign(w) · max(|w| − τ, 0)``, computed as ``w − clamp(w, −τ, τ)`` so a
+  weight within τ of 0 becomes exactly 0.
+* ``max_norm c dim=D``: every slice along D whose L2 norm exceeds c is scaled
+  to norm c (as ``torch.renorm(w, 2, D, c)``: Keras' ``MaxNorm`` for D=0 on a
+  ``Linear`` weight). The constraint runs last, so it holds after every step.
+
+Both run under ``torch.no_grad()`` in place, so optimizer state keyed on the
+parameter objects is untouched. Proximal steps that share a threshold are one
+``torch._foreach`` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .schedule import always_zero, strength_at
+
+
+@dataclass(frozen=True)
+class PostStepItem:
+    kind: str  # "prox" or "max_norm"
+    param: torch.Tensor
+    term: Any
+
+
+class PostStepPlan:
+    def __init__(self, items: Sequence[PostStepItem]):
+        kept = [i for i in items if i.param.numel() > 0 and not always_zero(i.term)]
+        self.prox = [i for i in kept if i.kind == "prox"]
+        self.max_norm = [i for i in kept if i.kind == "max_norm"]
+
+    def __bool__(self) -> bool:
+        return bool(self.prox or self.max_norm)
+
+    @torch.no_grad()
+    def apply(self, step: int, param_groups: Iterable[dict[str, Any]] | None) -> None:
+        """Run the proximal steps with the strengths of ``step``, then the constraints."""
+        if self.prox:
+            if param_groups is None:
+                raise ValueError("l1 ... prox needs each group's learning rate: pass the optimizer")
+            lr = {id(p): float(group["lr"]) for group in param_groups for p in group["params"]}
+            by_threshold: dict[tuple[float, torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for item in self.prox:
+                if id(item.param) not in lr:
+                    raise ValueError(f"a parameter with 'l1 ... prox' (shape {tuple(item.param.shape)}) is not in the optimizer")
+                tau = lr[id(item.param)] * strength_at(item.term, step)
+                if tau > 0:
+                    by_threshold.setdefault((tau, item.param.device, item.param.dtype), []).append(item.param)
+            for (tau, _, _), params in by_threshold.items():
+                inside = torch._foreach_clamp_max(torch._foreach_clamp_min(params, -tau), tau)
+                torch._foreach_sub_(params, inside)
+        for item in self.max_norm:
+            _renorm_(item.param, item.term.dim % item.param.ndim, item.term.norm)
+
+
+def _renorm_(p: torch.Tensor, dim: int, limit: float) -> None:
+    # torch.renorm's rule (and its 1e-7, which keeps the result at or below the limit),
+    # also for 1-d tensors, which renorm refuses.
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    others = [d for d in range(p.ndim) if d != dim]
+    norms = torch.linalg.vector_norm(p, 2, dim=others, keepdim=True, dtype=acc) if others else p.abs().to(acc)
+    p.mul_(torch.where(norms > limit, limit / (norms + 1e-7), 1.0).to(p.dtype))
