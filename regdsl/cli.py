@@ -209,7 +209,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(explain_records(rows, modules), indent=2))
     elif args.format == "csv":
-        print(explain_csv(rows, modules), end="")
+        print(explain_csv(rows), end="")
     else:
         trainable = sum(r.trainable for r in rows)
         numel = sum(r.numel for r in rows)

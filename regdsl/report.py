@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import Diagnostic
 from .printer import format_term_value
-from .spec import MODULE_TERMS, PARAM_TERMS, VALUE_TERMS
+from .spec import MODULE_TERMS, PARAM_TERMS
 
 if TYPE_CHECKING:  # pragma: no cover - the real import would load torch for `regdsl check FILE`
     from .compiler import Coverage, GroupSummary, ModuleRow, ParamRow
@@ -61,8 +61,7 @@ def format_explain(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) 
     ``set by``: which rule line set each term (``decay:3 l2:6``), or ``excluded:4``, or ``frozen``.
     Modules with activity terms follow in a second table."""
     with_aliases = any(r.aliases for r in rows)
-    used = {k for r in rows for k in r.terms}
-    kinds = [k for k in PARAM_TERMS if k in _ALWAYS_SHOWN or k in used]
+    kinds = _shown_kinds(rows)
     header = ["parameter", *(["aliases"] if with_aliases else []), "shape", "numel", *kinds, "set by (line)"]
     body = []
     for row in rows:
@@ -121,35 +120,39 @@ def explain_records(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ())
     }
 
 
-def explain_csv(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) -> str:
-    """One line per parameter, then per module with an activity term; each kind has a value and
-    a line column, and ``details`` spells out options and schedules (``l1 0.01 prox``)."""
+def _shown_kinds(rows: Sequence[ParamRow]) -> list[str]:
+    used = {k for r in rows for k in r.terms}
+    return [k for k in PARAM_TERMS if k in _ALWAYS_SHOWN or k in used]
+
+
+def explain_csv(rows: Sequence[ParamRow]) -> str:
+    """One line per parameter. Each kind the file uses (decay, l1 and l2 always) has a value and
+    a line column; ``details`` appears when a term has options or a schedule (``l1 0.01 prox``).
+    Activity terms act on modules and are in the table and JSON forms."""
+    kinds = _shown_kinds(rows)
+    detailed = any(_value(s) != repr(s.value) for r in rows for s in r.terms.values())
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
-        ["name", "target", "aliases", "shape", "numel", "trainable", "excluded_by_line"]
-        + [c for k in VALUE_TERMS for c in (k, f"{k}_line")]
-        + ["details"]
+        ["name", "aliases", "shape", "numel", "trainable", "excluded_by_line"]
+        + [c for k in kinds for c in (k, f"{k}_line")]
+        + (["details"] if detailed else [])
     )
-
-    def term_cells(terms: dict[str, Any]) -> list[Any]:
-        cells: list[Any] = []
-        for kind in VALUE_TERMS:
-            setting = terms.get(kind)
-            cells += [setting.value, setting.pos.line if setting.pos else ""] if setting else ["", ""]
-        details = [f"{term_label(k)} {_value(s)}" for k, s in terms.items() if _value(s) != repr(s.value)]
-        return cells + ["; ".join(details)]
-
-    def excluded_line(row: Any) -> Any:
-        return row.excluded_by.pos.line if row.excluded_by and row.excluded_by.pos else ""
-
     for row in rows:
-        writer.writerow(
-            [row.name, "parameter", ";".join(row.aliases), _shape(row.shape), row.numel, row.trainable, excluded_line(row)]
-            + term_cells(row.terms)
-        )
-    for m in modules:
-        writer.writerow([m.name, "module", "", "", "", "", excluded_line(m)] + term_cells(m.terms))
+        cells = [
+            row.name,
+            ";".join(row.aliases),
+            _shape(row.shape),
+            row.numel,
+            row.trainable,
+            row.excluded_by.pos.line if row.excluded_by and row.excluded_by.pos else "",
+        ]
+        for kind in kinds:
+            setting = row.terms.get(kind)
+            cells += [setting.value, setting.pos.line if setting.pos else ""] if setting else ["", ""]
+        if detailed:
+            cells.append("; ".join(f"{k} {_value(s)}" for k, s in row.terms.items() if _value(s) != repr(s.value)))
+        writer.writerow(cells)
     return out.getvalue()
 
 

@@ -365,7 +365,8 @@ def plain_coverage(model: nn.Module, status: Callable[[str], set[str] | str]) ->
     ``status(name)`` is written by hand for each case: "frozen", "excluded", or the
     set of term kinds with a strength above 0.
     """
-    out = {k: [0, 0] for k in ("decay", "l1", "l2", "nothing", "excluded", "frozen")}
+    kinds = ("decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "nothing", "excluded", "frozen")
+    out = {k: [0, 0] for k in kinds}
 
     def add(key: str, n: int) -> None:
         out[key][0] += 1
@@ -395,6 +396,31 @@ def coverage_of(text: str, model: nn.Module) -> dict[str, tuple[int, int]]:
     return counts
 
 
+NO_NEW_TERMS = {"group_lasso": (0, 0), "orthogonal": (0, 0), "max_norm": (0, 0)}
+
+
+def test_coverage_counts_structured_terms_but_not_lr_mult():
+    # lr_mult is an optimizer setting: it survives the exclude, and a tensor with only lr_mult has "nothing".
+    text = (
+        "all decay 0.05\nexclude bias\nlayer fc1 group_lasso 0.1 max_norm 3\n"
+        "layer fc2 orthogonal 1e-3 decay 0\nlayer head.** lr_mult 0.1\nlayer head.weight decay 0\n"
+    )
+    model = MLP()
+
+    def status(name: str) -> set[str] | str:
+        if name.endswith(".bias"):
+            return "excluded"
+        return {"fc1.weight": {"decay", "group_lasso", "max_norm"}, "fc2.weight": {"orthogonal"}, "head.weight": set()}[name]
+
+    expected = plain_coverage(model, status)
+    assert coverage_of(text, model) == expected
+    assert expected["group_lasso"] == expected["max_norm"] == (1, 96)
+    assert expected["orthogonal"] == (1, 256)
+    assert expected["nothing"] == (4, 48 + 35)
+    head_bias = next(r for r in resolve(regdsl.parse(text), model).rows if r.name == "head.bias")
+    assert head_bias.excluded_by is not None and head_bias.terms["lr_mult"].value == 0.1
+
+
 def test_coverage_mlp():
     text = "all decay 0.05\nexclude bias\nlayer head l1 1e-5\nlayer fc2 l2 0\nlayer fc1 decay 0\n"
     model = MLP()
@@ -408,7 +434,7 @@ def test_coverage_mlp():
     assert coverage_of(text, model) == expected
     # The same numbers by hand: fc1.weight 6x16=96, fc2.weight 16x16=256, head.weight 16x3=48, biases 16+16+3.
     assert expected == {
-        "decay": (2, 256 + 48), "l1": (1, 48), "l2": (0, 0),
+        "decay": (2, 256 + 48), "l1": (1, 48), "l2": (0, 0), **NO_NEW_TERMS,
         "nothing": (4, 96 + 35), "excluded": (3, 35), "frozen": (0, 0),
     }  # fmt: skip
 
@@ -429,7 +455,7 @@ def test_coverage_cnn_with_a_frozen_stem():
     assert coverage_of(text, model) == expected
     # conv1: 4x3x3x3 + 4; bn1: 4 + 4; conv2: 8x4x3x3; bn2: 8 + 8; head: 5x8 + 5.
     assert expected == {
-        "decay": (1, 288), "l1": (1, 288), "l2": (2, 45),
+        "decay": (1, 288), "l1": (1, 288), "l2": (2, 45), **NO_NEW_TERMS,
         "nothing": (4, 24), "excluded": (4, 24), "frozen": (2, 112),
     }  # fmt: skip
 
@@ -460,7 +486,7 @@ def test_coverage_transformer_counts_the_tied_tensor_once():
     # Per block: in_proj 48x16 + 48, out_proj.weight 16x16, mlp weights 2 x 16x64 = 3120 with decay;
     # ln1 16+16, out_proj.bias 16, ln2 16, mlp biases 64+16 = 144 excluded. Plus ln_f 16+16 excluded.
     assert expected == {
-        "decay": (10, 6240), "l1": (5, 3120), "l2": (1, 50 * 16),
+        "decay": (10, 6240), "l1": (5, 3120), "l2": (1, 50 * 16), **NO_NEW_TERMS,
         "nothing": (14, 320), "excluded": (14, 320), "frozen": (1, 8 * 16),
     }  # fmt: skip
     # Every tensor lands in exactly one of: some term, nothing, frozen.

@@ -302,7 +302,10 @@ def test_check_json_is_one_document_field_by_field(cli: Runs) -> None:
             "file": warn,
             "statements": 5,
             "coverage": {
-                "terms": {"decay": count(4, 5440), "l1": count(0, 0), "l2": count(1, 256)},
+                "terms": {
+                    "decay": count(4, 5440), "l1": count(0, 0), "l2": count(1, 256),
+                    "group_lasso": count(0, 0), "orthogonal": count(0, 0), "max_norm": count(0, 0),
+                },
                 "nothing": count(6, 324),
                 "excluded": count(5, 260),
                 "frozen": count(0, 0),
@@ -522,7 +525,9 @@ def test_explain_table(cli: Runs) -> None:
 
 
 def test_explain_json(cli: Runs) -> None:
-    records = json.loads(_ok(cli["explain-json"]).stdout)
+    document = json.loads(_ok(cli["explain-json"]).stdout)
+    assert document["modules"] == []  # the classifier's rules have no activity term
+    records = document["parameters"]
     assert [r["name"] for r in records] == [row[0] for row in CLASSIFIER_ROWS]
     by_name = {r["name"]: r for r in records}
     for r in records:
@@ -531,7 +536,7 @@ def test_explain_json(cli: Runs) -> None:
     assert by_name["body.0.weight"] == {
         "name": "body.0.weight", "aliases": [], "shape": [64, 16], "numel": 1024, "trainable": True,
         "excluded_by": None, "cleared_by": None,
-        "terms": {"decay": {"value": 0.05, "file": RULES, "line": 3, "column": 5}},
+        "terms": {"decay": {"value": 0.05, "text": "0.05", "file": RULES, "line": 3, "column": 5}},
     }
     assert by_name["body.1.bias"]["excluded_by"] == {"file": RULES, "line": 4, "column": 1}
     assert by_name["body.1.bias"]["terms"] == {}
@@ -539,8 +544,8 @@ def test_explain_json(cli: Runs) -> None:
     assert by_name["head.weight"]["shape"] == [4, 64] and by_name["head.weight"]["numel"] == 256
     # 'layer head.** decay 0.1 l1 1e-4': decay at column 15, l1 at column 25.
     assert by_name["head.weight"]["terms"] == {
-        "decay": {"value": 0.1, "file": RULES, "line": 6, "column": 15},
-        "l1": {"value": 0.0001, "file": RULES, "line": 6, "column": 25},
+        "decay": {"value": 0.1, "text": "0.1", "file": RULES, "line": 6, "column": 15},
+        "l1": {"value": 0.0001, "text": "0.0001", "file": RULES, "line": 6, "column": 25},
     }
     assert sum(r["numel"] for r in records) == 5764
 
@@ -576,18 +581,20 @@ def test_explain_groups(cli: Runs, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _main(capsys, *explain, "--format", "csv", "--model-arg", "hidden=32")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "name,weight_decay,tensors,elements", "decay=0.05,0.05,2,1536", "no_decay,0.0,7,196", "decay=0.1,0.1,1,128",
+        "name,weight_decay,schedule,lr_mult,tensors,elements",
+        "decay=0.05,0.05,,1.0,2,1536", "no_decay,0.0,,1.0,7,196", "decay=0.1,0.1,,1.0,1,128",
     ]
     code, out, err = _main(capsys, *explain, "--format", "json")  # default hidden=64
     assert (code, err) == (0, "")
     groups = json.loads(out)
     assert groups == [
-        {"name": "decay=0.05", "weight_decay": 0.05, "tensors": 2, "elements": 1024 + 4096,
+        {"name": "decay=0.05", "weight_decay": 0.05, "schedule": "", "lr_mult": 1.0, "tensors": 2, "elements": 1024 + 4096,
          "params": ["body.0.weight", "body.3.weight"]},
-        {"name": "no_decay", "weight_decay": 0.0, "tensors": 7, "elements": 6 * 64 + 4,
+        {"name": "no_decay", "weight_decay": 0.0, "schedule": "", "lr_mult": 1.0, "tensors": 7, "elements": 6 * 64 + 4,
          "params": ["body.0.bias", "body.1.weight", "body.1.bias", "body.3.bias", "body.4.weight", "body.4.bias",
                     "head.bias"]},
-        {"name": "decay=0.1", "weight_decay": 0.1, "tensors": 1, "elements": 256, "params": ["head.weight"]},
+        {"name": "decay=0.1", "weight_decay": 0.1, "schedule": "", "lr_mult": 1.0, "tensors": 1, "elements": 256,
+         "params": ["head.weight"]},
     ]
     # The groups partition the model: their totals are the explain totals (10 tensors, 5,764 elements).
     assert sum(g["tensors"] for g in groups) == 10

@@ -350,8 +350,10 @@ def test_format_explain_of_300_tensors_is_aligned_and_never_cuts_a_name(wide_row
 
 
 def test_explain_records_agree_with_the_rows(wide_rows: list[ParamRow]) -> None:
-    records = explain_records(wide_rows)
-    assert json.loads(json.dumps(records)) == records  # plain JSON types only
+    document = explain_records(wide_rows)
+    assert json.loads(json.dumps(document)) == document  # plain JSON types only
+    assert document["modules"] == []  # no activity term, no module rows
+    records = document["parameters"]
     assert len(records) == len(wide_rows)
     for record, row in zip(records, wide_rows):
         assert record["name"] == row.name
@@ -365,14 +367,15 @@ def test_explain_records_agree_with_the_rows(wide_rows: list[ParamRow]) -> None:
             pos = row.excluded_by.pos
             assert record["excluded_by"] == {"file": "wide.reg", "line": pos.line, "column": pos.column}
         assert record["terms"] == {
-            kind: {"value": s.value, "file": "wide.reg", "line": s.pos.line, "column": s.pos.column}
+            # A plain term's text is its number as the canonical form prints it.
+            kind: {"value": s.value, "text": repr(s.value), "file": "wide.reg", "line": s.pos.line, "column": s.pos.column}
             for kind, s in row.terms.items()
         }
     # Spot checks written by hand: layer 0 is frozen and shared, layer 10's weight gets l1 from line 3.
     assert records[0]["aliases"] == [f"first_again.{LONG[0]}_0.weight"] and records[0]["trainable"] is False
     ten = records[20]
     assert ten["name"] == f"layers.10.{LONG[1]}_10.weight" and ten["shape"] == [3, 3]
-    assert ten["terms"]["l1"] == {"value": 0.001, "file": "wide.reg", "line": 3, "column": 20}
+    assert ten["terms"]["l1"] == {"value": 0.001, "text": "0.001", "file": "wide.reg", "line": 3, "column": 20}
     assert records[3]["excluded_by"] == {"file": "wide.reg", "line": 2, "column": 1}
 
 
@@ -414,7 +417,7 @@ def test_renderings_of_a_tied_model_agree(hf) -> None:
     assert cells[1][-1] == "excluded:4"
     assert cells[5] == ["transformer.h.0.attn.c_attn.weight", "", "32x96", "3,072", "0.1", "1e-06", "-", "decay:1 l1:5"]
     assert all(c[1] == "" for c in cells[2:])  # no other tensor has an alias
-    record = explain_records(rows)[0]
+    record = explain_records(rows)["parameters"][0]
     assert record["aliases"] == ["lm_head.weight"]
     assert record["excluded_by"] == {"file": "gpt2.reg", "line": 4, "column": 1}
     first = next(csv.reader(io.StringIO(explain_csv(rows).split("\n", 1)[1])))

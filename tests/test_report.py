@@ -33,4 +33,4 @@ def test_a_lazy_parameter_has_no_shape_yet() -> None:
     resolution = regdsl.resolve(regdsl.parse("all decay 0.1"), model)
     rows = _rows("all decay 0.1", model)
     assert rows["0.weight"][1] == "lazy"
-    assert explain_records(resolution.rows)[0]["shape"] is None
+    assert explain_records(resolution.rows)["parameters"][0]["shape"] is None
