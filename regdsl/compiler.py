@@ -505,6 +505,8 @@ class Regularizer:
         self._advance(optimizer)
 
     def _advance(self, optimizer: torch.optim.Optimizer | None) -> None:
+        # Activity values no penalty() took belong to a step that is over; keeping them would hold graphs.
+        self._activity.take()
         self._post.apply(self._step, optimizer.param_groups if optimizer is not None else None)
         self._set_step(self._step + 1, optimizer)
 
