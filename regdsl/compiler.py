@@ -527,6 +527,9 @@ class Regularizer:
         by_first = {id(g["params"][0]): g for g in optimizer.param_groups if g["params"]}
         for key, members in scheduled:
             group = by_first.get(id(members[0].param))
+            # Only a group holding exactly these tensors: a wider one would decay what the rules exclude.
+            if group is not None and strict and {id(p) for p in group["params"]} != {id(e.param) for e in members}:
+                group = None
             if group is None:
                 if strict:
                     raise RegUsageError(
@@ -599,7 +602,9 @@ class Regularizer:
         collected since the last call) as a differentiable 0-dim tensor."""
         total = self._penalty(self._default_device)
         for value in self._activity.take():
-            total = total + value.to(device=total.device, dtype=total.dtype)
+            # float64 activations keep their precision, as float64 parameters do.
+            dtype = torch.promote_types(total.dtype, value.dtype)
+            total = total.to(dtype) + value.to(device=total.device, dtype=dtype)
         return total
 
     def explain(self) -> list[ParamRow]:
