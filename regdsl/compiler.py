@@ -414,8 +414,7 @@ class Regularizer:
                 if not always_zero(setting.term)
             ]
         )
-        first = next((e.param for e in self.table.entries if e.trainable), None)
-        self._default_device = first.device if first is not None else None
+        self._first_trainable = next((e.param for e in self.table.entries if e.trainable), None)
 
     @staticmethod
     def _reference(entry: ParamEntry, term: Any, index: dict[str, Any]) -> torch.Tensor | None:
@@ -470,9 +469,8 @@ class Regularizer:
             }
             if key.lr_mult is not None:
                 group["lr_mult"] = key.lr_mult
-                group["lr"] = defaults["lr"] * key.lr_mult if "lr" in defaults else group.get("lr")
-                if group["lr"] is None:
-                    del group["lr"]
+                if "lr" in defaults:
+                    group["lr"] = defaults["lr"] * key.lr_mult
             groups.append(group)
         return groups
 
@@ -600,7 +598,9 @@ class Regularizer:
     def penalty(self) -> torch.Tensor:
         """Every loss term (``l1``, ``l2``, ``group_lasso``, ``orthogonal``, and the activity terms
         collected since the last call) as a differentiable 0-dim tensor."""
-        total = self._penalty(self._default_device)
+        # Read at each call: model.to() after compiling moves the parameters, and the zero must follow.
+        device = self._first_trainable.device if self._first_trainable is not None else None
+        total = self._penalty(device)
         for value in self._activity.take():
             # float64 activations keep their precision, as float64 parameters do.
             dtype = torch.promote_types(total.dtype, value.dtype)
