@@ -754,3 +754,43 @@ def test_torch_compile_penalty_does_not_recompile_across_schedule() -> None:
             torch.testing.assert_close(model.fc1.weight.grad, l1 * torch.sign(w1), rtol=1e-5, atol=1e-7)
         opt.step()
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+CUDA_RULES = """all decay 0.01 warmup 2
+exclude bias
+layer fc1 group_lasso 0.05 l1 0.01 prox
+layer fc2 orthogonal 0.01 l2 0.1 to init cosine to 0.01 over 3
+layer head max_norm 0.5
+layer fc2 activity l1 0.001 from 1
+layer head.** lr_mult 0.5
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_term_runs_on_cuda_as_on_cpu() -> None:
+    # The same run on CPU and on the GPU: penalties, post-step effects and schedules agree,
+    # and nothing leaves the device (no .cuda() in regdsl; each tensor's own device is used).
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model = make_model().to(device)
+        reg = regdsl.parse(CUDA_RULES).compile(model)
+        opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+        reg.attach(opt)
+        x, y = (t.to(device) for t in data())
+        penalties = []
+        for _ in range(4):
+            loss = F.cross_entropy(model(x), y)
+            penalty = reg.penalty()
+            assert penalty.device.type == device
+            penalties.append(penalty.item())
+            opt.zero_grad()
+            (loss + penalty).backward()
+            opt.step()
+        runs[device] = (penalties, {n: p.detach().cpu() for n, p in model.named_parameters()})
+    assert runs["cuda"][0] == pytest.approx(runs["cpu"][0], rel=1e-4)
+    for name, value in runs["cpu"][1].items():
+        torch.testing.assert_close(runs["cuda"][1][name], value, rtol=1e-4, atol=1e-5)
