@@ -1,7 +1,8 @@
 """Models for trying `regdsl check --model` and `regdsl explain` from the command line.
 
     regdsl check examples/rules.reg --model examples/train.py:Classifier
-    regdsl explain examples/cnn.reg --model examples/models.py:small_cnn
+    regdsl explain examples/cnn.reg --model examples/train_cnn.py:SmallCNN
+    regdsl explain examples/gpt2.reg --model examples/models.py:tiny_gpt2
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ class Resolution:
     table: ParamTable
     rows: tuple[ParamRow, ...]  # one per table entry, same order
     matches: tuple[tuple[int, ...], ...]  # per statement: entries its selector matches, frozen ones too
-    modules: tuple[ModuleRow, ...] = ()  # one per module with an activity term, in registration order
+    modules: tuple[ModuleRow, ...] = ()  # one per module some rule gives an activity term, in registration order
     module_matches: tuple[tuple[str, ...], ...] = ()  # per statement: names of the modules it selects
 
     def groups(self) -> list[tuple[GroupKey, list[ParamEntry]]]:
@@ -142,7 +142,9 @@ class Resolution:
             if entry.trainable:
                 decay, mult = row.terms.get("decay"), row.terms.get("lr_mult")
                 term = decay.term if decay is not None and not always_zero(decay.term) else None
-                groups.setdefault(GroupKey(term, mult.value if mult is not None else None), []).append(entry)
+                # lr_mult 1 is the optimizer's own lr: the same group as no lr_mult at all.
+                factor = mult.value if mult is not None and mult.value != 1.0 else None
+                groups.setdefault(GroupKey(term, factor), []).append(entry)
         return list(groups.items())
 
     def groups_summary(self) -> list[GroupSummary]:
@@ -214,7 +216,7 @@ def resolve(spec: Spec, model: nn.Module) -> Resolution:
             terms=modules.result(i, MODULE_TERMS),
         )
         for i, (name, module) in enumerate(table.modules)
-        if modules.assigned[i]
+        if modules.touched[i]
     )
     return Resolution(spec, table, rows, tuple(matches), module_rows, tuple(module_matches_))
 
@@ -229,6 +231,7 @@ class _Cascade:
     def __init__(self, size: int, origin: str | None):
         self.origin = origin
         self.assigned: list[dict[str, Setting]] = [{} for _ in range(size)]
+        self.touched = [False] * size  # some rule set a term here (a later 'none' or exclude may remove it)
         self.excluded: list[Setting | None] = [None] * size
         self.cleared: list[Setting | None] = [None] * size
 
@@ -247,6 +250,7 @@ class _Cascade:
                     self.cleared[i] = Setting(0.0, self.origin, term.pos)
                 else:
                     self.assigned[i][term.kind] = Setting(term.value, self.origin, term.pos, term)
+                    self.touched[i] = True
 
     def result(self, i: int, kinds: tuple[str, ...]) -> dict[str, Setting]:
         kept = self.assigned[i]
@@ -643,7 +647,8 @@ def _remove_all(handles: list[Any]) -> None:
 
 def group_name(decay: float, term: DecayTerm | None = None, lr_mult: float | None = None) -> str:
     """``decay=0.05``, ``no_decay``, plus the decay's schedule and ``lr_mult=...`` when set."""
-    name = f"decay={decay!r}" if decay else "no_decay"
+    # A scheduled decay that starts at 0 still decays later: it is named by its term, not 'no_decay'.
+    name = f"decay={decay!r}" if decay or term is not None else "no_decay"
     if term is not None and is_scheduled(term):
         name += " " + format_schedule(term.schedule)
     if lr_mult is not None:

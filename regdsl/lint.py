@@ -20,6 +20,7 @@ from torch import nn
 
 from .compiler import Resolution, model_diagnostic, name_list, resolve, unusable_terms
 from .errors import Diagnostic
+from .schedule import always_zero
 from .select import ParamEntry, atom_matches, class_names, glob_regex
 from .spec import (
     MODULE_TERMS,
@@ -62,10 +63,14 @@ def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
     owner_classes = {n for e in table.entries for n in e.owner_class_names}
     module_names = [name for name, _ in table.modules]
     module_classes = sorted({n for _, m in table.modules for n in class_names(type(m))})
+    with_activity = {m.name for m in res.modules}
     for statement, matched, modules in zip(spec.statements, res.matches, res.module_matches):
         if _acts_on_modules(statement) and not modules:
             yield from _unmatched_modules(spec, statement, module_names, module_classes)
         if not _acts_on_params(statement):
+            continue
+        # An exclude or a 'none' that reaches no parameter but removes a module's activity term does something.
+        if not matched and with_activity.intersection(modules) and not _sets_param_terms(statement):
             continue
         is_exclude = isinstance(statement, Exclude)
         code = "RD201" if is_exclude else "RD101"
@@ -113,6 +118,10 @@ def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
 
 def _acts_on_params(statement: Rule | Exclude) -> bool:
     return isinstance(statement, Exclude) or any(t.kind not in MODULE_TERMS for t in statement.terms)
+
+
+def _sets_param_terms(statement: Rule | Exclude) -> bool:
+    return isinstance(statement, Rule) and any(t.kind in PARAM_TERMS for t in statement.terms)
 
 
 def _acts_on_modules(statement: Rule | Exclude) -> bool:
@@ -287,7 +296,7 @@ def _decay_and_l2(res: Resolution) -> Iterable[Diagnostic]:
     for row in res.rows:
         decay, l2 = row.terms.get("decay"), row.terms.get("l2")
         # l2 toward a reference pulls elsewhere than decay does: not a double regularization.
-        if decay and l2 and decay.value > 0 and l2.value > 0 and l2.term.to is None:
+        if decay and l2 and not always_zero(decay.term) and not always_zero(l2.term) and l2.term.to is None:
             pairs.setdefault((decay.pos, l2.pos), []).append(row.name)
     for (decay_pos, l2_pos), names in pairs.items():
         decay_line = decay_pos.line if decay_pos else "?"

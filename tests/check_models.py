@@ -112,3 +112,41 @@ def model_of(path: Path) -> str:
     match = _MODEL_LINE.fullmatch(first)
     assert match, f"{path.name}: the first line must be '# model: NAME', got {first!r}"
     return match.group(1)
+
+
+# ---------------------------------------------------------------- issue 4: activity terms need modules with outputs
+
+
+class ActivityCNN(nn.Module):
+    """A small CNN whose activations are modules, for the terms of issue 4 (activity terms select modules).
+
+    Parameters, in registration order (7 tensors, 453 elements):
+      conv1.weight 4x3x3x3 (108), conv1.bias 4, bn1.weight 4, bn1.bias 4,
+      conv2.weight 8x4x3x3 (288, no bias), head.weight 5x8 (40), head.bias 5.
+    Modules, in registration order, none with submodules:
+      conv1 (Conv2d), bn1 (BatchNorm2d), act1 (ReLU), conv2 (Conv2d), act2 (ReLU),
+      pool (AdaptiveAvgPool2d), head (Linear). act1, act2 and pool own no parameter.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.act2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.conv2(x))
+        return self.head(self.pool(x).flatten(1))
+
+
+def act_cnn() -> nn.Module:
+    seeded()
+    return ActivityCNN()
+
+
+FACTORIES["act_cnn"] = act_cnn
