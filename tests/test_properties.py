@@ -16,21 +16,34 @@ from hypothesis import strategies as st
 import regdsl
 from regdsl import RegDslError, RegSyntaxError, RegValidationError
 from regdsl.spec import (
+    MODULE_TERMS,
+    VALUE_TERMS,
+    ActivityL1Term,
+    ActivityL2Term,
     AllAtom,
     BiasAtom,
+    CosineStep,
     DecayTerm,
     EmbeddingAtom,
     Exclude,
+    FromStep,
+    GroupLassoTerm,
     L1Term,
     L2Term,
     LayerAtom,
+    LrMultTerm,
+    MaxNormTerm,
     NoneTerm,
     NormAtom,
+    OrthogonalTerm,
     Pattern,
     Rule,
+    Schedule,
     Selector,
     Spec,
     TypeAtom,
+    UntilStep,
+    WarmupStep,
 )
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -43,6 +56,9 @@ SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[Heal
 BARE_PIECES = [
     "fc2", "weight", "bias", "x_1", "a-b", "0", "1e5", "*", "?", "[abc]", "[!0-3]", "[]x]", "!",
     "norm", "type", "layer", "all", "l2", "none", "exclude", "decay", "embedding", "nan", "inf",
+    # the words of terms, options and schedules are names too after `layer`/`type`
+    "group_lasso", "orthogonal", "max_norm", "activity", "lr_mult", "prox", "to", "init", "ref", "dim",
+    "warmup", "from", "until", "cosine", "over",
 ]
 # fmt: on
 QUOTED_PIECES = ["my module", "blocks@0", "a:b", "x;y", "a#b", "a,b", "caf\u00e9", "\u6743\u91cd", " lead", "$", "+"]
@@ -67,33 +83,94 @@ patterns = (
 )
 pattern_tuples = st.lists(patterns, min_size=1, max_size=3).map(tuple)
 
-atoms = st.one_of(
+module_atoms = st.one_of(
     st.builds(AllAtom),
-    st.builds(BiasAtom),
     st.builds(NormAtom),
     st.builds(EmbeddingAtom),
     st.builds(LayerAtom, patterns=pattern_tuples),
     st.builds(TypeAtom, patterns=pattern_tuples),
 )
+atoms = st.one_of(st.builds(BiasAtom), module_atoms)
 selectors = st.builds(Selector, atoms=st.lists(atoms, min_size=1, max_size=3).map(tuple))
+# `bias` selects parameters, never a module: not allowed beside an activity term (RD008).
+module_selectors = st.builds(Selector, atoms=st.lists(module_atoms, min_size=1, max_size=3).map(tuple))
 
 strengths = st.one_of(
     # min_value=0.0 keeps -0.0 out: the language has no negative zero to print.
     st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
     st.sampled_from([0.0, 5e-324, 1e-310, 2.2250738585072014e-308, 1e-05, 0.1, 1e16, 1.7976931348623157e308]),
 )
-TERM_TYPES = {"decay": DecayTerm, "l1": L1Term, "l2": L2Term}
+# Step counts and dims are read back through a float, so they stay within 2**53 (exact as floats).
+MAX_EXACT = 2**53
+whole = st.one_of(st.integers(min_value=0, max_value=10**6), st.sampled_from([0, 1, 2, 10**15, MAX_EXACT]))
+dims = st.one_of(st.integers(min_value=-4, max_value=4), st.sampled_from([-MAX_EXACT, MAX_EXACT]))
+# max_norm needs c > 0.
+norms = strengths.filter(lambda value: value > 0)
+
+SCHEDULE_KINDS = ["warmup", "from", "until", "cosine"]
 
 
 @st.composite
-def term_tuples(draw):
+def schedules(draw):
+    """Each step kind at most once, in any order (printed as written); until > from."""
+    kinds = draw(st.lists(st.sampled_from(SCHEDULE_KINDS), max_size=4, unique=True))
+    start = min(draw(whole), MAX_EXACT - 1) if "from" in kinds else None
+    steps = []
+    for kind in kinds:
+        if kind == "warmup":
+            steps.append(WarmupStep(steps=max(draw(whole), 1)))
+        elif kind == "from":
+            steps.append(FromStep(step=start))
+        elif kind == "until":
+            low = 1 if start is None else start + 1
+            end = st.integers(min_value=low, max_value=min(low + 10**6, MAX_EXACT))
+            steps.append(UntilStep(step=draw(st.one_of(end, st.just(MAX_EXACT)))))
+        else:
+            steps.append(CosineStep(end=draw(strengths), steps=max(draw(whole), 1)))
+    return Schedule(steps=tuple(steps))
+
+
+STRENGTH_TERMS = {
+    "decay": DecayTerm,
+    "orthogonal": OrthogonalTerm,
+    "activity_l1": ActivityL1Term,
+    "activity_l2": ActivityL2Term,
+}
+# fmt: off
+TERM_KINDS = [
+    "decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "activity_l1", "activity_l2", "lr_mult", "none",
+]
+# fmt: on
+
+
+def _term(draw, kind: str):
+    if kind == "none":
+        return NoneTerm()
+    if kind == "max_norm":
+        return MaxNormTerm(norm=draw(norms), dim=draw(dims))
+    if kind == "lr_mult":
+        return LrMultTerm(factor=draw(strengths))
+    strength, schedule = draw(strengths), draw(schedules())
+    if kind == "l1":
+        return L1Term(strength=strength, prox=draw(st.booleans()), schedule=schedule)
+    if kind == "l2":
+        return L2Term(strength=strength, to=draw(st.sampled_from([None, "init", "ref"])), schedule=schedule)
+    if kind == "group_lasso":
+        return GroupLassoTerm(strength=strength, dim=draw(dims), schedule=schedule)
+    return STRENGTH_TERMS[kind](strength=strength, schedule=schedule)
+
+
+@st.composite
+def rules(draw):
     # A kind at most once per rule, in any order: the order is meaning (`none` clears what precedes it).
-    kinds = draw(st.lists(st.sampled_from(["decay", "l1", "l2", "none"]), min_size=1, max_size=4, unique=True))
-    return tuple(NoneTerm() if kind == "none" else TERM_TYPES[kind](strength=draw(strengths)) for kind in kinds)
+    kinds = draw(st.lists(st.sampled_from(TERM_KINDS), min_size=1, max_size=4, unique=True))
+    terms = tuple(_term(draw, kind) for kind in kinds)
+    selector = draw(module_selectors if any(k in MODULE_TERMS for k in kinds) else selectors)
+    return Rule(selector=selector, terms=terms)
 
 
 statements = st.one_of(
-    st.builds(Rule, selector=selectors, terms=term_tuples()),
+    rules(),
     st.builds(Exclude, selector=selectors),
 )
 specs = st.builds(Spec, statements=st.lists(statements, max_size=6).map(tuple))
@@ -106,6 +183,11 @@ def test_canonical_text_round_trips(spec: Spec):
     again = regdsl.parse(text)
     assert again == spec
     assert again.to_source() == text
+
+
+def test_spec_strategy_covers_every_term_kind():
+    # A term kind added to the registry must be added to the strategy above too.
+    assert sorted(TERM_KINDS) == sorted([*VALUE_TERMS, "none"])
 
 
 @SETTINGS
@@ -134,6 +216,8 @@ def test_every_strength_prints_as_itself(value: float):
 VOCAB = [
     # keywords, right and wrong
     "all", "layer", "type", "bias", "norm", "embedding", "exclude", "decay", "l1", "l2", "none", "l3", "dacay",
+    "group_lasso", "orthogonal", "max_norm", "activity", "lr_mult", "prox", "to", "init", "ref", "dim", "=",
+    "dim=1", "warmup", "from", "until", "cosine", "over", "warmpu",
     # patterns, valid and not
     "fc2.*", "**", "a.**.b", "[qkv]", "x[", "a..b", "a**b", ".a", "torch.nn.Linear", "*Norm",
     '"my mod"', '""', '"', '"a;b"', '"x#y"',
@@ -150,15 +234,33 @@ vocab_texts = st.lists(st.sampled_from(VOCAB), max_size=25).map("".join)
 # Token soup is nearly always a syntax error; statement-shaped text with sometimes-wrong
 # parts also reaches the validator and the mix of syntax and validation errors.
 FUZZ_PATTERNS = ["fc2.*", "**.bias", "norm", '"a b"', '"x#y;z"', "a..b", '""', "a**", "x[1", "[!0-9]"]
-FUZZ_NUMBERS = ["0", "0.01", ".5", "5E-3", "1e308", "5e-324", "-1", "nan", "inf", "1e400", "1e-400"]
+FUZZ_NUMBERS = ["0", "0.01", ".5", "5E-3", "1e308", "5e-324", "-1", "nan", "inf", "1e400", "1e-400", "1.5", "7"]
 fuzz_patterns = st.lists(st.sampled_from(FUZZ_PATTERNS), min_size=1, max_size=3).map(", ".join)
 fuzz_atoms = st.one_of(
     st.sampled_from(["all", "bias", "norm", "embedding"]),
     st.builds(lambda kw, pats: f"{kw} {pats}", st.sampled_from(["layer", "type"]), fuzz_patterns),
 )
+fuzz_numbers = st.sampled_from(FUZZ_NUMBERS)
+# Schedule steps and options, right and wrong (duplicates, until before from, a schedule where none may stand).
+fuzz_steps = st.lists(
+    st.one_of(
+        st.builds(lambda kw, n: f"{kw} {n}", st.sampled_from(["warmup", "from", "until"]), fuzz_numbers),
+        st.builds(lambda a, b: f"cosine to {a} over {b}", fuzz_numbers, fuzz_numbers),
+        st.sampled_from(["prox", "to init", "to ref", "to", "dim=1", "dim = -1", "dim=0.5", "dim 1", "cosine to 1"]),
+    ),
+    max_size=3,
+).map(" ".join)
 fuzz_terms = st.one_of(
     st.just("none"),
-    st.builds(lambda kw, n: f"{kw} {n}", st.sampled_from(["decay", "l1", "l2"]), st.sampled_from(FUZZ_NUMBERS)),
+    st.builds(lambda kw, n: f"{kw} {n}", st.sampled_from(["decay", "l1", "l2"]), fuzz_numbers),
+    st.builds(
+        lambda kw, n, tail: f"{kw} {n} {tail}",
+        st.sampled_from(
+            ["decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "activity l1", "activity l2", "lr_mult"]
+        ),
+        fuzz_numbers,
+        fuzz_steps,
+    ),
 )
 fuzz_statements = st.one_of(
     st.builds(
@@ -175,7 +277,7 @@ statement_texts = st.builds(
     st.lists(st.sampled_from(["\n", ";", "\r\n", " # c\n", "; "]), min_size=6, max_size=6),
     st.sampled_from(["", "\n", "all", "layer", " # end"]),
 )
-LARK_NAMES = ("__ANON", "GLOB", "NUMBER", "_END", "$END", "STRING", "COMMA")
+LARK_NAMES = ("__ANON", "GLOB", "NUMBER", "_END", "$END", "STRING", "COMMA", "EQUAL", "_DIM", "_L1", "_TO")
 
 
 def check_outcome(text: str) -> Spec | None:
