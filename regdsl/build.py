@@ -32,7 +32,13 @@ def parse(text: str, filename: str = "<string>") -> Spec:
         spec = Spec.model_validate({"statements": data, "origin": None if filename == "<string>" else filename})
     except ValidationError as exc:
         errors = relevant_errors(exc)
-        diagnostics += [_from_pydantic(error, data, leaf_spans, text, filename) for error in errors]
+        # A bad literal was replaced by 0 to keep going; what the models say about that 0 is noise.
+        bad_literals = {(d.line, d.column) for d in diagnostics if d.code == "RD003"}
+        diagnostics += [
+            d
+            for d in (_from_pydantic(error, data, leaf_spans, text, filename) for error in errors)
+            if (d.line, d.column) not in bad_literals
+        ]
     if diagnostics:
         error = RegSyntaxError if any(d.kind == "syntax" for d in diagnostics) else RegValidationError
         raise error(diagnostics)
@@ -72,6 +78,10 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[di
     leaf_spans: LeafSpans = {}
     problems: list[tuple[dict[str, int], str]] = []
 
+    def whole(token: Token) -> float | int:
+        # Step counts and dims read as ints when written as ints, so no count above 2**53 loses digits.
+        return int(token) if re.fullmatch(r"[+-]?[0-9]+", token) else number(token)
+
     def number(token: Token) -> float:
         value = float(token)
         mantissa = re.split("[eE]", str(token))[0]
@@ -104,12 +114,12 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[di
             step: dict[str, Any] = {"kind": str(child.data), "pos": _span(child.meta)}
             if child.data == "cosine":
                 step["end"] = number(child.children[0])
-                step["steps"] = number(child.children[1])
+                step["steps"] = whole(child.children[1])
                 leaf_spans[id(step), "end"] = _span(child.children[0])
                 leaf_spans[id(step), "steps"] = _span(child.children[1])
             else:
                 field = "steps" if child.data == "warmup" else "step"
-                step[field] = number(child.children[0])
+                step[field] = whole(child.children[0])
                 leaf_spans[id(step), field] = _span(child.children[0])
             steps.append(step)
         out: dict[str, Any] = {"steps": steps}
@@ -133,7 +143,7 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[di
             elif child.data in ("to_init", "to_ref"):
                 out["to"] = str(child.data)[3:]
             elif child.data == "dim":
-                out["dim"] = number(child.children[0])
+                out["dim"] = whole(child.children[0])
                 leaf_spans[id(out), "dim"] = _span(child.children[0])
             elif child.data == "schedule":
                 out["schedule"] = schedule(child)

@@ -21,7 +21,7 @@ CODES: dict[str, Code] = {
     "RD001": Code("error", "syntax error"),
     "RD002": Code("error", "the file is not valid UTF-8"),
     "RD003": Code("error", "a number literal overflows to infinity or underflows to 0"),
-    "RD004": Code("error", "a strength is negative, NaN or infinite"),
+    "RD004": Code("error", "a strength (or a max_norm, lr_mult value) is negative, NaN or infinite; max_norm is 0"),
     "RD005": Code("error", "an invalid name pattern"),
     "RD006": Code("error", "a term appears twice in one rule"),
     "RD007": Code("error", "an invalid schedule or dim (not a whole number, out of range, repeated, until before from)"),

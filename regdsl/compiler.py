@@ -34,7 +34,7 @@ from .penalties import LossItem, PenaltyPlan
 from .printer import format_schedule
 from .schedule import always_zero, is_scheduled, strength_at
 from .select import ParamEntry, ParamTable, canonical_name, is_embedding_module, module_matches
-from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Exclude, NoneTerm, Span, Spec
+from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Exclude, NoneTerm, Span, Spec, kind_label
 
 
 @dataclass(frozen=True)
@@ -431,7 +431,7 @@ class Regularizer:
         spec = self.spec
 
         def error(name: str, type_name: str) -> RegCompileError:
-            kind = setting.term.kind.replace("_", " ")
+            kind = kind_label(setting.term.kind)
             return RegCompileError(
                 [
                     model_diagnostic(

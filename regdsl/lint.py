@@ -33,6 +33,7 @@ from .spec import (
     Selector,
     Spec,
     TypeAtom,
+    kind_label,
 )
 
 
@@ -150,7 +151,7 @@ def _unmatched_modules(
                     f"type '{pattern.text}' matches no module class in the model" + _nearest(pattern.text, module_classes),
                 )
     if not found_part:
-        kinds = ", ".join(f"'{t.kind.replace('_', ' ')}'" for t in statement.terms if t.kind in MODULE_TERMS)
+        kinds = ", ".join(f"'{kind_label(t.kind)}'" for t in statement.terms if t.kind in MODULE_TERMS)
         yield model_diagnostic(
             spec, statement.selector.pos, "RD101",
             f"rule selects no module for {kinds}: 'all' means modules without submodules, 'layer' a module's own name",

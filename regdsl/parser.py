@@ -166,11 +166,16 @@ def _token_message(token: lark.Token, expected: list[str], keywords: list[str]) 
     )
     if token.type in keyword_terminals() and word in KEYWORDS_TERM and at_statement_start:
         return message + "; a rule starts with a selector, e.g. 'all l2 0.01'"
+    if word in KEYWORDS_SCHEDULE and any(w.startswith("a term") for w in expected) and not any(
+        w.startswith("a schedule") for w in expected
+    ):
+        return message + "; max_norm, lr_mult and none take no schedule"
     if token.type not in ("GLOB", "NUMBER"):
         return message
     # A misspelt keyword lexes as a pattern or number; offer the nearest allowed keyword
     # (a keyword out of place is not a misspelling of another one).
-    misspelt = word not in KEYWORDS
+    # A bare number is never a misspelt keyword, though '1' looks like 'l1' to difflib.
+    misspelt = word not in KEYWORDS and token.type != "NUMBER"
     hint = difflib.get_close_matches(word.lower(), keywords, n=1, cutoff=0.5) if misspelt else []
     if hint:
         message += f"; did you mean '{hint[0]}'?"
@@ -190,7 +195,10 @@ def _expected_words(terminals) -> list[str]:
     words: list[str] = []
     terms = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_TERM]
     atoms = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_SELECTOR]
-    if terms:
+    if terms and set(terms) <= {"l1", "l2"} and len(names) == len(terms):
+        # Only after 'activity': l1 and l2 name its norm here, not terms of their own.
+        words += [f"'{t}'" for t in sorted(terms)]
+    elif terms:
         words.append(f"a term ({', '.join(sorted(terms, key=KEYWORDS_TERM.index))})")
     if atoms:
         words.append(f"a selector ({', '.join(sorted(atoms, key=KEYWORDS_SELECTOR.index))})")

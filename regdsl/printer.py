@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .parser import bare_pattern_ok
-from .spec import Exclude, LayerAtom, NoneTerm, Pattern, Rule, Schedule, Selector, TypeAtom
+from .spec import Exclude, LayerAtom, NoneTerm, Pattern, Rule, Schedule, Selector, TypeAtom, kind_label
 
 
 def format_number(value: float) -> str:
@@ -55,7 +55,7 @@ def format_term_value(term: Any) -> str:
 def format_term(term: Any) -> str:
     if isinstance(term, NoneTerm):
         return "none"
-    return f"{term.kind.replace('_l', ' l') if term.kind.startswith('activity') else term.kind} {format_term_value(term)}"
+    return f"{kind_label(term.kind)} {format_term_value(term)}"
 
 
 def format_statement(statement: Rule | Exclude) -> str:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import Diagnostic
 from .printer import format_term_value
-from .spec import MODULE_TERMS, PARAM_TERMS
+from .spec import MODULE_TERMS, PARAM_TERMS, kind_label
 
 if TYPE_CHECKING:  # pragma: no cover - the real import would load torch for `regdsl check FILE`
     from .compiler import Coverage, GroupSummary, ModuleRow, ParamRow
@@ -18,9 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover - the real import would load torch for `re
 _ALWAYS_SHOWN = ("decay", "l1", "l2")
 
 
-def term_label(kind: str) -> str:
-    """How the language spells a kind: ``activity_l1`` is written ``activity l1``."""
-    return kind.replace("_l", " l") if kind in MODULE_TERMS else kind
+
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
@@ -42,7 +40,7 @@ def _shape(shape: Sequence[int] | None) -> str:
 def _set_by(row: ParamRow | ModuleRow, trainable: bool = True) -> str:
     if not trainable:
         return "frozen"
-    terms = " ".join(f"{term_label(kind)}:{s.pos.line if s.pos else '?'}" for kind, s in row.terms.items())
+    terms = " ".join(f"{kind_label(kind)}:{s.pos.line if s.pos else '?'}" for kind, s in row.terms.items())
     if row.excluded_by:
         # lr_mult survives an exclude; say both.
         return f"excluded:{row.excluded_by.pos.line if row.excluded_by.pos else '?'}" + (f" {terms}" if terms else "")
@@ -75,7 +73,7 @@ def format_explain(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) 
             [m.name, m.class_name, *(_value(m.terms[k]) if k in m.terms else "-" for k in MODULE_TERMS), _set_by(m)]
             for m in modules
         ]
-        text += "\n\n" + _table(["module output", "class", *map(term_label, MODULE_TERMS), "set by (line)"], module_body)
+        text += "\n\n" + _table(["module output", "class", *map(kind_label, MODULE_TERMS), "set by (line)"], module_body)
     return text
 
 

@@ -159,9 +159,17 @@ class Selector(Node):
 # ---------------------------------------------------------------- schedules
 
 
-def _whole_steps(value: float, what: str, minimum: int) -> int:
-    if not math.isfinite(value) or value != int(value):
-        raise PydanticCustomError("schedule", "{what} takes a whole number of steps, got {value}", {"what": what, "value": value})
+def _whole_number(value: Any, code: str, message: str, what: str) -> int:
+    """An int from an int or an integral float; JSON may send anything, so anything else is an error."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    raise PydanticCustomError(code, message, {"what": what, "value": value})
+
+
+def _whole_steps(value: Any, what: str, minimum: int) -> int:
+    value = _whole_number(value, "schedule", "{what} takes a whole number of steps, got {value}", what)
     if value < minimum:
         raise PydanticCustomError("schedule", "{what} must be >= {minimum}, got {value}", {"what": what, "minimum": minimum, "value": int(value)})
     return int(value)
@@ -254,12 +262,17 @@ class Schedule(Node):
 # ---------------------------------------------------------------- terms
 
 
-def _check_strength(value: float) -> float:
+def _check_strength(value: float, what: str = "strength") -> float:
     if not math.isfinite(value):
-        raise PydanticCustomError("strength", "strength must be a finite number, got {value}", {"value": value})
+        raise PydanticCustomError("strength", "{what} must be a finite number, got {value}", {"what": what, "value": value})
     if value < 0:
-        raise PydanticCustomError("strength", "strength must be >= 0, got {value}", {"value": value})
+        raise PydanticCustomError("strength", "{what} must be >= 0, got {value}", {"what": what, "value": value})
     return value + 0.0  # -0.0 becomes 0.0, so it prints as 0.0
+
+
+def kind_label(kind: str) -> str:
+    """How the language writes a kind: ``activity_l1`` is ``activity l1``."""
+    return kind.replace("_l", " l") if kind.startswith("activity_") else kind
 
 
 class _Strength(Node):
@@ -296,10 +309,8 @@ class L1Term(_Strength):
     prox: bool = False
 
 
-def _dim(value: float) -> int:
-    if not math.isfinite(value) or value != int(value):
-        raise PydanticCustomError("dim", "dim must be a whole number, got {value}", {"value": value})
-    return int(value)
+def _dim(value: Any) -> int:
+    return _whole_number(value, "dim", "dim must be a whole number, got {value}", "dim")
 
 
 class GroupLassoTerm(_Strength):
@@ -365,7 +376,7 @@ class LrMultTerm(Node):
     @field_validator("factor")
     @classmethod
     def _finite_nonnegative(cls, value: float) -> float:
-        return _check_strength(value)
+        return _check_strength(value, "lr_mult")
 
     @property
     def value(self) -> float:
@@ -412,7 +423,7 @@ class Rule(Node):
                 raise PydanticCustomError(
                     "duplicate_term",
                     "term '{kind}' appears twice in one rule; write it once",
-                    {"kind": term.kind, "at": index},
+                    {"kind": kind_label(term.kind), "at": index},
                 )
             seen.add(term.kind)
         return terms
@@ -425,7 +436,7 @@ class Rule(Node):
             raise PydanticCustomError(
                 "selector",
                 "'{term}' penalizes module outputs, but 'bias' selects parameters, never a module",
-                {"term": activity.kind.replace("_", " "), "at": f"selector.atoms.{bias}"},
+                {"term": kind_label(activity.kind), "at": f"selector.atoms.{bias}"},
             )
         return self
 

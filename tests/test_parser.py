@@ -18,13 +18,27 @@ from lark.exceptions import LarkError
 import regdsl
 from regdsl import RegDslError, RegSyntaxError, RegValidationError
 from regdsl.spec import (
+    ActivityL1Term,
+    ActivityL2Term,
     AllAtom,
+    CosineStep,
+    DecayTerm,
+    FromStep,
+    GroupLassoTerm,
+    L1Term,
     L2Term,
     LayerAtom,
+    LrMultTerm,
+    MaxNormTerm,
+    OrthogonalTerm,
     Pattern,
     Rule,
+    Schedule,
     Selector,
     Spec,
+    TypeAtom,
+    UntilStep,
+    WarmupStep,
 )
 
 INVALID = sorted((Path(__file__).parent / "data" / "parse" / "invalid").glob("*.reg"))
@@ -443,3 +457,288 @@ def test_equality_ignores_positions_and_origin():
 )
 def test_equality_sees_meaning(left: str, right: str):
     assert regdsl.parse(left) != regdsl.parse(right)
+
+
+# ---------------------------------------------------------------- issue 4: terms, options, schedules
+
+NEW_TERMS_TEXT = """\
+all l1 1e-4 prox warmup 1e2 from 50 until 5000
+layer fc2.* l2 0.01 to init cosine to 1e-3 over 10
+layer fc3.* l2 .5 to ref
+layer conv group_lasso 2 dim = 1 until 7 warmup 3
+layer conv2 group_lasso 2
+type Linear max_norm 3 dim=-1
+all orthogonal 1e-3 from 0
+type ReLU activity l1 1e-5 activity l2 2
+layer head.** lr_mult 0.1 decay 0.5 cosine to 0 over 4
+layer from, to, dim l1 1
+"""
+
+
+def test_new_terms_fill_their_fields():
+    spec = regdsl.parse(NEW_TERMS_TEXT)
+    expected = Spec(
+        statements=(
+            Rule(
+                selector=Selector(atoms=(AllAtom(),)),
+                terms=(
+                    L1Term(
+                        strength=1e-4,
+                        prox=True,
+                        schedule=Schedule(steps=(WarmupStep(steps=100), FromStep(step=50), UntilStep(step=5000))),
+                    ),
+                ),
+            ),
+            Rule(
+                selector=Selector(atoms=(LayerAtom(patterns=(Pattern(text="fc2.*"),)),)),
+                terms=(L2Term(strength=0.01, to="init", schedule=Schedule(steps=(CosineStep(end=1e-3, steps=10),))),),
+            ),
+            Rule(
+                selector=Selector(atoms=(LayerAtom(patterns=(Pattern(text="fc3.*"),)),)),
+                terms=(L2Term(strength=0.5, to="ref"),),
+            ),
+            Rule(
+                selector=Selector(atoms=(LayerAtom(patterns=(Pattern(text="conv"),)),)),
+                terms=(
+                    GroupLassoTerm(
+                        strength=2.0, dim=1, schedule=Schedule(steps=(UntilStep(step=7), WarmupStep(steps=3)))
+                    ),
+                ),
+            ),
+            Rule(
+                selector=Selector(atoms=(LayerAtom(patterns=(Pattern(text="conv2"),)),)),
+                terms=(GroupLassoTerm(strength=2.0),),
+            ),
+            Rule(
+                selector=Selector(atoms=(TypeAtom(patterns=(Pattern(text="Linear"),)),)),
+                terms=(MaxNormTerm(norm=3.0, dim=-1),),
+            ),
+            Rule(
+                selector=Selector(atoms=(AllAtom(),)),
+                terms=(OrthogonalTerm(strength=1e-3, schedule=Schedule(steps=(FromStep(step=0),))),),
+            ),
+            Rule(
+                selector=Selector(atoms=(TypeAtom(patterns=(Pattern(text="ReLU"),)),)),
+                terms=(ActivityL1Term(strength=1e-5), ActivityL2Term(strength=2.0)),
+            ),
+            Rule(
+                selector=Selector(atoms=(LayerAtom(patterns=(Pattern(text="head.**"),)),)),
+                terms=(
+                    LrMultTerm(factor=0.1),
+                    DecayTerm(strength=0.5, schedule=Schedule(steps=(CosineStep(end=0.0, steps=4),))),
+                ),
+            ),
+            Rule(
+                selector=Selector(atoms=(LayerAtom(patterns=tuple(Pattern(text=t) for t in ("from", "to", "dim"))),)),
+                terms=(L1Term(strength=1.0),),
+            ),
+        )
+    )
+    assert spec == expected
+    # == compares meaning; read the fields one by one too, so a wrong field name cannot hide.
+    rules = spec.statements
+    l1 = rules[0].terms[0]
+    assert (l1.kind, l1.strength, l1.prox) == ("l1", 1e-4, True)
+    assert [s.kind for s in l1.schedule.steps] == ["warmup", "from", "until"]
+    assert l1.schedule.get("warmup").steps == 100 and type(l1.schedule.get("warmup").steps) is int
+    assert l1.schedule.get("from").step == 50 and type(l1.schedule.get("from").step) is int
+    assert l1.schedule.get("until").step == 5000
+    assert l1.schedule.get("cosine") is None
+    assert (rules[1].terms[0].to, rules[2].terms[0].to) == ("init", "ref")
+    cosine = rules[1].terms[0].schedule.get("cosine")
+    assert (cosine.end, cosine.steps) == (1e-3, 10)
+    assert (rules[3].terms[0].dim, rules[4].terms[0].dim) == (1, 0)
+    # Schedule steps keep the order they were written in.
+    assert [s.kind for s in rules[3].terms[0].schedule.steps] == ["until", "warmup"]
+    max_norm = rules[5].terms[0]
+    assert (max_norm.kind, max_norm.norm, max_norm.value, max_norm.dim) == ("max_norm", 3.0, 3.0, -1)
+    assert [t.kind for t in rules[7].terms] == ["activity_l1", "activity_l2"]
+    assert (rules[8].terms[0].kind, rules[8].terms[0].factor, rules[8].terms[0].value) == ("lr_mult", 0.1, 0.1)
+    # Terms without options or a schedule get the defaults.
+    plain = regdsl.parse("all l1 1 l2 1").statements[0].terms
+    assert (plain[0].prox, plain[1].to, plain[0].schedule.steps, plain[1].schedule.steps) == (False, None, (), ())
+
+
+def test_new_terms_print_canonically():
+    assert regdsl.parse(NEW_TERMS_TEXT).to_source() == (
+        "all l1 0.0001 prox warmup 100 from 50 until 5000\n"
+        "layer fc2.* l2 0.01 to init cosine to 0.001 over 10\n"
+        "layer fc3.* l2 0.5 to ref\n"
+        "layer conv group_lasso 2.0 dim=1 until 7 warmup 3\n"
+        "layer conv2 group_lasso 2.0\n"
+        "type Linear max_norm 3.0 dim=-1\n"
+        "all orthogonal 0.001 from 0\n"
+        "type ReLU activity l1 1e-05 activity l2 2.0\n"
+        "layer head.** lr_mult 0.1 decay 0.5 cosine to 0.0 over 4\n"
+        "layer from, to, dim l1 1.0\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column", "end_column", "code", "mentions"),
+    [
+        # A bad number: the caret covers the number.
+        ("all l1 1 warmup 0", 1, 17, 18, "RD007", "warmup must be >= 1"),
+        ("all l1 1 warmup 1.5", 1, 17, 20, "RD007", "whole number"),
+        ("all l2 1 from -1", 1, 15, 17, "RD007", "from must be >= 0"),
+        ("all l2 1 until 0", 1, 16, 17, "RD007", "until must be >= 1"),
+        ("all l1 1 cosine to 0 over 0", 1, 27, 28, "RD007", "must be >= 1"),
+        ("all l1 1 cosine to -2 over 9", 1, 20, 22, "RD004", ">= 0"),
+        ("all group_lasso 1 dim=0.5", 1, 23, 26, "RD007", "dim must be a whole number"),
+        ("all max_norm 1 dim = 2.5", 1, 22, 25, "RD007", "dim must be a whole number"),
+        ("all max_norm 0", 1, 14, 15, "RD004", "max_norm"),
+        # A bad step: the caret covers the whole step.
+        ("all decay 1 from 10 until 5", 1, 21, 28, "RD007", "until 5 must come after from 10"),
+        ("all decay 1 until 10 from 10", 1, 13, 21, "RD007", "until 10 must come after from 10"),
+        ("all l1 1 warmup 5 from 1 warmup 6", 1, 26, 34, "RD007", "'warmup' appears twice"),
+        ("all l1 1 cosine to 0 over 3 cosine to 1 over 4", 1, 29, 47, "RD007", "'cosine' appears twice"),
+        # Earlier statements and lines do not move the position.
+        ("all l2 1\nall l2 1; all l1 1 from 3 until 2 warmup 1", 2, 27, 34, "RD007", "until 2 must come after"),
+    ],
+)
+def test_schedule_and_option_errors_point_at_the_offender(text, line, column, end_column, code, mentions):
+    err = errors_of(text)
+    assert type(err) is RegValidationError
+    (d,) = err.diagnostics
+    assert (d.line, d.column, d.end_line, d.end_column) == (line, column, line, end_column), d
+    assert d.code == code
+    assert mentions in d.message, d.message
+    assert_user_words(err)
+
+
+def test_activity_on_bias_points_at_bias():
+    err = errors_of("layer fc1 bias activity l1 1")
+    (d,) = err.diagnostics
+    assert (d.line, d.column, d.end_column, d.code) == (1, 11, 15, "RD008")
+    assert "'bias'" in d.message and "activity l1" in d.message
+    # Two activity kinds are two terms, not a duplicate.
+    (rule,) = regdsl.parse("layer fc1 activity l1 1 activity l2 1").statements
+    assert [t.kind for t in rule.terms] == ["activity_l1", "activity_l2"]
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "word"),
+    [
+        ("all max_norm 1 warmup 10", 16, "'warmup'"),
+        ("all lr_mult 2 from 5", 15, "'from'"),
+        ("all l1 1 to init", 10, "'to'"),
+        ("all l2 1 prox", 10, "'prox'"),
+        ("all group_lasso 1 dim 1", 23, "'1'"),
+        ("all l1 1 from 5 prox", 17, "'prox'"),
+    ],
+)
+def test_misplaced_options_are_syntax_errors(text: str, column: int, word: str):
+    err = errors_of(text)
+    assert type(err) is RegSyntaxError
+    (d,) = err.diagnostics
+    assert (d.line, d.column, d.code) == (1, column, "RD001")
+    assert d.message.startswith(f"unexpected {word}")
+    assert_user_words(err)
+
+
+SCHEDULED_TEXT = (
+    "all l1 1e-4 prox warmup 100 from 50 until 5000\n"
+    "layer fc.* l2 0.5 to init cosine to 0.01 over 300 warmup 7; type Linear max_norm 2 dim=1\n"
+    "type ReLU activity l2 3 until 9 lr_mult 0 group_lasso 1 dim=-2 from 1\n"
+)
+
+
+def test_from_json_round_trips_schedules_and_options():
+    spec = regdsl.parse(SCHEDULED_TEXT, "sched.reg")
+    data = spec.to_json()
+    back = Spec.from_json(data)
+    assert back == spec
+    assert back.model_dump() == spec.model_dump()
+    assert back.to_source() == spec.to_source()
+    # Step counts stay integers in JSON, and the schedule keeps its written order and positions.
+    raw = json.loads(data)
+    l1 = raw["statements"][0]["terms"][0]
+    assert l1["prox"] is True
+    assert [(s["kind"], s.get("steps", s.get("step"))) for s in l1["schedule"]["steps"]] == [
+        ("warmup", 100),
+        ("from", 50),
+        ("until", 5000),
+    ]
+    assert all(type(s.get("steps", s.get("step"))) is int for s in l1["schedule"]["steps"])
+    cosine = back.statements[1].terms[0].schedule.steps[0]
+    assert (cosine.kind, cosine.end, cosine.steps) == ("cosine", 0.01, 300)
+    assert (cosine.pos.line, cosine.pos.column) == (2, 27)
+    assert back.statements[2].terms[0].dim == 1
+    group_lasso = back.statements[3].terms[2]
+    assert (group_lasso.dim, group_lasso.schedule.get("from").step) == (-2, 1)
+    # A spec built by hand, with no positions, survives JSON as well.
+    by_hand = Spec(
+        statements=(
+            Rule(
+                selector=Selector(atoms=(AllAtom(),)),
+                terms=(
+                    OrthogonalTerm(
+                        strength=1.0,
+                        schedule=Schedule(steps=(CosineStep(end=0.5, steps=3), UntilStep(step=4), FromStep(step=2))),
+                    ),
+                ),
+            ),
+        )
+    )
+    assert Spec.from_json(by_hand.to_json()) == by_hand
+
+
+@pytest.mark.parametrize(
+    ("schedule", "mentions"),
+    [
+        ([{"kind": "warmup", "steps": 0}], "warmup must be >= 1"),
+        ([{"kind": "from", "step": 3}, {"kind": "until", "step": 3}], "until 3 must come after from 3"),
+        ([{"kind": "until", "step": 1}, {"kind": "until", "step": 2}], "appears twice"),
+        ([{"kind": "sometimes"}], "sometimes"),
+    ],
+    ids=["warmup-0", "until-not-after-from", "twice", "unknown-kind"],
+)
+def test_from_json_of_bad_schedule_is_a_validation_error(schedule, mentions: str):
+    term = {"kind": "l1", "strength": 1, "schedule": {"steps": schedule}}
+    data = json.dumps({"statements": [{"kind": "rule", "selector": _ALL, "terms": [term]}]})
+    with pytest.raises(RegValidationError) as info:
+        Spec.from_json(data)
+    assert any(mentions in d.message for d in info.value.diagnostics), [d.message for d in info.value.diagnostics]
+
+
+@pytest.mark.parametrize(
+    "term",
+    [
+        {"kind": "l1", "strength": 1, "schedule": {"steps": [{"kind": "warmup", "steps": "5"}]}},
+        {"kind": "l1", "strength": 1, "schedule": {"steps": [{"kind": "from", "step": None}]}},
+        {"kind": "group_lasso", "strength": 1, "dim": "1"},
+        {"kind": "max_norm", "norm": 1, "dim": None},
+    ],
+    ids=["warmup-str", "from-null", "dim-str", "dim-null"],
+)
+def test_from_json_of_non_numeric_step_is_a_validation_error(term):
+    data = json.dumps({"statements": [{"kind": "rule", "selector": _ALL, "terms": [term]}]})
+    with pytest.raises(RegValidationError):
+        Spec.from_json(data)
+
+
+def test_from_json_of_huge_step_is_kept_whole():
+    # Step counts are whole numbers of any size, in JSON as in text: nothing rounds them through a float.
+    data = (
+        '{"statements": [{"kind": "rule", "selector": {"atoms": [{"kind": "all"}]}, "terms": [{"kind": "l1", '
+        '"strength": 1, "schedule": {"steps": [{"kind": "warmup", "steps": ' + str(10**400) + "}]}}]}]}"
+    )
+    spec = Spec.from_json(data)
+    assert spec.statements[0].terms[0].schedule.steps[0].steps == 10**400
+    assert regdsl.parse(spec.to_source()) == spec
+
+
+def test_step_count_beyond_float_precision_round_trips_or_is_refused():
+    # Either the model refuses a step count the text cannot carry, or the text carries it.
+    try:
+        spec = Spec(
+            statements=(
+                Rule(
+                    selector=Selector(atoms=(AllAtom(),)),
+                    terms=(L1Term(strength=1.0, schedule=Schedule(steps=(WarmupStep(steps=2**53 + 1),))),),
+                ),
+            )
+        )
+    except pydantic.ValidationError:
+        return
+    assert regdsl.parse(spec.to_source()) == spec
