@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,7 @@ def test_compile_rejects_what_is_not_a_module() -> None:
 def test_example_trains_and_the_rules_change_the_head(tmp_path: Path) -> None:
     """The README's demo end to end: a .reg file on disk changes a training run."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train.py")], capture_output=True, text=True, timeout=300, cwd=ROOT
+        [sys.executable, str(ROOT / "examples" / "train.py")], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -81,11 +82,36 @@ def test_example_trains_and_the_rules_change_the_head(tmp_path: Path) -> None:
     assert with_rules < 0.95 * without
 
 
+def test_cnn_example_trains_and_each_term_shows(tmp_path: Path) -> None:
+    """examples/cnn.reg on examples/train_cnn.py: every term it uses leaves its mark on the run."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_cnn.py")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+
+    def measured(label: str) -> tuple[float, float]:
+        line = next(l for l in out.splitlines() if l.strip().startswith(label))
+        numbers = re.findall(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", line[len(line) - len(line.lstrip()) + len(label):])
+        return float(numbers[0]), float(numbers[1])
+
+    # cnn.reg: group_lasso 3e-2 on conv2, l1 0.2 prox + max_norm 1 on head.weight, activity l1 on act2.
+    assert measured("conv2 filters with norm < 0.05")[0] >= 1
+    zeros, plain_zeros = measured("exact zeros in head.weight")
+    assert zeros > 0 and plain_zeros == 0
+    assert measured("largest head row norm")[0] <= 1.0 + 1e-6
+    with_rules, without = measured("mean |activation| of act2")
+    assert with_rules < without
+    assert "(saved and restored at step 150)" in out
+    assert "activity l1:8" in out  # the module table of explain
+
+
 def test_example_reports_a_bad_rule_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.reg"
     bad.write_text("all decay 0.05\nlayer head.** l3 1\n", encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train.py"), str(bad)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(ROOT / "examples" / "train.py"), str(bad)], capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 1
     assert f"{bad}:2:15: error:" in result.stderr

@@ -12,7 +12,7 @@ from support import entry_point
 
 def run(*args: str, module: bool = False) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "regdsl"] if module else entry_point()
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.fixture
