@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .schedule import strength_at
+from .schedule import is_scheduled, strength_at
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,9 @@ class ActivityPlan:
     def __init__(self, targets: Sequence[ActivityTarget], step: int = 0):
         self.targets = list(targets)
         self._pending: list[torch.Tensor] = []
-        self._strengths = [torch.tensor(0.0, dtype=torch.float64) for _ in self.targets]
-        self._on_device: list[dict[torch.device, torch.Tensor]] = [{} for _ in self.targets]
-        self.set_step(step)
+        self._strengths = [torch.tensor(strength_at(t.term, step), dtype=torch.float64) for t in self.targets]
+        self._on_device: list[dict[tuple[torch.device, torch.dtype], torch.Tensor]] = [{} for _ in self.targets]
+        self._scheduled = [i for i, t in enumerate(self.targets) if is_scheduled(t.term)]
         plan = weakref.ref(self)
         self._handles = [
             t.module.register_forward_hook(functools.partial(_hook, plan, i)) for i, t in enumerate(self.targets)
@@ -52,8 +52,8 @@ class ActivityPlan:
 
     def set_step(self, step: int) -> None:
         with torch.no_grad():
-            for i, target in enumerate(self.targets):
-                self._strengths[i].fill_(strength_at(target.term, step))
+            for i in self._scheduled:  # a constant strength never changes
+                self._strengths[i].fill_(strength_at(self.targets[i].term, step))
                 for cached in self._on_device[i].values():
                     cached.copy_(self._strengths[i])
 

@@ -34,7 +34,18 @@ from .penalties import LossItem, PenaltyPlan
 from .printer import format_schedule
 from .schedule import always_zero, is_scheduled, strength_at
 from .select import ParamEntry, ParamTable, canonical_name, is_embedding_module, module_matches
-from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Exclude, NoneTerm, Span, Spec, kind_label
+from .spec import (
+    MODULE_TERMS,
+    NOT_REGULARIZERS,
+    PARAM_TERMS,
+    DecayTerm,
+    Exclude,
+    NoneTerm,
+    Rule,
+    Span,
+    Spec,
+    kind_label,
+)
 
 
 @dataclass(frozen=True)
@@ -186,11 +197,17 @@ def resolve(spec: Spec, model: nn.Module) -> Resolution:
     table = ParamTable(model)
     params = _Cascade(len(table), spec.origin)
     modules = _Cascade(len(table.modules), spec.origin)
+    # Modules are only targets of activity terms; without one, no statement needs them.
+    with_activity = any(t.kind in MODULE_TERMS for s in spec.statements if isinstance(s, Rule) for t in s.terms)
     matches, module_matches_ = [], []
     for statement in spec.statements:
         matched = table.select(statement.selector)
         matches.append(tuple(e.index for e in matched))
-        picked = [i for i, (name, module) in enumerate(table.modules) if _selects_module(statement.selector, name, module)]
+        picked = [
+            i
+            for i, (name, module) in enumerate(table.modules)
+            if with_activity and _selects_module(statement.selector, name, module)
+        ]
         module_matches_.append(tuple(table.modules[i][0] for i in picked))
         params.apply(statement, [e.index for e in matched if e.trainable], PARAM_TERMS)
         modules.apply(statement, picked, MODULE_TERMS)
@@ -310,6 +327,11 @@ def _reference_index(reference: Mapping[str, Any]) -> dict[str, Any]:
     return {canonical_name(k.removeprefix("module.") if strip else k): v for k, v in reference.items()}
 
 
+def _find_reference(entry: ParamEntry, index: dict[str, Any]) -> Any:
+    """The reference entry under any of the tensor's names (a tied weight has several)."""
+    return next((index[n] for n in entry.names if n in index), None)
+
+
 def reference_problems(resolution: Resolution, reference: Mapping[str, Any] | None) -> list[Diagnostic]:
     """RD105: what keeps ``l2 ... to ref`` from finding its ``w0`` in ``reference``."""
     found: dict[tuple[Setting, str], list[str]] = {}
@@ -321,7 +343,7 @@ def reference_problems(resolution: Resolution, reference: Mapping[str, Any] | No
         if reference is None:
             found.setdefault((setting, "no reference was given: compile with spec.compile(model, reference=state_dict)"), [])
             continue
-        value = next((index[n] for n in entry.names if n in index), None)
+        value = _find_reference(entry, index)
         if value is None:
             found.setdefault((setting, "the reference has no entry for"), []).append(row.name)
         elif tuple(value.shape) != tuple(entry.param.shape):
@@ -400,14 +422,14 @@ class Regularizer:
                     continue
                 term = setting.term
                 if kind == "l1" and term.prox:
-                    post.append(PostStepItem("prox", entry.param, term))
+                    post.append(PostStepItem("prox", entry.name, entry.param, term))
                     continue
                 item = LossItem(kind, entry.param, term, self._reference(entry, term, index))
                 if item.ref is not None:
                     self._references[entry.name] = item
                 loss.append(item)
             if "max_norm" in terms:
-                post.append(PostStepItem("max_norm", entry.param, terms["max_norm"].term))
+                post.append(PostStepItem("max_norm", entry.name, entry.param, terms["max_norm"].term))
         self._penalty = PenaltyPlan(loss)
         self._post = PostStepPlan(post)
         self._activity = ActivityPlan(
@@ -423,7 +445,8 @@ class Regularizer:
     @staticmethod
     def _reference(entry: ParamEntry, term: Any, index: dict[str, Any]) -> torch.Tensor | None:
         if target := getattr(term, "to", None):
-            source = entry.param if target == "init" else next(index[n] for n in entry.names if n in index)
+            source = entry.param if target == "init" else _find_reference(entry, index)
+            assert source is not None  # reference_problems() has refused a missing one
             return source.detach().to(device=entry.param.device, dtype=entry.param.dtype).clone()
         return None
 
@@ -486,7 +509,8 @@ class Regularizer:
         if self._optimizer is not None:
             raise RegUsageError("this regularizer is already attached to an optimizer; detach() first")
         self._write_decay(optimizer, strict=True)
-        self._check_prox(optimizer)
+        if self._post.prox:
+            self._post.locate(optimizer.param_groups)  # every proximal parameter must be in it
         self._hooks.append(optimizer.register_step_post_hook(functools.partial(_on_step, weakref.ref(self))))
         self._optimizer = weakref.ref(optimizer)
         return self
@@ -502,8 +526,6 @@ class Regularizer:
                 "after_step() needs the optimizer: "
                 + ("'l1 ... prox' reads each group's learning rate" if self._post.prox else "a scheduled decay is written into its groups")
             )
-        if optimizer is not None:
-            self._check_prox(optimizer)
         self._advance(optimizer)
 
     def _advance(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -540,14 +562,6 @@ class Regularizer:
                     )
                 continue
             group["weight_decay"] = strength_at(key.decay, self._step)
-
-    def _check_prox(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._post.prox:
-            return
-        present = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [e.name for e in self.table.entries if any(i.param is e.param for i in self._post.prox) and id(e.param) not in present]
-        if missing:
-            raise RegUsageError(f"'l1 ... prox' parameters are not in the optimizer: {name_list(missing)}")
 
     def detach(self) -> None:
         """Remove the optimizer hook and the forward hooks of activity terms."""

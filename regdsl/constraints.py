@@ -14,18 +14,20 @@ parameter objects is untouched. Proximal steps that share a threshold are one
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .errors import RegUsageError
 from .schedule import always_zero, strength_at
 
 
 @dataclass(frozen=True)
 class PostStepItem:
     kind: str  # "prox" or "max_norm"
+    name: str
     param: torch.Tensor
     term: Any
 
@@ -35,22 +37,39 @@ class PostStepPlan:
         kept = [i for i in items if i.param.numel() > 0 and not always_zero(i.term)]
         self.prox = [i for i in kept if i.kind == "prox"]
         self.max_norm = [i for i in kept if i.kind == "max_norm"]
+        self._groups_key: tuple[tuple[int, int], ...] | None = None
+        self._group_index: list[int] = []
 
     def __bool__(self) -> bool:
         return bool(self.prox or self.max_norm)
 
+    def locate(self, param_groups: Sequence[dict[str, Any]]) -> list[int]:
+        """For each proximal parameter, the index of its optimizer group.
+
+        Found once and kept while the optimizer's groups are the same objects, so a
+        step costs O(groups), not O(parameters); ``add_param_group`` or an optimizer
+        ``load_state_dict`` (which replaces the group dicts) makes it look again.
+        """
+        key = tuple((id(g), id(g["params"])) for g in param_groups)
+        if key != self._groups_key:
+            where = {id(p): i for i, g in enumerate(param_groups) for p in g["params"]}
+            missing = [item.name for item in self.prox if id(item.param) not in where]
+            if missing:
+                shown = ", ".join(f"'{n}'" for n in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                raise RegUsageError(f"'l1 ... prox' parameters are not in the optimizer: {shown}")
+            self._group_index = [where[id(item.param)] for item in self.prox]
+            self._groups_key = key
+        return self._group_index
+
     @torch.no_grad()
-    def apply(self, step: int, param_groups: Iterable[dict[str, Any]] | None) -> None:
-        """Run the proximal steps with the strengths of ``step``, then the constraints."""
+    def apply(self, step: int, param_groups: Sequence[dict[str, Any]] | None) -> None:
+        """Run the proximal steps with the strengths of ``step`` and each group's lr, then the constraints."""
         if self.prox:
             if param_groups is None:
-                raise ValueError("l1 ... prox needs each group's learning rate: pass the optimizer")
-            lr = {id(p): float(group["lr"]) for group in param_groups for p in group["params"]}
+                raise RegUsageError("'l1 ... prox' needs each group's learning rate: pass the optimizer")
             by_threshold: dict[tuple[float, torch.device, torch.dtype], list[torch.Tensor]] = {}
-            for item in self.prox:
-                if id(item.param) not in lr:
-                    raise ValueError(f"a parameter with 'l1 ... prox' (shape {tuple(item.param.shape)}) is not in the optimizer")
-                tau = lr[id(item.param)] * strength_at(item.term, step)
+            for item, index in zip(self.prox, self.locate(param_groups)):
+                tau = float(param_groups[index]["lr"]) * strength_at(item.term, step)
                 if tau > 0:
                     by_threshold.setdefault((tau, item.param.device, item.param.dtype), []).append(item.param)
             for (tau, _, _), params in by_threshold.items():
