@@ -18,9 +18,6 @@ if TYPE_CHECKING:  # pragma: no cover - the real import would load torch for `re
 _ALWAYS_SHOWN = ("decay", "l1", "l2")
 
 
-
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
     # Names are never cut: each column is as wide as its longest cell, numbers right-aligned.
     widths = [max(len(c) for c in column) for column in zip(header, *rows)]
