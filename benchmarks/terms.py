@@ -31,19 +31,23 @@ def build(layers: int, width: int) -> nn.Sequential:
     return nn.Sequential(*blocks, nn.Linear(width, 10))
 
 
-def timed(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
+def timed_together(fns: list[Callable[[], None]], device: torch.device, repeats: int) -> list[float]:
+    """Median time of each function, measured in interleaved rounds so that a machine
+    slowing down or speeding up mid-run shifts all of them alike."""
+    for fn in fns:
+        for _ in range(3):
+            fn()
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for fn, out in zip(fns, samples):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(s) for s in samples]
 
 
 # term -> (rule text, hand-written loss term or None, hand-written after-step or None).
@@ -89,7 +93,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=40)
     args = parser.parse_args()
     device = torch.device(args.device)
     x = torch.randn(args.batch, args.width, device=device)
@@ -114,19 +118,21 @@ def main() -> None:
     weights = [m.weight for m in model if isinstance(m, nn.Linear)]
     print(f"model: {len(weights)} Linear weights, {sum(w.numel() for w in weights):,} elements, on {device}")
     print(f"{'term':<12}  {'regdsl':>8}  {'by hand':>8}   (added to a plain AdamW step)")
-    plain_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    t_plain = timed(step_fn(model, plain_opt), device, args.repeats)
     for name, (rule, loss_ref, after_ref) in references().items():
         reg = regdsl.parse(rule).compile(model)
         opt = torch.optim.AdamW(reg.param_groups(lr=1e-4))
         reg.attach(opt)
-        t_reg = timed(step_fn(model, opt, reg.penalty), device, args.repeats)
-        reg.detach()
+        plain_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ref_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         w0s = [w.detach().clone() for w in weights]
         penalty = functools.partial(loss_ref, weights, w0s, ref_opt) if loss_ref else None
         after = functools.partial(after_ref, weights, w0s, ref_opt) if after_ref else None
-        t_ref = timed(step_fn(model, ref_opt, penalty, after), device, args.repeats)
+        t_plain, t_reg, t_ref = timed_together(
+            [step_fn(model, plain_opt), step_fn(model, opt, reg.penalty), step_fn(model, ref_opt, penalty, after)],
+            device,
+            args.repeats,
+        )
+        reg.detach()
         print(f"{name:<12}  {t_reg / t_plain - 1:+8.1%}  {t_ref / t_plain - 1:+8.1%}")
 
 
