@@ -418,8 +418,8 @@ class Regularizer:
             terms = self._rows[entry.index].terms
             for kind in ("l1", "l2", "group_lasso", "orthogonal"):
                 setting = terms.get(kind)
-                if setting is None:
-                    continue
+                if setting is None or always_zero(setting.term):
+                    continue  # a term that is 0 at every step needs nothing, not even a reference
                 term = setting.term
                 if kind == "l1" and term.prox:
                     post.append(PostStepItem("prox", entry.name, entry.param, term))

@@ -744,3 +744,58 @@ def test_zero_strength_on_an_unusable_parameter_compiles(text: str) -> None:
     model = LAYOUTS["linear"].make(torch.float32)
     reg = regdsl.parse(text).compile(model)
     assert float(reg.penalty().detach()) == 0.0
+
+
+# ---------------------------------------------------------------- RD105: the reference of 'l2 ... to ref'
+
+
+class _Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+
+def _rd105(text: str, model: nn.Module, reference) -> regdsl.Diagnostic:
+    with pytest.raises(regdsl.RegCompileError) as caught:
+        regdsl.parse(text, "ref.reg").compile(model, reference=reference)
+    (diagnostic,) = caught.value.diagnostics
+    assert diagnostic.code == "RD105" and diagnostic.file == "ref.reg"
+    return diagnostic
+
+
+def test_to_ref_without_a_reference_is_an_error_at_the_term() -> None:
+    d = _rd105("layer a.weight l2 0.5 to ref\n", _Two(), None)
+    assert (d.line, d.column) == (1, 16)
+    assert "no reference was given" in d.message and "reference=state_dict" in d.message
+
+
+def test_to_ref_names_the_parameters_the_reference_lacks_or_gets_wrong() -> None:
+    model = _Two()
+    reference = {"a.weight": torch.zeros(4, 3)}  # no b.weight
+    d = _rd105("all l2 0.5 to ref\nexclude bias\n", model, reference)
+    assert "has no entry for 'b.weight'" in d.message and "a.weight" not in d.message
+    reference = {"a.weight": torch.zeros(3, 4), "b.weight": torch.zeros(2, 4)}
+    d = _rd105("all l2 0.5 to ref\nexclude bias\n", model, reference)
+    assert "shape (3, 4) differs from the parameter's (4, 3) for 'a.weight'" in d.message
+
+
+def test_to_ref_of_strength_zero_needs_no_reference() -> None:
+    reg = regdsl.parse("all l2 0 to ref").compile(_Two())
+    assert float(reg.penalty()) == 0.0
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod."])
+def test_to_ref_reads_wrapped_state_dict_keys_and_converts_dtype(prefix: str) -> None:
+    # A state_dict saved from a DDP- or torch.compile-wrapped model, in float64, for a float32 model.
+    model = _Two()
+    w0 = torch.randn(4, 3, dtype=torch.float64)
+    reference = {f"{prefix}a.weight": w0, f"{prefix}a.bias": torch.zeros(4, dtype=torch.float64)}
+    reg = regdsl.parse("layer a.weight l2 0.5 to ref").compile(model, reference=reference)
+    expected = 0.5 / 2 * ((model.a.weight.detach().double() - w0.float().double()) ** 2).sum()
+    value = reg.penalty()
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-7)
+    # The reference is a copy: changing the state_dict afterwards changes nothing.
+    w0.zero_()
+    torch.testing.assert_close(reg.penalty(), value)
