@@ -799,3 +799,84 @@ def test_to_ref_reads_wrapped_state_dict_keys_and_converts_dtype(prefix: str) ->
     # The reference is a copy: changing the state_dict afterwards changes nothing.
     w0.zero_()
     torch.testing.assert_close(reg.penalty(), value)
+
+
+# ---------------------------------------------------------------- real models: GPT-2 and BERT
+
+
+def _hf_reference(model: nn.Module, terms_for) -> torch.Tensor:
+    """Σ over named_parameters() (a tied tensor once) of the plain formulas, in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, p in model.named_parameters():
+        w = p.detach().double()
+        for kind, value in terms_for(name, p).items():
+            if kind == "orthogonal":
+                m = w.reshape(w.shape[0], -1)
+                g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+                total += value * ((g - torch.eye(g.shape[0], dtype=torch.float64)) ** 2).sum()
+            elif kind == "group_lasso_dim1":
+                total += value * w.pow(2).sum(dim=0).sqrt().sum()
+            elif kind == "l2_to_init":
+                total += value / 2 * ((w - INIT[name]) ** 2).sum()
+    return total
+
+
+INIT: dict[str, torch.Tensor] = {}
+
+
+def test_gpt2_conv1d_tied_head_and_activity_on_the_mlp() -> None:
+    pytest.importorskip("transformers")
+    from models import gpt2
+
+    model = gpt2()
+    rules = (
+        "type Conv1D layer **.weight orthogonal 1e-3 group_lasso 1e-2 dim=1\n"
+        "layer lm_head.weight l2 0.1 to init\n"  # the tied wte/lm_head tensor, penalized once
+        "layer transformer.h.*.mlp activity l2 1e-3\n"
+    )
+    reg = regdsl.parse(rules).compile(model)
+    INIT.clear()
+    INIT["transformer.wte.weight"] = model.transformer.wte.weight.detach().double().clone()
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(0.01)  # move away from init: the anchor term is not 0
+
+    def terms_for(name: str, p: torch.Tensor) -> dict[str, float]:
+        if name == "transformer.wte.weight":
+            return {"l2_to_init": 0.1}
+        # GPT-2's Conv1D weights are attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj (stored in, out).
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            return {"orthogonal": 1e-3, "group_lasso_dim1": 1e-2}
+        return {}
+
+    outputs = []
+    for block in model.transformer.h:
+        block.mlp.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().double()))
+    ids = torch.randint(100, (3, 8), generator=torch.Generator().manual_seed(0))
+    model(ids)
+    activity = sum(1e-3 / 2 * (a**2).sum() / a.shape[0] for a in outputs)
+    expected = _hf_reference(model, terms_for) + activity
+    torch.testing.assert_close(reg.penalty().double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bert_orthogonal_on_attention_and_prox_on_the_tied_decoder() -> None:
+    pytest.importorskip("transformers")
+    from models import bert
+
+    model = bert()
+    rules = "layer **.attention.self.*.weight orthogonal 1e-2\nembedding l1 0.5 prox\n"
+    reg = regdsl.parse(rules).compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+    reg.attach(opt)
+
+    def terms_for(name: str, p: torch.Tensor) -> dict[str, float]:
+        return {"orthogonal": 1e-2} if ".attention.self." in name and name.endswith("weight") else {}
+
+    torch.testing.assert_close(reg.penalty().double(), _hf_reference(model, terms_for), rtol=1e-5, atol=1e-6)
+    # One step without gradients: only the proximal step moves the embeddings (the decoder is tied
+    # to word_embeddings, so it is one tensor and thresholded once: by lr·λ = 0.05, not twice).
+    words = model.bert.embeddings.word_embeddings.weight
+    before = words.detach().clone()
+    opt.step()
+    expected = torch.sign(before) * torch.clamp(before.abs() - 0.05, min=0)
+    torch.testing.assert_close(words.detach(), expected)
+    assert model.cls.predictions.decoder.weight is words
