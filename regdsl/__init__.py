@@ -3,6 +3,7 @@
     spec = regdsl.load("rules.reg")
     reg = spec.compile(model)
     opt = torch.optim.AdamW(reg.param_groups(lr=1e-3))
+    reg.attach(opt)  # proximal steps, max-norm and schedules after each opt.step()
     loss = criterion(model(x), y) + reg.penalty()
 """
 
@@ -20,7 +21,17 @@ from .errors import (
 from .spec import Spec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .compiler import Coverage, GroupSummary, ParamRow, Regularizer, Resolution, Setting, compile, resolve
+    from .compiler import (
+        Coverage,
+        GroupSummary,
+        ModuleRow,
+        ParamRow,
+        Regularizer,
+        Resolution,
+        Setting,
+        compile,
+        resolve,
+    )
     from .formatter import format_source
     from .lint import check
     from .report import format_explain, format_groups
@@ -33,6 +44,7 @@ _LAZY = {
     "check": "lint",
     "format_source": "formatter",
     "GroupSummary": "compiler",
+    "ModuleRow": "compiler",
     "ParamRow": "compiler",
     "Regularizer": "compiler",
     "Setting": "compiler",
@@ -55,6 +67,7 @@ __all__ = [
     "Coverage",
     "Diagnostic",
     "GroupSummary",
+    "ModuleRow",
     "ParamRow",
     "RegCompileError",
     "RegDslError",
