@@ -8,17 +8,16 @@ Compares, on the same model and the same rule (`all l2 1e-4`, plus `exclude bias
   read     a one-pass read of the same parameters (`torch._foreach_norm`, no strengths, no grouping):
            the floor any penalty must pay
 each forward+backward, and a plain training step (forward, backward, AdamW step) without any penalty,
-so the last column says what the penalty adds to a step. Times are medians of repeated runs; only
-the ratios are meant to be compared, and only within one run.
+so the last column says what the penalty adds to a step. Times are medians of interleaved rounds
+(benchmarks/timing.py); only the ratios are meant to be compared, and only within one run.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import timed_together
 from torch import nn
 
 import regdsl
@@ -29,21 +28,6 @@ def build(layers: int, width: int) -> nn.Module:
     for _ in range(layers):
         blocks += [nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)]
     return nn.Sequential(*blocks, nn.Linear(width, 10))
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -81,12 +65,18 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    t_loop = timed(loop, device, args.repeats)
-    t_reg = timed(with_regdsl, device, args.repeats)
-    t_read = timed(read, device, args.repeats)
-    t_step = timed(step, device, args.repeats)
-    t_step_reg = timed(lambda: step(reg.penalty), device, args.repeats)
-    t_step_loop = timed(lambda: step(lambda: 1e-4 / 2 * sum(p.pow(2).sum() for p in params)), device, args.repeats)
+    t_loop, t_reg, t_read, t_step, t_step_reg, t_step_loop = timed_together(
+        [
+            loop,
+            with_regdsl,
+            read,
+            step,
+            lambda: step(reg.penalty),
+            lambda: step(lambda: 1e-4 / 2 * sum(p.pow(2).sum() for p in params)),
+        ],
+        device,
+        args.repeats,
+    )
 
     print(f"model: {len(params)} penalized tensors, {sum(p.numel() for p in params):,} elements, on {device}")
     print(f"penalty forward+backward, relative to a one-pass read:  regdsl {t_reg / t_read:5.2f}x   loop {t_loop / t_read:5.2f}x")

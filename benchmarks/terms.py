@@ -6,19 +6,17 @@ For each term, on the same MLP and the same selection (every Linear weight), thr
 steps (forward, backward, AdamW step) are timed: plain (no term), with the term through regdsl
 (`reg.penalty()` in the loss and `reg.attach(opt)` for what runs after the step), and with a
 hand-written reference: the per-parameter loop a tutorial would write. The printed numbers are
-what each adds to the plain step. Times are medians of repeated runs; only the ratios are meant
-to be compared, and only within one run.
+what each adds to the plain step. Times are medians of interleaved rounds (benchmarks/timing.py);
+only the ratios are meant to be compared, and only within one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from timing import timed_together
 from torch import nn
 
 import regdsl
@@ -29,25 +27,6 @@ def build(layers: int, width: int) -> nn.Sequential:
     for _ in range(layers):
         blocks += [nn.Linear(width, width), nn.ReLU()]
     return nn.Sequential(*blocks, nn.Linear(width, 10))
-
-
-def timed_together(fns: list[Callable[[], None]], device: torch.device, repeats: int) -> list[float]:
-    """Median time of each function, measured in interleaved rounds so that a machine
-    slowing down or speeding up mid-run shifts all of them alike."""
-    for fn in fns:
-        for _ in range(3):
-            fn()
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, samples):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - start)
-    return [statistics.median(s) for s in samples]
 
 
 # term -> (rule text, hand-written loss term or None, hand-written after-step or None).
