@@ -9,7 +9,7 @@ evaluation passes cost nothing and leave nothing behind) and are consumed by the
 next ``penalty()``.
 
 The hooks hold only a weak reference to the plan: dropping the regularizer
-removes them, as does ``detach()``.
+removes them, as does ``detach()``; ``attach()`` installs them again.
 """
 
 from __future__ import annotations
@@ -41,11 +41,18 @@ class ActivityPlan:
         self._strengths = [torch.tensor(strength_at(t.term, step), dtype=torch.float64) for t in self.targets]
         self._on_device: list[dict[tuple[torch.device, torch.dtype], torch.Tensor]] = [{} for _ in self.targets]
         self._scheduled = [i for i, t in enumerate(self.targets) if is_scheduled(t.term)]
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._finalizer = weakref.finalize(self, _remove, self._handles)
+        self.register()
+
+    def register(self) -> None:
+        """Install the forward hooks (again, after :meth:`remove`); a no-op while installed."""
+        if self._handles or not self.targets:
+            return
         plan = weakref.ref(self)
-        self._handles = [
+        self._handles += [
             t.module.register_forward_hook(functools.partial(_hook, plan, i)) for i, t in enumerate(self.targets)
         ]
-        self._finalizer = weakref.finalize(self, _remove, list(self._handles))
 
     def __bool__(self) -> bool:
         return bool(self.targets)
@@ -86,7 +93,7 @@ class ActivityPlan:
         return pending
 
     def remove(self) -> None:
-        self._finalizer()
+        _remove(self._handles)
         self._pending = []
 
 
@@ -97,6 +104,6 @@ def _hook(plan_ref: weakref.ref[ActivityPlan], index: int, module: nn.Module, ar
 
 
 def _remove(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
-    for handle in handles:
-        handle.remove()
+    while handles:
+        handles.pop().remove()
 

@@ -32,6 +32,7 @@ from .constraints import PostStepItem, PostStepPlan
 from .errors import Diagnostic, RegCompileError, RegUsageError, source_line_at
 from .penalties import LossItem, PenaltyPlan
 from .printer import format_schedule
+from .report import module_label
 from .schedule import always_zero, is_scheduled, strength_at
 from .select import ParamEntry, ParamTable, canonical_name, is_embedding_module, module_matches
 from .spec import (
@@ -321,10 +322,14 @@ def unusable_terms(resolution: Resolution) -> list[Diagnostic]:
 
 
 def _reference_index(reference: Mapping[str, Any]) -> dict[str, Any]:
-    """Reference keys as parameter names: wrapper segments removed, and DDP's ``module.`` when every key has it."""
-    keys = list(reference)
-    strip = bool(keys) and all(k.startswith("module.") for k in keys)
-    return {canonical_name(k.removeprefix("module.") if strip else k): v for k, v in reference.items()}
+    """Reference keys as parameter names: wrapper segments removed, and DDP's ``module.`` when every
+    key has it. The key as written wins where both readings exist (a model's own child may be
+    called ``module``)."""
+    index = {canonical_name(k): v for k, v in reference.items()}
+    if index and all(k.startswith("module.") for k in reference):
+        for key, value in reference.items():
+            index.setdefault(canonical_name(key.removeprefix("module.")), value)
+    return index
 
 
 def _find_reference(entry: ParamEntry, index: dict[str, Any]) -> Any:
@@ -406,6 +411,8 @@ class Regularizer:
         self._rows = self.resolution.rows
         self._groups = self.resolution.groups()
         self._step = 0
+        self._decay_identity: tuple[tuple[int, int], ...] | None = None
+        self._decay_index: list[tuple[GroupKey, int]] = []
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
         self._hooks: list[Any] = []
         self._hook_finalizer = weakref.finalize(self, _remove_all, self._hooks)
@@ -425,7 +432,7 @@ class Regularizer:
                     post.append(PostStepItem("prox", entry.name, entry.param, term))
                     continue
                 item = LossItem(kind, entry.param, term, self._reference(entry, term, index))
-                if item.ref is not None:
+                if item.reference is not None:
                     self._references[entry.name] = item
                 loss.append(item)
             if "max_norm" in terms:
@@ -447,7 +454,8 @@ class Regularizer:
         if target := getattr(term, "to", None):
             source = entry.param if target == "init" else _find_reference(entry, index)
             assert source is not None  # reference_problems() has refused a missing one
-            return source.detach().to(device=entry.param.device, dtype=entry.param.dtype).clone()
+            # A copy in the source's own precision (a float64 pretrained state stays float64).
+            return source.detach().to(device=entry.param.device, copy=True)
         return None
 
     def _bad_output(self, setting: Setting) -> Any:
@@ -459,7 +467,7 @@ class Regularizer:
                 [
                     model_diagnostic(
                         spec, setting.pos, "RD106",
-                        f"'{kind}' needs a tensor output, but module '{name}' returned a {type_name}; "
+                        f"'{kind}' needs a tensor output, but module '{module_label(name)}' returned a {type_name}; "
                         "select a submodule whose output is one tensor",
                     )
                 ]
@@ -508,9 +516,10 @@ class Regularizer:
         """
         if self._optimizer is not None:
             raise RegUsageError("this regularizer is already attached to an optimizer; detach() first")
-        self._write_decay(optimizer, strict=True)
         if self._post.prox:
             self._post.locate(optimizer.param_groups)  # every proximal parameter must be in it
+        self._write_decay(optimizer)
+        self._activity.register()  # after a detach(), the forward hooks come back too
         self._hooks.append(optimizer.register_step_post_hook(functools.partial(_on_step, weakref.ref(self))))
         self._optimizer = weakref.ref(optimizer)
         return self
@@ -521,7 +530,7 @@ class Regularizer:
         (and scheduled ``decay``, written into ``optimizer``'s groups) moves to the next step."""
         if self._optimizer is not None:
             raise RegUsageError("after_step() on an attached regularizer would count each step twice")
-        if optimizer is None and (self._post.prox or self._scheduled_decay()):
+        if optimizer is None and (self._post.prox or any(k.decay and is_scheduled(k.decay) for k, _ in self._groups)):
             raise RegUsageError(
                 "after_step() needs the optimizer: "
                 + ("'l1 ... prox' reads each group's learning rate" if self._post.prox else "a scheduled decay is written into its groups")
@@ -539,29 +548,33 @@ class Regularizer:
         self._penalty.set_step(step)
         self._activity.set_step(step)
         if optimizer is not None:
-            self._write_decay(optimizer, strict=False)
+            self._write_decay(optimizer)
 
-    def _scheduled_decay(self) -> list[tuple[GroupKey, list[ParamEntry]]]:
-        return [(key, members) for key, members in self._groups if key.decay is not None and is_scheduled(key.decay)]
+    def _write_decay(self, optimizer: torch.optim.Optimizer) -> None:
+        """Write each scheduled decay's value at this step into its optimizer group."""
+        for key, index in self._decay_groups(optimizer):
+            optimizer.param_groups[index]["weight_decay"] = strength_at(key.decay, self._step)
 
-    def _write_decay(self, optimizer: torch.optim.Optimizer, strict: bool) -> None:
-        scheduled = self._scheduled_decay()
-        if not scheduled:
-            return
-        by_first = {id(g["params"][0]): g for g in optimizer.param_groups if g["params"]}
-        for key, members in scheduled:
-            group = by_first.get(id(members[0].param))
-            # Only a group holding exactly these tensors: a wider one would decay what the rules exclude.
-            if group is not None and strict and {id(p) for p in group["params"]} != {id(e.param) for e in members}:
-                group = None
-            if group is None:
-                if strict:
+    def _decay_groups(self, optimizer: torch.optim.Optimizer) -> list[tuple[GroupKey, int]]:
+        """The optimizer group of each scheduled decay: one holding exactly its tensors, since a
+        wider one would decay what the rules exclude. Found once per set of optimizer groups."""
+        groups = optimizer.param_groups
+        identity = tuple((id(g), id(g["params"])) for g in groups)
+        if identity != self._decay_identity:
+            found = []
+            for key, members in self._groups:
+                if key.decay is None or not is_scheduled(key.decay):
+                    continue
+                wanted = {id(e.param) for e in members}
+                index = next((i for i, g in enumerate(groups) if {id(p) for p in g["params"]} == wanted), None)
+                if index is None:
                     raise RegUsageError(
                         f"the optimizer has no group '{key.name}': build it from reg.param_groups() "
                         "so a scheduled decay can be written into it"
                     )
-                continue
-            group["weight_decay"] = strength_at(key.decay, self._step)
+                found.append((key, index))
+            self._decay_index, self._decay_identity = found, identity
+        return self._decay_index
 
     def detach(self) -> None:
         """Remove the optimizer hook and the forward hooks of activity terms."""
@@ -589,7 +602,7 @@ class Regularizer:
 
     def state_dict(self) -> dict[str, Any]:
         """The step counter and every ``w0`` of ``l2 ... to init|ref``, keyed by parameter name."""
-        return {"step": self._step, "references": {name: item.ref for name, item in self._references.items()}}
+        return {"step": self._step, "references": {name: item.reference for name, item in self._references.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`: schedules continue from the saved step, references are the saved ones."""
@@ -607,7 +620,8 @@ class Regularizer:
                     f"the parameter {_shape_text(tuple(item.param.shape))}"
                 )
         for name, item in self._references.items():
-            item.ref = saved[name].detach().to(device=item.param.device, dtype=item.param.dtype).clone()
+            item.reference, item.ref = saved[name].detach().to(device=item.param.device, copy=True), None
+            item.follow()
         optimizer = self._optimizer() if self._optimizer is not None else None
         self._set_step(step, optimizer)
 

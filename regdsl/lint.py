@@ -203,6 +203,8 @@ def _dead_rules(res: Resolution) -> Iterable[Diagnostic]:
     for index, statement in enumerate(statements):
         if not isinstance(statement, Rule) or not trainable[index] or not _acts_on_params(statement):
             continue
+        if _acts_on_modules(statement):
+            continue  # its activity terms are effects too, and they are not judged here
         if all(isinstance(t, NoneTerm) for t in statement.terms):
             continue  # a pure 'none' rule's effect depends on what came before; not judged here
         # A 'none' among other terms clears every regularization kind, so each is an effect of the rule.

@@ -56,11 +56,25 @@ class LossItem:
     kind: str  # "l1", "l2", "group_lasso" or "orthogonal"
     param: torch.Tensor
     term: Any
-    ref: torch.Tensor | None = None
+    reference: torch.Tensor | None = None  # w₀ as captured or loaded, in its own precision
+    ref: torch.Tensor | None = None  # w₀ in the parameter's current dtype and device
+
+    def __post_init__(self) -> None:
+        self.follow()
+
+    def follow(self) -> None:
+        """Put ``ref`` where the parameter is now. The reference keeps its own precision, so a
+        ``model.half()`` and back does not round it; only its device follows the parameter."""
+        if self.reference is None:
+            return
+        if self.reference.device != self.param.device:
+            self.reference = self.reference.to(self.param.device)
+        if self.ref is None or self.ref.device != self.param.device or self.ref.dtype != self.param.dtype:
+            self.ref = self.reference.to(self.param.dtype)
 
     @property
     def family(self) -> str:
-        return "l2_to" if self.ref is not None else self.kind
+        return "l2_to" if self.reference is not None else self.kind
 
 
 def _group_lasso(w: torch.Tensor, term: Any, acc: torch.dtype) -> torch.Tensor:
@@ -135,8 +149,7 @@ class PenaltyPlan:
 
     def _build(self) -> None:
         for item in self.items:
-            if item.ref is not None and (item.ref.device != item.param.device or item.ref.dtype != item.param.dtype):
-                item.ref = item.ref.to(device=item.param.device, dtype=item.param.dtype)
+            item.follow()
         grouped: dict[tuple[str, torch.device, torch.dtype], list[LossItem]] = {}
         for item in self.items:
             grouped.setdefault((item.family, item.param.device, item.param.dtype), []).append(item)

@@ -14,6 +14,11 @@ from .spec import MODULE_TERMS, PARAM_TERMS, kind_label
 if TYPE_CHECKING:  # pragma: no cover - the real import would load torch for `regdsl check FILE`
     from .compiler import Coverage, GroupSummary, ModuleRow, ParamRow
 
+def module_label(name: str) -> str:
+    """A module's name for people: the root module's name is empty."""
+    return name or "(model)"
+
+
 # Columns explain always shows; other kinds get a column only when some row has them.
 _ALWAYS_SHOWN = ("decay", "l1", "l2")
 
@@ -67,7 +72,7 @@ def format_explain(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) 
     text = _table(header, body, right=[numel_column])
     if modules:
         module_body = [
-            [m.name, m.class_name, *(_value(m.terms[k]) if k in m.terms else "-" for k in MODULE_TERMS), _set_by(m)]
+            [module_label(m.name), m.class_name, *(_value(m.terms[k]) if k in m.terms else "-" for k in MODULE_TERMS), _set_by(m)]
             for m in modules
         ]
         text += "\n\n" + _table(["module output", "class", *map(kind_label, MODULE_TERMS), "set by (line)"], module_body)

@@ -146,11 +146,11 @@ class ParamTable:
             for i, (param, names, owners) in enumerate(by_tensor.values())
         ]
         self.module_names = module_names
-        # Each module object once, under its first name; the root is no target of its own.
+        # Each module object once, under its first name; the root is "" (the model's own output).
         seen: set[int] = set()
         self.modules: list[tuple[str, nn.Module]] = []
         for name, module in module_names.items():
-            if name and id(module) not in seen:
+            if id(module) not in seen:
                 seen.add(id(module))
                 self.modules.append((name, module))
         self.modules_by_name = dict(self.modules)

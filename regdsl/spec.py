@@ -258,6 +258,10 @@ class Schedule(Node):
     def get(self, kind: str) -> Any:
         return next((s for s in self.steps if s.kind == kind), None)
 
+    def _meaning(self) -> tuple[Any, ...]:
+        # Written order carries no meaning: 'warmup 3 from 2' is 'from 2 warmup 3' (one group, not two).
+        return (tuple(sorted(self.steps, key=lambda s: s.kind)),)
+
 
 # ---------------------------------------------------------------- terms
 

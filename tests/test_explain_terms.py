@@ -494,3 +494,9 @@ def test_a_decay_that_grows_from_zero_is_named_by_its_term_and_lr_mult_1_adds_no
         ("decay=0.0 cosine to 0.01 over 100", ("conv1.weight", "conv2.weight", "head.weight")),
         ("no_decay", ("conv1.bias", "bn1.weight", "bn1.bias", "head.bias")),
     ]
+
+
+def test_a_rule_with_an_activity_term_is_never_dead() -> None:
+    # Line 2 overrides line 1's l2 everywhere, but line 1's activity term still acts on conv1's output.
+    spec = regdsl.parse("layer conv1 l2 0.1 activity l1 0.5\nall l2 0.2\n", "r.reg")
+    assert regdsl.check(spec, act_cnn()) == []

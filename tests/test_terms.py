@@ -880,3 +880,15 @@ def test_bert_orthogonal_on_attention_and_prox_on_the_tied_decoder() -> None:
     expected = torch.sign(before) * torch.clamp(before.abs() - 0.05, min=0)
     torch.testing.assert_close(words.detach(), expected)
     assert model.cls.predictions.decoder.weight is words
+
+
+def test_to_ref_prefers_the_key_as_written_when_a_child_is_called_module() -> None:
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = _Two()  # the user's own attribute, not a DDP wrapper
+
+    model = Wrapper()
+    reference = {k: v + 1 for k, v in model.state_dict().items()}
+    reg = regdsl.parse("layer module.a.weight l2 2.0 to ref").compile(model, reference=reference)
+    torch.testing.assert_close(reg.penalty(), torch.tensor(2.0 / 2 * 12))  # (w - (w+1))² = 1 per element

@@ -794,3 +794,59 @@ def test_every_term_runs_on_cuda_as_on_cpu() -> None:
     assert runs["cuda"][0] == pytest.approx(runs["cpu"][0], rel=1e-4)
     for name, value in runs["cpu"][1].items():
         torch.testing.assert_close(runs["cuda"][1][name], value, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- found in review
+
+
+def test_after_step_refuses_a_wider_group_for_a_scheduled_decay() -> None:
+    # Writing the decay into SGD(model.parameters())'s one group would decay fc1.bias, fc2.*, head.*.
+    model = make_model()
+    reg = regdsl.parse("layer fc1.weight decay 0.1 warmup 2").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.0)
+    opt.step()
+    with pytest.raises(regdsl.RegUsageError, match="no group 'decay=0.1 warmup 2'"):
+        reg.after_step(opt)
+    assert opt.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_attach_after_detach_brings_the_activity_hooks_back() -> None:
+    model = make_model()
+    reg = regdsl.parse("layer fc1 activity l1 1.0").compile(model)
+    reg.attach(torch.optim.SGD(reg.param_groups(lr=0.1)))
+    reg.detach()
+    assert not model.fc1._forward_hooks
+    reg.attach(torch.optim.SGD(reg.param_groups(lr=0.1)))
+    x, _ = data()
+    captured = model.fc1(x)
+    expected = captured.abs().sum() / x.shape[0]
+    torch.testing.assert_close(reg.penalty(), expected.detach(), check_dtype=False)
+
+
+def test_a_half_round_trip_does_not_round_the_init_reference() -> None:
+    model = make_model()
+    w0 = model.fc1.weight.detach().clone()
+    reg = regdsl.parse("layer fc1.weight l2 1.0 to init").compile(model)
+    model.half()
+    reg.penalty()  # the reference follows the half model...
+    model.float()
+    with torch.no_grad():
+        model.fc1.weight.copy_(w0)
+    assert reg.penalty().item() == 0.0  # ...and comes back exact
+    assert torch.equal(reg.state_dict()["references"]["fc1.weight"], w0)
+
+
+def test_a_model_that_is_one_layer_is_an_activity_target() -> None:
+    layer = nn.Linear(3, 2)
+    reg = regdsl.parse("all activity l2 2.0").compile(layer)
+    x = torch.randn(4, 3)
+    out = layer(x)
+    torch.testing.assert_close(reg.penalty(), (2.0 / 2 * out.pow(2).sum() / 4).detach())
+    assert [m.name for m in reg.explain_modules()] == [""]
+    assert "(model)" in regdsl.format_explain(reg.explain(), reg.explain_modules())
+
+
+def test_schedule_steps_in_another_order_share_a_group() -> None:
+    model = make_model()
+    reg = regdsl.parse("all decay 0.1 warmup 3 from 2\nlayer head.** decay 0.1 from 2 warmup 3").compile(model)
+    assert len(reg.param_groups()) == 1
