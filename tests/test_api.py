@@ -116,3 +116,39 @@ def test_example_reports_a_bad_rule_file(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"{bad}:2:15: error:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _readme_sessions() -> list[tuple[str, str]]:
+    """Each ``$ regdsl check|explain ...`` in README.md's code blocks, with the output printed under it."""
+    blocks, current = [], None
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current = []
+            else:
+                blocks.append("\n".join(current) + "\n")
+                current = None
+        elif current is not None:
+            current.append(line)
+    sessions: list[tuple[str, str]] = []
+    for block in blocks:
+        parts = re.split(r"^\$ (.*)\n", block, flags=re.MULTILINE)
+        for command, output in zip(parts[1::2], parts[2::2]):
+            if command.startswith(("regdsl check", "regdsl explain")):
+                sessions.append((command, output.rstrip("\n")))
+    return sessions
+
+
+@pytest.mark.parametrize(("command", "shown"), _readme_sessions(), ids=lambda v: v if v.startswith("regdsl") else "")
+def test_readme_shows_what_the_commands_print(command: str, shown: str) -> None:
+    # The README is documentation of behaviour: an output it shows must be the output the code prints.
+    if "tiny_gpt2" in command:
+        pytest.importorskip("transformers")
+    import shlex
+
+    argv = shlex.split(command)[1:]
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from regdsl.cli import main; sys.exit(main(sys.argv[1:]))", *argv],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+    )
+    assert (result.stdout + result.stderr).rstrip("\n") == shown
