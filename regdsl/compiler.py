@@ -411,6 +411,7 @@ class Regularizer:
         self._rows = self.resolution.rows
         self._groups = self.resolution.groups()
         self._step = 0
+        self._scheduled_decays = [(k, m) for k, m in self._groups if k.decay is not None and is_scheduled(k.decay)]
         self._decay_identity: tuple[tuple[int, int], ...] | None = None
         self._decay_index: list[tuple[GroupKey, int]] = []
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
@@ -530,7 +531,7 @@ class Regularizer:
         (and scheduled ``decay``, written into ``optimizer``'s groups) moves to the next step."""
         if self._optimizer is not None:
             raise RegUsageError("after_step() on an attached regularizer would count each step twice")
-        if optimizer is None and (self._post.prox or any(k.decay and is_scheduled(k.decay) for k, _ in self._groups)):
+        if optimizer is None and (self._post.prox or self._scheduled_decays):
             raise RegUsageError(
                 "after_step() needs the optimizer: "
                 + ("'l1 ... prox' reads each group's learning rate" if self._post.prox else "a scheduled decay is written into its groups")
@@ -558,13 +559,13 @@ class Regularizer:
     def _decay_groups(self, optimizer: torch.optim.Optimizer) -> list[tuple[GroupKey, int]]:
         """The optimizer group of each scheduled decay: one holding exactly its tensors, since a
         wider one would decay what the rules exclude. Found once per set of optimizer groups."""
+        if not self._scheduled_decays:
+            return []
         groups = optimizer.param_groups
         identity = tuple((id(g), id(g["params"])) for g in groups)
         if identity != self._decay_identity:
             found = []
-            for key, members in self._groups:
-                if key.decay is None or not is_scheduled(key.decay):
-                    continue
+            for key, members in self._scheduled_decays:
                 wanted = {id(e.param) for e in members}
                 index = next((i for i, g in enumerate(groups) if {id(p) for p in g["params"]} == wanted), None)
                 if index is None:
