@@ -14,10 +14,8 @@ so the last column says what the penalty adds to a step. Times are medians of in
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from timing import timed_together
+from timing import parse_args, timed_together
 from torch import nn
 
 import regdsl
@@ -31,13 +29,7 @@ def build(layers: int, width: int) -> nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=30)
-    args = parser.parse_args()
+    args = parse_args(layers=12, repeats=30)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build(args.layers, args.width).to(device)

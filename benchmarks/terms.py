@@ -12,11 +12,10 @@ only the ratios are meant to be compared, and only within one run.
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
-from timing import timed_together
+from timing import parse_args, timed_together
 from torch import nn
 
 import regdsl
@@ -67,13 +66,7 @@ def references(lam: float = 1e-4):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=40)
-    args = parser.parse_args()
+    args = parse_args(layers=8, repeats=40)
     device = torch.device(args.device)
     x = torch.randn(args.batch, args.width, device=device)
     y = torch.randint(10, (args.batch,), device=device)

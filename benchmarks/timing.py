@@ -1,7 +1,8 @@
-"""The one timing rule both benchmarks use: medians of interleaved rounds."""
+"""What both benchmarks share: their command-line options and one timing rule (medians of interleaved rounds)."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -26,3 +27,14 @@ def timed_together(fns: list[Callable[[], None]], device: torch.device, repeats:
                 torch.cuda.synchronize()
             out.append(time.perf_counter() - start)
     return [statistics.median(s) for s in samples]
+
+
+def parse_args(layers: int, repeats: int) -> argparse.Namespace:
+    """``--device --layers --width --batch --repeats``; the defaults that differ are the caller's."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser.parse_args()
