@@ -14,6 +14,7 @@ from .errors import (
     Diagnostic,
     RegCompileError,
     RegDslError,
+    RegDslWarning,
     RegSyntaxError,
     RegUsageError,
     RegValidationError,
@@ -21,33 +22,24 @@ from .errors import (
 from .spec import Spec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .compiler import (
-        Coverage,
-        GroupSummary,
-        ModuleRow,
-        ParamRow,
-        Regularizer,
-        Resolution,
-        Setting,
-        compile,
-        resolve,
-    )
+    from .compiler import Regularizer, compile
     from .formatter import format_source
     from .lint import check
     from .report import format_explain, format_groups
+    from .resolution import Coverage, GroupSummary, ModuleRow, ParamRow, Resolution, Setting, resolve
 
 # Names that need torch load on first use, so `regdsl check` on a file stays fast.
 _LAZY = {
-    "Coverage": "compiler",
-    "Resolution": "compiler",
-    "resolve": "compiler",
+    "Coverage": "resolution",
+    "Resolution": "resolution",
+    "resolve": "resolution",
     "check": "lint",
     "format_source": "formatter",
-    "GroupSummary": "compiler",
-    "ModuleRow": "compiler",
-    "ParamRow": "compiler",
+    "GroupSummary": "resolution",
+    "ModuleRow": "resolution",
+    "ParamRow": "resolution",
     "Regularizer": "compiler",
-    "Setting": "compiler",
+    "Setting": "resolution",
     "compile": "compiler",
     "format_explain": "report",
     "format_groups": "report",
@@ -71,6 +63,7 @@ __all__ = [
     "ParamRow",
     "RegCompileError",
     "RegDslError",
+    "RegDslWarning",
     "RegSyntaxError",
     "RegUsageError",
     "RegValidationError",

@@ -134,8 +134,8 @@ def _check(args: argparse.Namespace) -> int:
             continue
         entry["statements"] = len(spec.statements)
         if model is not None:
-            from .compiler import resolve
             from .lint import check_resolution
+            from .resolution import resolve
 
             resolution = resolve(spec, model)  # once: both the diagnostics and the coverage read it
             diagnostics += check_resolution(resolution)
@@ -178,7 +178,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .compiler import resolve
     from .report import (
         explain_csv,
         explain_records,
@@ -187,6 +186,7 @@ def _explain(args: argparse.Namespace) -> int:
         group_records,
         groups_csv,
     )
+    from .resolution import resolve
 
     try:
         spec = _load_spec(args.file)

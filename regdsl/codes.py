@@ -34,6 +34,7 @@ CODES: dict[str, Code] = {
     "RD104": Code("error", "a term that cannot take effect on a parameter"),
     "RD105": Code("error", "a reference for 'l2 ... to ref' is missing, lacks a parameter, or has the wrong shape"),
     "RD106": Code("error", "an activity term on a module whose output is not a tensor"),
+    "RD107": Code("error", "the model has nothing to train: no parameters, or all frozen"),
     # Against a model: probably mistakes (errors under --strict).
     "RD201": Code("warning", "an exclude matches nothing"),
     "RD202": Code("warning", "a rule matches only frozen parameters"),

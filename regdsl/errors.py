@@ -8,9 +8,12 @@ a user fixes everything in one round instead of one error per run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from .codes import Severity
+from .codes import CODES, Severity
+
+if TYPE_CHECKING:  # pragma: no cover - errors.py stays importable without pydantic's models loaded
+    from .spec import Span, Spec
 
 _ANSI = {"error": "\x1b[1;31m", "warning": "\x1b[1;33m", "bold": "\x1b[1m", "caret": "\x1b[1;34m", "reset": "\x1b[0m"}
 
@@ -124,3 +127,36 @@ class RegCompileError(RegDslError):
 
 class RegUsageError(RegDslError, ValueError):
     """The Python API was called with arguments that contradict the rule file."""
+
+
+class RegDslWarning(UserWarning):
+    """A probable mistake in a rule file (a warning-severity diagnostic) found while compiling.
+
+    ``warnings.simplefilter("error", regdsl.RegDslWarning)`` turns them into errors: a strict run.
+    """
+
+
+def name_list(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def model_diagnostic(spec: Spec, pos: Span | None, code: str, message: str) -> Diagnostic:
+    """A diagnostic about the spec against a model, pinned to ``pos`` in the spec's source."""
+    line, column = (pos.line, pos.column) if pos else (0, 0)
+    return Diagnostic(
+        line=line,
+        column=column,
+        end_line=pos.end_line if pos else None,
+        end_column=pos.end_column if pos else None,
+        message=message,
+        file=spec.origin or "<string>",
+        severity=CODES[code].severity,
+        kind="model",
+        code=code,
+        source_line=source_line_at(spec.source, line) if spec.source and pos else "",
+    )

@@ -12,7 +12,7 @@ from .printer import format_term_value
 from .spec import MODULE_TERMS, PARAM_TERMS, kind_label
 
 if TYPE_CHECKING:  # pragma: no cover - the real import would load torch for `regdsl check FILE`
-    from .compiler import Coverage, GroupSummary, ModuleRow, ParamRow
+    from .resolution import Coverage, GroupSummary, ModuleRow, ParamRow
 
 def module_label(name: str) -> str:
     """A module's name for people: the root module's name is empty."""

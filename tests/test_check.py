@@ -23,7 +23,7 @@ from torch import nn
 import regdsl
 from regdsl import RegCompileError
 from regdsl.codes import CODES
-from regdsl.compiler import resolve
+from regdsl.resolution import resolve
 
 GOLDEN = sorted((Path(__file__).parent / "data" / "check").glob("*.reg"))
 

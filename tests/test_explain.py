@@ -20,7 +20,7 @@ from support import aligned_cells
 from torch import nn
 
 import regdsl
-from regdsl.compiler import ParamRow, resolve
+from regdsl.resolution import ParamRow, resolve
 from regdsl.report import explain_csv, explain_records, format_explain
 
 # One row, as the tests write it: (name, aliases, shape, trainable, excluded-by line, {kind: (value, line)}).

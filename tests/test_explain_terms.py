@@ -19,7 +19,7 @@ from check_models import act_cnn
 from support import aligned_cells
 
 import regdsl
-from regdsl.compiler import resolve
+from regdsl.resolution import resolve
 from regdsl.report import explain_csv, explain_records, format_explain, format_groups, group_records, groups_csv
 
 TESTS = Path(__file__).resolve().parent

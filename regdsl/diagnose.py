@@ -1,0 +1,125 @@
+"""Model-level diagnostics: the one code path of ``regdsl.check`` and ``regdsl.compile``.
+
+:func:`diagnose` collects everything a rule file does wrong against one model;
+:func:`enforce` is how ``compile`` acts on it: any error-severity diagnostic
+raises :class:`RegCompileError` before anything is built, and each warning is
+issued as a :class:`RegDslWarning` carrying ``file:line:col``. ``check``
+returns the same list, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import Diagnostic, RegCompileError, RegDslWarning, model_diagnostic, name_list, shape_text
+from .overrides import dead_rules, decay_and_l2, tied_aliases
+from .references import reference_problems
+from .resolution import Resolution, Setting
+from .schedule import always_zero
+from .select import ParamEntry, is_embedding_module
+from .spec import NOT_REGULARIZERS
+from .unmatched import only_frozen, unmatched
+
+# Stands for "no reference argument at all" (check without one), unlike compile's reference=None.
+NOT_GIVEN: Any = object()
+
+
+def diagnose(resolution: Resolution, reference: Mapping[str, Any] | None | object = NOT_GIVEN) -> list[Diagnostic]:
+    """Every problem of the resolved spec against its model, sorted by position.
+
+    ``reference`` is what ``compile`` was given for ``l2 ... to ref``; left out (as
+    ``check`` without a reference does), references are not judged.
+    """
+    if empty := nothing_to_train(resolution):
+        return empty  # every selector would also match nothing: one error says it all
+    diagnostics: list[Diagnostic] = []
+    diagnostics += unmatched(resolution)
+    diagnostics += only_frozen(resolution)
+    diagnostics += dead_rules(resolution)
+    diagnostics += unusable_terms(resolution)
+    diagnostics += tied_aliases(resolution)
+    diagnostics += decay_and_l2(resolution)
+    if reference is not NOT_GIVEN:
+        diagnostics += reference_problems(resolution, reference)  # type: ignore[arg-type]
+    return sorted(diagnostics, key=Diagnostic.sort_key)
+
+
+def enforce(diagnostics: list[Diagnostic]) -> None:
+    """Raise on errors; issue warnings as :class:`RegDslWarning` (``file:line:col`` in each message)."""
+    errors = [d for d in diagnostics if d.severity == "error"]
+    if errors:
+        raise RegCompileError(errors)
+    for d in diagnostics:
+        warnings.warn(RegDslWarning(d.render()), stacklevel=_outside_regdsl())
+
+
+def _outside_regdsl() -> int:
+    """The stacklevel of the first frame outside this package: the user's compile() call,
+    however many of regdsl.compile, Spec.compile and Regularizer() lie between."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def nothing_to_train(resolution: Resolution) -> list[Diagnostic]:
+    """RD107: an optimizer built from no parameter fails later, far from the cause."""
+    entries = resolution.table.entries
+    if any(e.trainable for e in entries):
+        return []
+    why = (
+        "the model has no parameters"
+        if not entries
+        else f"all {len(entries)} of its parameter tensors are frozen (requires_grad=False)"
+    )
+    statements = resolution.spec.statements
+    pos = statements[0].pos if statements else None
+    return [model_diagnostic(resolution.spec, pos, "RD107", f"nothing to train: {why}")]
+
+
+# Kinds that need the parameter's shape, so an uninitialized lazy parameter cannot take them.
+_SHAPED = ("l1", "l2", "group_lasso", "orthogonal", "max_norm")
+
+
+def _why_unusable(entry: ParamEntry, kind: str, term: Any) -> str | None:
+    if any("_flat_param" in name.split(".") for name in entry.names):
+        return "FSDP's flattened parameter takes no per-parameter rules; wrap with FSDP(use_orig_params=True)"
+    if not entry.initialized:
+        if kind in _SHAPED:
+            return "a lazy module's parameters have no shape until its first forward pass; run one before compiling"
+        return None
+    if kind == "decay" and any(getattr(o, "sparse", False) for o in entry.owners if is_embedding_module(o)):
+        return "an embedding with sparse=True gets sparse gradients, and torch optimizers cannot decay them"
+    shape = tuple(entry.param.shape)
+    if kind == "orthogonal" and len(shape) < 2:
+        return f"it needs a weight with 2 or more dimensions, and the shape is {shape_text(shape)}"
+    if kind in ("group_lasso", "max_norm") and not -len(shape) <= term.dim < max(len(shape), 0):
+        return f"dim={term.dim} is out of range for shape {shape_text(shape)}"
+    complex_ok = kind in ("decay", "l2") or (kind == "l1" and not term.prox)
+    if entry.param.is_complex() and not complex_ok:
+        return "complex parameters take only decay, l1 and l2 (through the loss)"
+    return None
+
+
+def unusable_terms(resolution: Resolution) -> list[Diagnostic]:
+    """Terms the file sets that cannot work on their parameter (RD104), one diagnostic per rule and cause."""
+    found: dict[tuple[Setting, str, str], list[str]] = {}
+    for entry, row in zip(resolution.table.entries, resolution.rows):
+        for kind, setting in row.terms.items():
+            if kind in NOT_REGULARIZERS or always_zero(setting.term):
+                continue  # a zero term does nothing, so it cannot fail either
+            reason = _why_unusable(entry, kind, setting.term)
+            if reason:
+                found.setdefault((setting, kind, reason), []).append(row.name)
+    return [
+        model_diagnostic(resolution.spec, setting.pos, "RD104", f"'{kind}' cannot take effect on {name_list(names)}: {reason}")
+        for (setting, kind, reason), names in found.items()
+    ]
+
+
+
