@@ -10,6 +10,7 @@ Parameter names, in registration order, so the goldens can be derived by hand:
 * ``lazy``: fc1.weight, fc1.bias (``nn.LazyLinear(8)``, uninitialized), head.weight, head.bias
 * ``sparse``: embed.weight (``nn.Embedding(10, 4, sparse=True)``), head.weight, head.bias
 * ``frozen_mlp``: the MLP with fc1.weight and fc1.bias frozen
+* ``empty``: ``Sequential(ReLU())``, no parameter; ``all_frozen_mlp``: the MLP, all 6 tensors frozen
 * ``fsdp_flat``: ``_fsdp_wrapped_module._flat_param`` (read as ``_flat_param``), 435 elements
 """
 
@@ -82,6 +83,17 @@ def fsdp_flat() -> nn.Module:
     return root
 
 
+def empty() -> nn.Module:
+    """A model with no parameters at all (only an activation)."""
+    return nn.Sequential(nn.ReLU())
+
+
+def all_frozen_mlp() -> nn.Module:
+    """The MLP with every parameter frozen: nothing left for an optimizer."""
+    seeded()
+    return MLP().requires_grad_(False)
+
+
 def _seeded(cls: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         seeded()
@@ -100,6 +112,8 @@ FACTORIES: dict[str, Callable[[], nn.Module]] = {
     "sparse": sparse,
     "frozen_mlp": frozen_mlp,
     "fsdp_flat": fsdp_flat,
+    "empty": empty,
+    "all_frozen_mlp": all_frozen_mlp,
 }
 
 

@@ -387,7 +387,15 @@ def _property_model() -> TinyTransformer:
 @given(statements=rule_files, separator=st.sampled_from(["\n", "; "]))
 def test_random_rule_files_match_a_plain_cascade(statements, separator: str) -> None:
     model = _property_model()
-    reg = regdsl.parse(_text(statements, separator)).compile(model)
+    spec = regdsl.parse(_text(statements, separator))
+    errors = [d for d in regdsl.check(spec, model) if d.severity == "error"]
+    if errors:
+        # A file check rejects (a selector that matches nothing) compiles to nothing at all.
+        with pytest.raises(regdsl.RegCompileError) as info:
+            spec.compile(model)
+        assert info.value.diagnostics == errors
+        return
+    reg = spec.compile(model)
     groups = reg.param_groups()
     check_partition(groups, model)
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
