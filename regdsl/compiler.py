@@ -69,7 +69,8 @@ class Regularizer:
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
         self._hooks: list[Any] = []
         self._hook_finalizer = weakref.finalize(self, _remove_all, self._hooks)
-        index = reference_index(reference) if reference is not None else {}
+        # Only a mapping gets here with a 'to ref' rule: diagnose() refused anything else (RD105).
+        index = reference_index(reference) if isinstance(reference, Mapping) else {}
         loss, post = [], []
         self._references: dict[str, LossItem] = {}
         for entry in self.table.entries:
@@ -105,7 +106,8 @@ class Regularizer:
     @staticmethod
     def _reference(entry: ParamEntry, term: Any, index: dict[str, Any]) -> torch.Tensor | None:
         if target := getattr(term, "to", None):
-            source = entry.param if target == "init" else find_reference(entry, index)
+            hit = find_reference(entry, index)
+            source = entry.param if target == "init" else hit[1] if hit is not None else None
             assert source is not None  # reference_problems() has refused a missing one
             # A copy in the source's own precision (a float64 pretrained state stays float64).
             return source.detach().to(device=entry.param.device, copy=True)

@@ -777,7 +777,7 @@ def test_to_ref_names_the_parameters_the_reference_lacks_or_gets_wrong() -> None
     assert "has no entry for 'b.weight'" in d.message and "a.weight" not in d.message
     reference = {"a.weight": torch.zeros(3, 4), "b.weight": torch.zeros(2, 4)}
     d = _rd105("all l2 0.5 to ref\nexclude bias\n", model, reference)
-    assert "shape (3, 4) differs from the parameter's (4, 3) for 'a.weight'" in d.message
+    assert "'a.weight' has shape (3, 4), the parameter (4, 3), for 'a.weight'" in d.message
 
 
 def test_to_ref_of_strength_zero_needs_no_reference() -> None:
