@@ -21,7 +21,7 @@ from .references import reference_problems
 from .resolution import Resolution, Setting
 from .schedule import always_zero
 from .select import ParamEntry, is_embedding_module
-from .spec import NOT_REGULARIZERS
+from .spec import NOT_REGULARIZERS, Span
 from .unmatched import only_frozen, unmatched
 
 # Stands for "no reference argument at all" (check without one), unlike compile's reference=None.
@@ -78,7 +78,8 @@ def nothing_to_train(resolution: Resolution) -> list[Diagnostic]:
         else f"all {len(entries)} of its parameter tensors are frozen (requires_grad=False)"
     )
     statements = resolution.spec.statements
-    pos = statements[0].pos if statements else None
+    # An empty file still gets a position, so the message reads like every other diagnostic.
+    pos = statements[0].pos if statements else Span(line=1, column=1, end_line=1, end_column=1)
     return [model_diagnostic(resolution.spec, pos, "RD107", f"nothing to train: {why}")]
 
 
