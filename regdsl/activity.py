@@ -8,6 +8,13 @@ autograd records (not under ``torch.no_grad()``/``inference_mode``, so
 evaluation passes cost nothing and leave nothing behind) and are consumed by the
 next ``penalty()``.
 
+The hooks run inside the caller's ``torch.autocast``, so an output may be
+bfloat16 or float16. Each value is still reduced in float32 (float64 for a
+float64 output): the output is upcast before the sum, with autocast switched off
+for its device, so the penalty has the precision the formula documents whatever
+the autocast state. The output itself, and so its gradient, keeps the dtype the
+model produced.
+
 The hooks hold only a weak reference to the plan: dropping the regularizer
 removes them, as does ``detach()``; ``attach()`` installs them again.
 """
@@ -23,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .penalties import autocast_device_type
 from .schedule import is_scheduled, strength_at
 
 
@@ -77,15 +85,24 @@ class ActivityPlan:
         target = self.targets[index]
         if not isinstance(output, torch.Tensor):
             raise target.on_bad_output(target.name, type(output).__name__)
+        autocast = autocast_device_type(output.device)
+        if autocast is None:
+            value = self._value(index, output)
+        else:
+            with torch.autocast(device_type=autocast, enabled=False):
+                value = self._value(index, output)
+        self._pending.append(value)
+
+    def _value(self, index: int, output: torch.Tensor) -> torch.Tensor:
         acc = torch.float64 if output.dtype == torch.float64 else torch.float32
         batch = output.shape[0] if output.ndim > 0 else 1
-        if target.term.kind == "activity_l1":
-            total = torch.linalg.vector_norm(output, 1, dtype=acc)
+        if self.targets[index].term.kind == "activity_l1":
+            total = torch.linalg.vector_norm(output, 1, dtype=acc)  # casts to acc before summing
             factor = 1.0
         else:
             total = output.to(acc).square().sum()
             factor = 0.5
-        self._pending.append(self.strength(index, output.device, acc) * (total * (factor / max(batch, 1))))
+        return self.strength(index, output.device, acc) * (total * (factor / max(batch, 1)))
 
     def take(self) -> list[torch.Tensor]:
         """The values collected since the last call."""

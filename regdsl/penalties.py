@@ -16,12 +16,16 @@ bucket (one fused kernel on CUDA) and a dot product with the strengths, with a
 closed-form backward; ``group_lasso`` and ``orthogonal`` need per-tensor
 reductions and loop over their (usually few) tensors. Sums are accumulated in
 float32, or float64 for float64 parameters, so half-precision weights cannot
-overflow. Strengths live in tensors that a schedule updates in place, so a
-changing strength never becomes a constant baked into a ``torch.compile`` graph.
+overflow. That holds inside the caller's ``torch.autocast`` too: autocast is
+switched off, for each bucket's device type, while the bucket is computed (else
+``orthogonal``'s Gram matrix would be formed in bfloat16 or float16). Strengths
+live in tensors that a schedule updates in place, so a changing strength never
+becomes a constant baked into a ``torch.compile`` graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +43,14 @@ FORMULAS: dict[str, tuple[int, int, float]] = {"l2": (2, 2, 0.5), "l1": (1, 1, 1
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The real dtype penalties of ``dtype`` parameters are summed in: float32, or float64 for 64-bit."""
     return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def autocast_device_type(device: torch.device) -> str | None:
+    """``device.type`` if ``torch.autocast`` accepts it (``meta`` has no autocast), else None."""
+    available = getattr(torch.amp, "is_autocast_available", None)  # not in every torch >= 2.4
+    if available is not None:
+        return device.type if available(device.type) else None
+    return device.type if device.type in ("cpu", "cuda") else None
 
 
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,9 +99,7 @@ def _group_lasso(w: torch.Tensor, term: Any, acc: torch.dtype) -> torch.Tensor:
 
 
 def _orthogonal(w: torch.Tensor, term: Any, acc: torch.dtype) -> torch.Tensor:
-    m = w.reshape(w.shape[0], -1).to(acc)
-    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    return (gram - torch.eye(gram.shape[0], dtype=acc, device=gram.device)).square().sum()
+    return _Orthogonal.apply(w, acc, autocast_device_type(w.device))
 
 
 # Terms without a foreach form: a reduction per tensor, summed with the strengths.
@@ -104,6 +114,7 @@ class _Bucket:
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.acc = accumulation_dtype(self.dtype)
+        self.autocast = autocast_device_type(self.device)
         self.factor = FORMULAS[family][2] if family in FORMULAS else (0.5 if family == "l2_to" else 1.0)
         self.scheduled = any(is_scheduled(i.term) for i in items)
         self.weights = torch.tensor(self._values(step), dtype=self.acc, device=self.device)
@@ -121,6 +132,15 @@ class _Bucket:
         return p.dtype != self.dtype or p.device != self.device
 
     def evaluate(self) -> torch.Tensor:
+        # The caller's autocast would run the Gram matrices (and their backward) in its low
+        # precision; the terms have their own, documented precision. One device per bucket, so
+        # one context. torch.autocast itself, not a helper, so that torch.compile traces it.
+        if self.autocast is None:
+            return self._evaluate()
+        with torch.autocast(device_type=self.autocast, enabled=False):
+            return self._evaluate()
+
+    def _evaluate(self) -> torch.Tensor:
         if self.family in FORMULAS:
             order, power, _ = FORMULAS[self.family]
             return _BucketPenalty.apply(self.weights, order, power, _norm_dtype(self.dtype), *self.params)
@@ -234,3 +254,35 @@ class _AnchoredL2(torch.autograd.Function):
         refs, params = tensors[: ctx.n], tensors[ctx.n :]
         grads = torch._foreach_mul(torch._foreach_sub(params, refs), list((2 * weights * grad).unbind()))
         return (None, None, None, *([None] * ctx.n), *grads)
+
+
+class _Orthogonal(torch.autograd.Function):
+    """``‖G − I‖²_F`` for the smaller Gram matrix G of ``W = w.reshape(out, −1)``; backward
+    ``4·(G − I)·W`` (``4·W·(G − I)`` when G is ``Wᵀ W``), G − I kept from the forward.
+
+    Autograd's own backward would run its matmuls under the autocast state of the
+    ``backward()`` call, in bfloat16 if that call sits inside ``torch.autocast``; this one
+    switches autocast off, as the forward did, and needs one matmul instead of two. Not twice
+    differentiable, like the other closed-form terms.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, acc: torch.dtype, autocast: str | None) -> torch.Tensor:
+        m = w.reshape(w.shape[0], -1).to(acc)
+        wide = m.shape[0] <= m.shape[1]
+        gram = m @ m.T if wide else m.T @ m
+        gram.diagonal().sub_(1)
+        ctx.wide, ctx.acc, ctx.autocast = wide, acc, autocast
+        ctx.save_for_backward(w, gram)
+        return gram.square().sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor):
+        w, diff = ctx.saved_tensors
+        off = torch.autocast(device_type=ctx.autocast, enabled=False) if ctx.autocast else contextlib.nullcontext()
+        with off:
+            m = w.reshape(w.shape[0], -1).to(ctx.acc)
+            g = diff @ m if ctx.wide else m @ diff
+            g = g.mul_(4 * grad)
+        return g.reshape(w.shape).to(w.dtype), None, None
