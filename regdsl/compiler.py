@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import state as resume
 from .activity import ActivityPlan, ActivityTarget
 from .build import load
 from .constraints import PostStepItem, PostStepPlan
@@ -256,11 +257,22 @@ class Regularizer:
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """The step counter and every ``w0`` of ``l2 ... to init|ref``, keyed by parameter name."""
-        return {"step": self._step, "references": {name: item.reference for name, item in self._references.items()}}
+        """The step counter, every ``w0`` of ``l2 ... to init|ref`` keyed by parameter name, and the
+        optimizer group layout (``groups``: name, settings, member names) that resuming checks."""
+        return {
+            "step": self._step,
+            "references": {name: item.reference for name, item in self._references.items()},
+            "groups": resume.layout(self.groups_summary()),
+        }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`: schedules continue from the saved step, references are the saved ones."""
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore :meth:`state_dict`: schedules continue from the saved step, references are the saved ones.
+
+        With ``strict``, a state saved with another group layout raises :class:`RegStateError`
+        (resume through :meth:`remap_optimizer_state`, then load with ``strict=False``), and one
+        saved before layouts were recorded loads with a :class:`RegDslWarning`. Nothing changes
+        when it raises.
+        """
         step = state.get("step")
         if not isinstance(step, int) or step < 0:
             raise RegUsageError(f"state_dict 'step' must be a whole number >= 0, got {step!r}")
@@ -274,11 +286,27 @@ class Regularizer:
                     f"state_dict reference for '{name}' has shape {shape_text(tuple(saved[name].shape))}, "
                     f"the parameter {shape_text(tuple(item.param.shape))}"
                 )
+        if strict:
+            resume.check_layout(state, resume.layout(self.groups_summary()))
         for name, item in self._references.items():
             item.reference, item.ref = saved[name].detach().to(device=item.param.device, copy=True), None
             item.follow()
         optimizer = self._optimizer() if self._optimizer is not None else None
         self._set_step(step, optimizer)
+
+    def remap_optimizer_state(self, optimizer_state: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, Any]:
+        """The optimizer state dict saved beside ``state`` (a :meth:`state_dict`), for these rules' groups.
+
+        Pass it to ``optimizer.load_state_dict`` of an optimizer built from :meth:`param_groups`.
+        Per-parameter state follows each parameter by name; ``weight_decay`` (at the saved step),
+        ``name`` and ``lr_mult`` come from the rules, the rest of a group (``lr``, ``betas``,
+        ``initial_lr``...) from the saved group it continues. See :mod:`regdsl.state`.
+        """
+        step = state.get("step")
+        if not isinstance(step, int) or step < 0:
+            raise RegUsageError(f"state_dict 'step' must be a whole number >= 0, got {step!r}")
+        decays = [strength_at(key.decay, step) if key.decay else 0.0 for key, _ in self._groups]
+        return resume.remap_optimizer_state(optimizer_state, state, resume.layout(self.groups_summary()), decays)
 
     # ------------------------------------------------------------ loss and reports
 

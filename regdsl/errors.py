@@ -129,6 +129,15 @@ class RegUsageError(RegDslError, ValueError):
     """The Python API was called with arguments that contradict the rule file."""
 
 
+class RegStateError(RegUsageError):
+    """A saved state cannot be resumed as it is: the rules now group the parameters differently,
+    or the optimizer state does not belong to the saved layout.
+
+    Loading the optimizer state as saved would hand parameters another parameter's
+    state (torch matches it by position); ``reg.remap_optimizer_state`` matches it by name.
+    """
+
+
 class RegDslWarning(UserWarning):
     """A probable mistake in a rule file (a warning-severity diagnostic) found while compiling.
 
