@@ -88,8 +88,10 @@ def resume(rules: regdsl.Spec, model: SmallCNN, reg: regdsl.Regularizer, opt: to
     model.load_state_dict(state["model"])
     reg = rules.compile(model)
     opt = torch.optim.AdamW(reg.param_groups(lr=3e-3))
+    # The regularizer first: it refuses a state whose group layout the rules no longer produce
+    # (docs/resume.md), before the optimizer takes moments that would land on the wrong tensors.
+    reg.load_state_dict(state["reg"])  # step counter, the initial conv1 weights for 'l2 ... to init', the layout
     opt.load_state_dict(state["opt"])
-    reg.load_state_dict(state["reg"])  # step counter and the initial conv1 weights for 'l2 ... to init'
     reg.attach(opt)
     return model, reg, opt
 
