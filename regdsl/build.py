@@ -16,17 +16,19 @@ from typing import Any
 from lark import Token, Tree
 from pydantic import ValidationError
 
-from .errors import Diagnostic, RegSyntaxError, RegValidationError, source_line_at
-from .parser import decode_source, parse_tree
-from .spec import Spec, error_code, relevant_errors
+from .errors import Diagnostic, RegSyntaxError, RegValidationError
+from .parser import decode_source, parse_tree, strip_bom
+from .spec import MAX_WHOLE, Spec, error_code, relevant_errors
 
 
 def parse(text: str, filename: str = "<string>") -> Spec:
     """Parse and validate rule text. Raises :class:`RegSyntaxError` or :class:`RegValidationError`."""
-    text = text.removeprefix("\ufeff")
+    # The only place a BOM is removed: parse(), load() and the command line all come through here.
+    text = strip_bom(text)
     tree, diagnostics = parse_tree(text, filename)
     data, leaf_spans, literal_problems = _to_data(tree)
-    diagnostics += [_diagnostic(text, filename, span, message, "RD003") for span, message in literal_problems]
+    lines = text.split("\n")  # once: one split per diagnostic made many errors quadratic
+    diagnostics += [_diagnostic(lines, filename, span, message, "RD003") for span, message in literal_problems]
     spec = None
     try:
         spec = Spec.model_validate({"statements": data, "origin": None if filename == "<string>" else filename})
@@ -36,7 +38,7 @@ def parse(text: str, filename: str = "<string>") -> Spec:
         bad_literals = {(d.line, d.column) for d in diagnostics if d.code == "RD003"}
         diagnostics += [
             d
-            for d in (_from_pydantic(error, data, leaf_spans, text, filename) for error in errors)
+            for d in (_from_pydantic(error, data, leaf_spans, lines, filename) for error in errors)
             if (d.line, d.column) not in bad_literals
         ]
     if diagnostics:
@@ -58,6 +60,13 @@ def load(path: str | os.PathLike[str]) -> Spec:
 # ---------------------------------------------------------------- tree -> data
 
 _NONZERO_MANTISSA = re.compile(r"[1-9]")
+# Digits of the largest step count or dim (2**63 - 1): a longer literal is out of range.
+_MAX_WHOLE_DIGITS = len(str(MAX_WHOLE))
+
+
+def _shown(token: str) -> str:
+    """A literal as a message quotes it: a 5,000-digit number is shortened, the caret shows it whole."""
+    return token if len(token) <= 32 else f"{token[:16]}...{token[-8:]}"
 
 
 def _span(meta_or_token: Any) -> dict[str, int]:
@@ -80,17 +89,25 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[di
 
     def whole(token: Token) -> float | int:
         # Step counts and dims read as ints when written as ints, so no count above 2**53 loses digits.
-        return int(token) if re.fullmatch(r"[+-]?[0-9]+", token) else number(token)
+        if not re.fullmatch(r"[+-]?[0-9]+", token):
+            return number(token)
+        negative = token.startswith("-")
+        # int() refuses 4,300+ digits, leading zeros included, and is slow long before.
+        digits = token.lstrip("+-").lstrip("0") or "0"
+        if len(digits) > _MAX_WHOLE_DIGITS:
+            # Out of range whatever its digits: a stand-in just past the bound lets the spec say so.
+            return -(10**_MAX_WHOLE_DIGITS) if negative else 10**_MAX_WHOLE_DIGITS
+        return -int(digits) if negative else int(digits)
 
     def number(token: Token) -> float:
         value = float(token)
         mantissa = re.split("[eE]", str(token))[0]
         if math.isinf(value) and "inf" not in token.lower():
             sign = "-" if value < 0 else ""
-            problems.append((_span(token), f"number {token} is too large: it overflows to {sign}infinity"))
+            problems.append((_span(token), f"number {_shown(token)} is too large: it overflows to {sign}infinity"))
             return 0.0
         if value == 0 and _NONZERO_MANTISSA.search(mantissa):
-            problems.append((_span(token), f"number {token} is too small: it underflows to 0"))
+            problems.append((_span(token), f"number {_shown(token)} is too small: it underflows to 0"))
             return 0.0
         return value
 
@@ -161,7 +178,9 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[di
 # ---------------------------------------------------------------- errors
 
 
-def _from_pydantic(error: Any, data: list[dict[str, Any]], leaf_spans: LeafSpans, text: str, filename: str) -> Diagnostic:
+def _from_pydantic(
+    error: Any, data: list[dict[str, Any]], leaf_spans: LeafSpans, lines: list[str], filename: str
+) -> Diagnostic:
     """Point a Pydantic error at the innermost node on its location path that has a position."""
     loc = list(error["loc"])
     if loc and loc[0] == "statements":
@@ -186,11 +205,12 @@ def _from_pydantic(error: Any, data: list[dict[str, Any]], leaf_spans: LeafSpans
             span = node["pos"]
         elif (id(parent), key) in leaf_spans:
             span = leaf_spans[id(parent), key]
-    return _diagnostic(text, filename, span, error["msg"], error_code(error))
+    return _diagnostic(lines, filename, span, error["msg"], error_code(error))
 
 
-def _diagnostic(text: str, filename: str, span: dict[str, int] | None, message: str, code: str) -> Diagnostic:
+def _diagnostic(lines: list[str], filename: str, span: dict[str, int] | None, message: str, code: str) -> Diagnostic:
     span = span or {"line": 1, "column": 1, "end_line": 1, "end_column": 1}
+    line = span["line"]
     return Diagnostic(
         line=span["line"],
         column=span["column"],
@@ -200,5 +220,6 @@ def _diagnostic(text: str, filename: str, span: dict[str, int] | None, message: 
         file=filename,
         kind="validation",
         code=code,
-        source_line=source_line_at(text, span["line"]),
+        # As errors.source_line_at, from lines split once.
+        source_line=lines[line - 1].removesuffix("\r") if 0 < line <= len(lines) else "",
     )

@@ -15,8 +15,9 @@ from .printer import format_statement
 
 def format_source(text: str, filename: str = "<string>") -> str:
     """Canonical text of a valid rule file; an invalid one raises its ``RegDslError``."""
-    text = text.removeprefix("\ufeff")
     spec = parse(text, filename)
+    # The text as parse() read it, BOM removed (fmt drops it), so line numbers match the spec's.
+    text = spec.source or ""
     by_line: dict[int, list[str]] = {}
     for statement in spec.statements:
         assert statement.pos is not None  # parse() positions every node

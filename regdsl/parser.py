@@ -1,14 +1,17 @@
 """Text -> lark parse tree, with every syntax error of a file collected.
 
-Lark stops at the first error. To report all of them, the statement holding an
-error is blanked out (same length, so every later position stays exact) and
-the text is parsed again, until it parses.
+Lark stops at the first error. To report all of them, parsing resumes after
+the statement holding an error (statements never span lines, so each parses on
+its own), and the positions of what parses later are shifted back to the file's.
+Each part of the file is parsed at most a few times, however many errors it has.
 """
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import functools
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import lark
 from lark import Lark, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
-from .errors import Diagnostic, RegSyntaxError, source_line_at
+from .errors import Diagnostic, RegSyntaxError
 
 KEYWORDS_SELECTOR = ("all", "layer", "type", "bias", "norm", "embedding")
 KEYWORDS_TERM = ("decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "activity", "lr_mult", "none")
@@ -56,13 +59,21 @@ def keyword_terminals() -> dict[str, str]:
     return {t.name: t.name.lstrip("_").lower() for t in _lark().terminals if t.name.lstrip("_").lower() in KEYWORDS}
 
 
+BOM = "\ufeff"
+
+
+def strip_bom(text: str) -> str:
+    """One leading BOM goes (a second is a character like any other): the rule of every entry point."""
+    return text.removeprefix(BOM)
+
+
 def decode_source(data: bytes, filename: str) -> str:
-    """UTF-8 (a BOM is accepted); anything else is a positioned syntax error."""
-    data = data.removeprefix(b"\xef\xbb\xbf")
+    """UTF-8, BOM kept (``parse`` removes it); anything else is a positioned syntax error."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        before = data[: exc.start].decode("utf-8")
+        # Positions count from after the BOM, as they do for everything parse() reports.
+        before = strip_bom(data[: exc.start].decode("utf-8"))
         line = before.count("\n") + 1
         column = len(before) - (before.rfind("\n") + 1) + 1
         shown = data.split(b"\n")[line - 1].removesuffix(b"\r").decode("utf-8", errors="replace")
@@ -74,31 +85,120 @@ def decode_source(data: bytes, filename: str) -> str:
                 file=filename,
                 kind="syntax",
                 code="RD002",
-                source_line=shown,
+                source_line=strip_bom(shown) if line == 1 else shown,
             )
         ) from None
 
 
 def parse_tree(text: str, filename: str = "<string>") -> tuple[Tree, list[Diagnostic]]:
     """Parse ``text`` (BOM already removed); return the tree of what parsed and one diagnostic per bad statement."""
+    try:
+        return _lark().parse(text), []  # a valid file: one pass
+    except UnexpectedInput:
+        return _recover(text, filename)
+
+
+def _recover(text: str, filename: str) -> tuple[Tree, list[Diagnostic]]:
+    """Parse in windows of statements that start at one and double while they parse.
+
+    On an error, the statements before the bad one are parsed again (the failed
+    pass lost them) and parsing resumes after it, so a window that fails early
+    never costs the rest of the file: every statement is parsed a few times at most.
+    """
+    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+    starts = [0] + [m.end() for m in _SEPARATOR.finditer(text) if m.group() in (";", "\n")]
+    statements: list[Tree] = []
     diagnostics: list[Diagnostic] = []
-    work = text
-    # Each round blanks one statement, so the number of statements bounds the loop.
-    for _ in range(work.count("\n") + work.count(";") + 2):
+    # Statements already reported, innermost last: parse up to the start of one, then go on after it.
+    skips: list[tuple[int, int]] = []
+    pos, window = 0, 1
+    while pos < len(text) or skips:
+        if skips:
+            end = skips[-1][0]
+        else:
+            first = bisect.bisect_right(starts, pos) - 1
+            end = starts[first + window] if first + window < len(starts) else len(text)
+        fragment = text[pos:end]
+        origin = _origin(line_starts, pos)
         try:
-            return _lark().parse(work), diagnostics
+            tree = _lark().parse(fragment) if fragment else Tree("start", [])
         except UnexpectedInput as exc:
-            diag, offset = _diagnose(exc, work, text, filename)
+            diag, offset = _diagnose(exc, fragment, origin, text, line_starts, filename)
             diagnostics.append(diag)
-            blanked = _blank_statement(work, offset)
-            if blanked == work:
-                break
-            work = blanked
-    return Tree("start", []), diagnostics
+            skips.append(_statement_span(text, starts, offset))
+            window = 1
+            continue
+        _shift_tree(tree, origin)
+        statements += tree.children
+        pos = skips.pop()[1] if skips else end
+        window *= 2
+    return Tree("start", statements), diagnostics
 
 
-def _diagnose(exc: UnexpectedInput, work: str, text: str, filename: str) -> tuple[Diagnostic, int]:
-    """A user-worded diagnostic for a lark error, and the text offset it points at."""
+# What ends a statement (';' or a line end) and what hides a ';' (a quoted pattern, to its
+# closing quote or the end of its line, and a comment). The one statement-splitting rule:
+# recovery reads the whole text with it, split_line (and so fmt) one line.
+_SEPARATOR = re.compile(r'"[^"\n]*"?|#[^\n]*|[;\n]')
+
+
+# Where a fragment starts in the file: (offset, line, column).
+Origin = tuple[int, int, int]
+
+
+def _origin(line_starts: list[int], offset: int) -> Origin:
+    index = bisect.bisect_right(line_starts, offset) - 1
+    return offset, index + 1, offset - line_starts[index] + 1
+
+
+def _moved(line: int, column: int, origin: Origin) -> tuple[int, int]:
+    """A fragment's (line, column) in the file: only the fragment's first line is indented."""
+    return line + origin[1] - 1, column + (origin[2] - 1 if line == 1 else 0)
+
+
+# Every position lark records on a token or a tree's meta: (line, column, offset).
+_POSITION_FIELDS = (
+    ("line", "column", "start_pos"),
+    ("end_line", "end_column", "end_pos"),
+    ("container_line", "container_column", "container_start_pos"),
+    ("container_end_line", "container_end_column", "container_end_pos"),
+)
+
+
+def _shift_tree(tree: Tree, origin: Origin) -> None:
+    """Positions of a fragment's tree -> positions in the file."""
+    for node in tree.iter_subtrees():
+        if not node.meta.empty:
+            _shift(node.meta, origin)
+        for child in node.children:
+            if isinstance(child, lark.Token):
+                _shift(child, origin)
+
+
+def _shift(item: object, origin: Origin) -> None:
+    for line_field, column_field, offset_field in _POSITION_FIELDS:
+        line = getattr(item, line_field, None)
+        if line is not None:
+            line, column = _moved(line, getattr(item, column_field), origin)
+            setattr(item, line_field, line)
+            setattr(item, column_field, column)
+        offset = getattr(item, offset_field, None)
+        if offset is not None:
+            setattr(item, offset_field, offset + origin[0])
+
+
+def _source_line(text: str, line_starts: list[int], line: int) -> str:
+    """As errors.source_line_at, without splitting the whole file for each diagnostic."""
+    if not 0 < line <= len(line_starts):
+        return ""
+    start = line_starts[line - 1]
+    end = line_starts[line] - 1 if line < len(line_starts) else len(text)
+    return text[start:end].removesuffix("\r")
+
+
+def _diagnose(
+    exc: UnexpectedInput, work: str, origin: Origin, text: str, line_starts: list[int], filename: str
+) -> tuple[Diagnostic, int]:
+    """A user-worded diagnostic for a lark error in the fragment ``work``, and the file offset it points at."""
     if isinstance(exc, UnexpectedToken):
         token = exc.token
         if token.type == "$END":
@@ -130,6 +230,8 @@ def _diagnose(exc: UnexpectedInput, work: str, text: str, filename: str) -> tupl
                 message += "; a name pattern with such characters must be quoted, as in \"blocks@0.*\""
     else:  # pragma: no cover - lark raises only the two above from an LALR parse
         raise exc
+    line, column = _moved(line, column, origin)
+    end = _moved(*end, origin)
     diag = Diagnostic(
         line=line,
         column=column,
@@ -139,10 +241,10 @@ def _diagnose(exc: UnexpectedInput, work: str, text: str, filename: str) -> tupl
         file=filename,
         kind="syntax",
         code="RD001",
-        source_line=source_line_at(text, line),
+        source_line=_source_line(text, line_starts, line),
         expected=tuple(expected),
     )
-    return diag, offset
+    return diag, offset + origin[0]
 
 
 def _accepted(exc: UnexpectedInput, fallback) -> set[str]:
@@ -231,37 +333,26 @@ def split_line(line: str) -> tuple[list[tuple[int, int]], int | None]:
     Statements are split by ';' outside double quotes; '#' outside quotes starts
     a comment. Quotes never span lines and have no escapes, so this is exact.
     """
-    segments, start, in_quote = [], 0, False
-    for i, c in enumerate(line):
-        if c == '"':
-            in_quote = not in_quote
-        elif c == "#" and not in_quote:
-            segments.append((start, i))
-            return segments, i
-        elif c == ";" and not in_quote:
-            segments.append((start, i))
-            start = i + 1
+    segments, start = [], 0
+    for match in _SEPARATOR.finditer(line):
+        if match.group() == ";":
+            segments.append((start, match.start()))
+            start = match.end()
+        elif match.group().startswith("#"):
+            segments.append((start, match.start()))
+            return segments, match.start()
     segments.append((start, len(line)))
     return segments, None
 
 
-def _blank_statement(text: str, offset: int) -> str:
-    """Replace the statement around ``offset`` with spaces, keeping separators and comments."""
-    line_start = text.rfind("\n", 0, offset) + 1
-    line_end = text.find("\n", line_start)
-    line_end = len(text) if line_end == -1 else line_end
-    segments, _ = split_line(text[line_start:line_end])
-    # An error on a separator or past the end belongs to the statement before it.
-    for start, end in segments:
-        if start <= offset - line_start <= end or (start, end) == segments[-1]:
-            start, end = start + line_start, end + line_start
-            return text[:start] + _spaces(text[start:end]) + text[end:]
-    return text  # pragma: no cover - the last segment always matches
+def _statement_span(text: str, starts: list[int], offset: int) -> tuple[int, int]:
+    """Where the statement around ``offset`` starts, and where the next one does.
 
-
-def _spaces(s: str) -> str:
-    # Only '\n' ends a line; a lone '\r' must go too, or it fails again on the next round.
-    return "".join(c if c == "\n" else " " for c in s)
+    An error on a separator, or in the comment after the last statement, belongs
+    to the statement before it.
+    """
+    index = bisect.bisect_right(starts, offset) - 1
+    return starts[index], starts[index + 1] if index + 1 < len(starts) else len(text)
 
 
 def bare_pattern_ok(text: str) -> bool:
@@ -271,7 +362,5 @@ def bare_pattern_ok(text: str) -> bool:
 
 @functools.cache
 def _glob_regex():
-    import re
-
     (glob,) = [t for t in _lark().terminals if t.name == "GLOB"]
     return re.compile(glob.pattern.to_regexp())

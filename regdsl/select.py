@@ -10,13 +10,13 @@ bare model keep working when it is wrapped.
 from __future__ import annotations
 
 import functools
-import re
 import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .glob import glob_regex
 from .spec import AllAtom, Atom, BiasAtom, EmbeddingAtom, LayerAtom, NormAtom, Pattern, Selector, TypeAtom
 
 # Wrapper attributes that appear inside parameter names but are not part of the user's model.
@@ -202,51 +202,3 @@ def module_matches(atom: Atom, name: str, module: nn.Module) -> bool:
 def pattern_matches_any(pattern: Pattern, names: frozenset[str]) -> bool:
     regex = glob_regex(pattern.text)
     return any(regex.fullmatch(name) for name in names)
-
-
-@functools.lru_cache(maxsize=4096)
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a dotted-path glob to an anchored regex that never backtracks across segments.
-
-    ``*`` is ``[^.]*``, ``?`` is ``[^.]``, ``[...]`` a class that never matches
-    '.', and a ``**`` segment stands for zero or more whole segments.
-    """
-    segments = pattern.split(".")
-    # Consecutive '**' mean the same as one, and keeping them would make the regex ambiguous.
-    collapsed = [s for i, s in enumerate(segments) if not (s == "**" and i > 0 and segments[i - 1] == "**")]
-    if collapsed == ["**"]:
-        return re.compile(r".*", re.DOTALL)
-    out = []
-    for i, segment in enumerate(collapsed):
-        if segment == "**":
-            # Leading: "x." repeated; elsewhere ".x" repeated, so each repetition starts at a dot.
-            out.append(r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*")
-            continue
-        if i > 0 and not (i == 1 and collapsed[0] == "**"):  # a leading '**' ate its dot
-            out.append(r"\.")
-        out.append(_segment_regex(segment))
-    return re.compile("".join(out), re.DOTALL)
-
-
-def _segment_regex(segment: str) -> str:
-    out, i = [], 0
-    while i < len(segment):
-        c = segment[i]
-        if c == "*":
-            out.append(r"[^.]*")
-        elif c == "?":
-            out.append(r"[^.]")
-        elif c == "[":
-            # A ']' first in the class (after an optional '!') is a member, not the end.
-            first = i + 2 if segment[i + 1 : i + 2] == "!" else i + 1
-            end = segment.index("]", first + 1 if segment[first : first + 1] == "]" else first)
-            body = segment[i + 1 : end]
-            negate = body.startswith("!")
-            body = body[1:] if negate else body
-            body = re.escape(body).replace(r"\-", "-")
-            out.append(f"[^.{body}]" if negate else f"(?!\\.)[{body}]")
-            i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return "".join(out)

@@ -717,15 +717,26 @@ def test_from_json_of_non_numeric_step_is_a_validation_error(term):
         Spec.from_json(data)
 
 
-def test_from_json_of_huge_step_is_kept_whole():
-    # Step counts are whole numbers of any size, in JSON as in text: nothing rounds them through a float.
-    data = (
+def _json_warmup(steps: int) -> str:
+    return (
         '{"statements": [{"kind": "rule", "selector": {"atoms": [{"kind": "all"}]}, "terms": [{"kind": "l1", '
-        '"strength": 1, "schedule": {"steps": [{"kind": "warmup", "steps": ' + str(10**400) + "}]}}]}]}"
+        '"strength": 1, "schedule": {"steps": [{"kind": "warmup", "steps": ' + str(steps) + "}]}}]}]}"
     )
-    spec = Spec.from_json(data)
-    assert spec.statements[0].terms[0].schedule.steps[0].steps == 10**400
+
+
+def test_from_json_of_huge_step_is_kept_whole():
+    # Step counts are whole numbers up to 2**63 - 1, in JSON as in text: nothing rounds them through a float.
+    spec = Spec.from_json(_json_warmup(2**63 - 1))
+    assert spec.statements[0].terms[0].schedule.steps[0].steps == 2**63 - 1
     assert regdsl.parse(spec.to_source()) == spec
+
+
+def test_from_json_of_step_beyond_int64_is_out_of_range():
+    # 10**400 once validated, then broke the schedule's float arithmetic at compile time.
+    with pytest.raises(RegValidationError) as info:
+        Spec.from_json(_json_warmup(10**400))
+    (d,) = info.value.diagnostics
+    assert d.code == "RD007" and "out of range" in d.message
 
 
 def test_step_count_beyond_float_precision_round_trips_or_is_refused():

@@ -1,0 +1,114 @@
+"""Dotted-path globs -> anchored regexes: what a glob means, and which globs are valid.
+
+Validation (:class:`regdsl.spec.Pattern`) and selection (:mod:`regdsl.select`)
+both call :func:`glob_regex`, so every glob that validates compiles, and a glob
+the compiler cannot read is refused at parse time with a positioned RD005.
+No torch here: a spec validates without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+
+class GlobError(ValueError):
+    """An invalid glob; the message says why, in the words of docs/language.md."""
+
+
+@functools.lru_cache(maxsize=4096)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a dotted-path glob to an anchored regex that never backtracks across segments.
+
+    ``*`` is ``[^.]*``, ``?`` is ``[^.]``, ``[...]`` a class that never matches
+    '.', and a ``**`` segment stands for zero or more whole segments.
+    Raises :class:`GlobError` for an invalid glob.
+    """
+    if not pattern:
+        raise GlobError("empty name pattern")
+    bad = [c for c in pattern if c in '"\r\n' or not c.isprintable()]
+    if bad:
+        raise GlobError(f"name pattern {pattern!r} contains {bad[0]!r}")
+    segments = pattern.split(".")
+    # Checked segment by segment, so the first problem from the left is the one reported.
+    pieces: list[str | None] = []
+    for segment in segments:
+        if not segment:
+            raise GlobError(f"empty path segment in {pattern!r} (a leading, trailing or doubled '.')")
+        if segment == "**":
+            pieces.append(None)
+        elif "**" in segment:
+            raise GlobError(f"'**' must be a whole path segment, as in 'a.**.b', not {segment!r}")
+        else:
+            pieces.append(_segment_regex(segment))
+    # Consecutive '**' mean the same as one, and keeping them would make the regex ambiguous.
+    pieces = [p for i, p in enumerate(pieces) if not (p is None and i > 0 and pieces[i - 1] is None)]
+    if pieces == [None]:
+        return re.compile(r".*", re.DOTALL)
+    out = []
+    for i, piece in enumerate(pieces):
+        if piece is None:
+            # Leading: "x." repeated; elsewhere ".x" repeated, so each repetition starts at a dot.
+            out.append(r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*")
+            continue
+        if i > 0 and not (i == 1 and pieces[0] is None):  # a leading '**' ate its dot
+            out.append(r"\.")
+        out.append(piece)
+    return re.compile("".join(out), re.DOTALL)
+
+
+def _unbalanced(segment: str) -> GlobError:
+    return GlobError(f"unbalanced '[' or ']' in {segment!r}; a character class is '[abc]'")
+
+
+def _segment_regex(segment: str) -> str:
+    out, i = [], 0
+    while i < len(segment):
+        c = segment[i]
+        if c == "*":
+            out.append(r"[^.]*")
+        elif c == "?":
+            out.append(r"[^.]")
+        elif c == "[":
+            i, regex = _class_regex(segment, i)
+            out.append(regex)
+        elif c == "]":
+            raise _unbalanced(segment)
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def _class_regex(segment: str, start: int) -> tuple[int, str]:
+    """The class opening at ``segment[start]``: the index of its closing ']' and its regex."""
+    first = start + 1
+    negate = segment[first : first + 1] == "!"
+    first += negate
+    # A ']' first in the class (after an optional '!') is a member, not the end: '[]a]', '[!]]'.
+    end = segment.find("]", first + 1 if segment[first : first + 1] == "]" else first)
+    if end == -1:
+        if segment[first : first + 1] == "]":
+            raise GlobError(
+                f"character class in {segment!r} never closes: a ']' right after '[' or '[!' is a member "
+                "of the class, as in '[]a]', so a class cannot be empty"
+            )
+        raise _unbalanced(segment)
+    body = segment[first:end]
+    members, k = [], 0
+    while k < len(body):
+        # 'a-z' is a range; a '-' first or last in the class is itself.
+        if k + 2 < len(body) and body[k + 1] == "-":
+            low, high = body[k], body[k + 2]
+            if low > high:
+                raise GlobError(
+                    f"reversed range '{low}-{high}' in character class of {segment!r}; write '{high}-{low}'"
+                )
+            members.append(f"{re.escape(low)}-{re.escape(high)}")
+            k += 3
+        else:
+            # Escaped one by one, so no '-' or ']' of the glob turns into regex syntax.
+            members.append(re.escape(body[k]))
+            k += 1
+    chars = "".join(members)
+    return end, (f"[^.{chars}]" if negate else f"(?!\\.)[{chars}]")
