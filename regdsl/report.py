@@ -59,7 +59,16 @@ def _value(setting: Any) -> str:
 def format_explain(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) -> str:
     """One aligned line per parameter: name, aliases, shape, numel, each term's value, and
     ``set by``: which rule line set each term (``decay:3 l2:6``), or ``excluded:4``, or ``frozen``.
-    Modules with activity terms follow in a second table."""
+    Modules with activity terms follow in a second table. A row's notes (a ``type`` matched through
+    a base class, a parametrization's original) are numbered footnotes: ``decay:3 [1]``."""
+    numbers: dict[str, int] = {}
+    for note in (n for r in [*rows, *modules] for n in r.notes):
+        numbers.setdefault(note, len(numbers) + 1)
+
+    def marked(cell: str, row: ParamRow | ModuleRow) -> str:
+        # One footnote per distinct text: a model's 24 weight-normed layers share one note.
+        return cell + "".join(f" [{numbers[n]}]" for n in row.notes)
+
     with_aliases = any(r.aliases for r in rows)
     kinds = _shown_kinds(rows)
     header = ["parameter", *(["aliases"] if with_aliases else []), "shape", "numel", *kinds, "set by (line)"]
@@ -67,15 +76,23 @@ def format_explain(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) 
     for row in rows:
         values = [_value(row.terms[k]) if k in row.terms else "-" for k in kinds]
         aliases = [", ".join(row.aliases)] if with_aliases else []
-        body.append([row.name, *aliases, _shape(row.shape), f"{row.numel:,}", *values, _set_by(row, row.trainable)])
+        set_by = marked(_set_by(row, row.trainable), row)
+        body.append([row.name, *aliases, _shape(row.shape), f"{row.numel:,}", *values, set_by])
     numel_column = header.index("numel")
     text = _table(header, body, right=[numel_column])
     if modules:
         module_body = [
-            [module_label(m.name), m.class_name, *(_value(m.terms[k]) if k in m.terms else "-" for k in MODULE_TERMS), _set_by(m)]
+            [
+                module_label(m.name),
+                m.class_name,
+                *(_value(m.terms[k]) if k in m.terms else "-" for k in MODULE_TERMS),
+                marked(_set_by(m), m),
+            ]
             for m in modules
         ]
         text += "\n\n" + _table(["module output", "class", *map(kind_label, MODULE_TERMS), "set by (line)"], module_body)
+    if numbers:
+        text += "\n\nNotes:\n" + "\n".join(f"  [{number}] {note}" for note, number in numbers.items())
     return text
 
 
@@ -104,6 +121,7 @@ def explain_records(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ())
                 "excluded_by": _where(row.excluded_by),
                 "cleared_by": _where(row.cleared_by),
                 "terms": _term_records(row.terms),
+                **_notes_record(row),
             }
             for row in rows
         ],
@@ -114,10 +132,16 @@ def explain_records(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ())
                 "excluded_by": _where(m.excluded_by),
                 "cleared_by": _where(m.cleared_by),
                 "terms": _term_records(m.terms),
+                **_notes_record(m),
             }
             for m in modules
         ],
     }
+
+
+def _notes_record(row: ParamRow | ModuleRow) -> dict[str, list[str]]:
+    # Only rows with notes get the key: a record of a plain model stays what it always was.
+    return {"notes": list(row.notes)} if row.notes else {}
 
 
 def _shown_kinds(rows: Sequence[ParamRow]) -> list[str]:
@@ -127,16 +151,19 @@ def _shown_kinds(rows: Sequence[ParamRow]) -> list[str]:
 
 def explain_csv(rows: Sequence[ParamRow]) -> str:
     """One line per parameter. Each kind the file uses (decay, l1 and l2 always) has a value and
-    a line column; ``details`` appears when a term has options or a schedule (``l1 0.01 prox``).
+    a line column; ``details`` appears when a term has options or a schedule (``l1 0.01 prox``),
+    ``notes`` when a row has notes (``ParamRow.notes``, joined by ``; ``).
     Activity terms act on modules and are in the table and JSON forms."""
     kinds = _shown_kinds(rows)
     detailed = any(_value(s) != repr(s.value) for r in rows for s in r.terms.values())
+    noted = any(r.notes for r in rows)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
         ["name", "aliases", "shape", "numel", "trainable", "excluded_by_line"]
         + [c for k in kinds for c in (k, f"{k}_line")]
         + (["details"] if detailed else [])
+        + (["notes"] if noted else [])
     )
     for row in rows:
         cells = [
@@ -152,6 +179,8 @@ def explain_csv(rows: Sequence[ParamRow]) -> str:
             cells += [setting.value, setting.pos.line if setting.pos else ""] if setting else ["", ""]
         if detailed:
             cells.append("; ".join(f"{k} {_value(s)}" for k, s in row.terms.items() if _value(s) != repr(s.value)))
+        if noted:
+            cells.append("; ".join(row.notes))
         writer.writerow(cells)
     return out.getvalue()
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from .printer import format_schedule
 from .schedule import always_zero, is_scheduled
-from .select import ParamEntry, ParamTable, module_matches
-from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Exclude, NoneTerm, Rule, Span, Spec
+from .select import ParamEntry, ParamTable, base_class_match, module_class, module_matches
+from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Exclude, NoneTerm, Rule, Span, Spec, TypeAtom
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class Setting:
     origin: str | None
     pos: Span | None
     term: Any = None  # the spec's term node; None for an exclude or a 'none'
+    # Index of the statement that set it. Not part of equality: it is where the pos already points.
+    statement: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def where(self) -> str:
@@ -52,6 +54,9 @@ class ParamRow:
     excluded_by: Setting | None  # the first exclude that matched, if any
     cleared_by: Setting | None  # the last 'none' that cleared its terms, if any
     terms: dict[str, Setting] = field(default_factory=dict)
+    # What the row's name alone does not say: a 'type' that matched through a base class,
+    # a tensor that is the original of a parametrized one. explain() prints them.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class ModuleRow:
     excluded_by: Setting | None
     cleared_by: Setting | None
     terms: dict[str, Setting] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # as ParamRow.notes
 
 
 @dataclass
@@ -176,7 +182,7 @@ def resolve(spec: Spec, model: nn.Module) -> Resolution:
     # Modules are only targets of activity terms; without one, no statement needs them.
     with_activity = any(t.kind in MODULE_TERMS for s in spec.statements if isinstance(s, Rule) for t in s.terms)
     matches, module_matches_ = [], []
-    for statement in spec.statements:
+    for index, statement in enumerate(spec.statements):
         matched = table.select(statement.selector)
         matches.append(tuple(e.index for e in matched))
         picked = [
@@ -185,8 +191,8 @@ def resolve(spec: Spec, model: nn.Module) -> Resolution:
             if with_activity and _selects_module(statement.selector, name, module)
         ]
         module_matches_.append(tuple(table.modules[i][0] for i in picked))
-        params.apply(statement, [e.index for e in matched if e.trainable], PARAM_TERMS)
-        modules.apply(statement, picked, MODULE_TERMS)
+        params.apply(index, statement, [e.index for e in matched if e.trainable], PARAM_TERMS)
+        modules.apply(index, statement, picked, MODULE_TERMS)
     rows = tuple(
         ParamRow(
             name=entry.name,
@@ -197,16 +203,18 @@ def resolve(spec: Spec, model: nn.Module) -> Resolution:
             excluded_by=params.excluded[entry.index],
             cleared_by=params.cleared[entry.index],
             terms=params.result(entry.index, PARAM_TERMS),
+            notes=_parametrization_note(entry) + params.base_class_notes(entry.index, entry.owners),
         )
         for entry in table.entries
     )
     module_rows = tuple(
         ModuleRow(
             name=name,
-            class_name=type(module).__name__,
+            class_name=module_class(module).__name__,
             excluded_by=modules.excluded[i],
             cleared_by=modules.cleared[i],
             terms=modules.result(i, MODULE_TERMS),
+            notes=modules.base_class_notes(i, (module,)),
         )
         for i, (name, module) in enumerate(table.modules)
         if modules.touched[i]
@@ -218,6 +226,20 @@ def _selects_module(selector: Any, name: str, module: nn.Module) -> bool:
     return all(module_matches(atom, name, module) for atom in selector.atoms)
 
 
+def _parametrization_note(entry: ParamEntry) -> tuple[str, ...]:
+    # Terms act on the originals: the tensors the optimizer updates, so decay and l2 mean the same
+    # thing here as anywhere (l2 = SGD's weight_decay), and decay could act on nothing else.
+    if entry.parametrization is None:
+        return ()
+    tensor, how = entry.parametrization
+    attribute = tensor.rsplit(".", 1)[-1]
+    note = (
+        f"an original of a parametrized {attribute} ({how}): terms act on this tensor, which the optimizer "
+        f"updates, not on the {attribute} computed from it"
+    )
+    return (note,)
+
+
 class _Cascade:
     """The per-target bookkeeping of :func:`resolve`, for parameters or for modules."""
 
@@ -227,11 +249,13 @@ class _Cascade:
         self.touched = [False] * size  # some rule set a term here (a later 'none' or exclude may remove it)
         self.excluded: list[Setting | None] = [None] * size
         self.cleared: list[Setting | None] = [None] * size
+        self.statements: list[Any] = []
 
-    def apply(self, statement: Any, targets: list[int], kinds: tuple[str, ...]) -> None:
+    def apply(self, index: int, statement: Any, targets: list[int], kinds: tuple[str, ...]) -> None:
+        self.statements.append(statement)
         if isinstance(statement, Exclude):
             for i in targets:
-                self.excluded[i] = self.excluded[i] or Setting(0.0, self.origin, statement.pos)
+                self.excluded[i] = self.excluded[i] or Setting(0.0, self.origin, statement.pos, statement=index)
             return
         for term in statement.terms:
             if not isinstance(term, NoneTerm) and term.kind not in kinds:
@@ -240,9 +264,9 @@ class _Cascade:
                 if isinstance(term, NoneTerm):
                     for kind in [k for k in self.assigned[i] if k not in NOT_REGULARIZERS]:
                         del self.assigned[i][kind]
-                    self.cleared[i] = Setting(0.0, self.origin, term.pos)
+                    self.cleared[i] = Setting(0.0, self.origin, term.pos, statement=index)
                 else:
-                    self.assigned[i][term.kind] = Setting(term.value, self.origin, term.pos, term)
+                    self.assigned[i][term.kind] = Setting(term.value, self.origin, term.pos, term, statement=index)
                     self.touched[i] = True
 
     def result(self, i: int, kinds: tuple[str, ...]) -> dict[str, Setting]:
@@ -250,6 +274,22 @@ class _Cascade:
         if self.excluded[i]:
             kept = {k: v for k, v in kept.items() if k in NOT_REGULARIZERS}
         return {k: kept[k] for k in kinds if k in kept}
+
+    def base_class_notes(self, i: int, owners: tuple[nn.Module, ...]) -> tuple[str, ...]:
+        """For each rule that shows in target ``i``'s row (a term it set, its exclude, its 'none'):
+        a 'type' that matched only through a base class, so explain() can say which class it was."""
+        shown = [*self.result(i, PARAM_TERMS + MODULE_TERMS).values(), self.excluded[i], self.cleared[i]]
+        notes = []
+        for index in sorted({s.statement for s in shown if s is not None and s.statement is not None}):
+            statement = self.statements[index]
+            for atom in statement.selector.atoms:
+                if isinstance(atom, TypeAtom) and (match := base_class_match(atom, owners)):
+                    pattern, cls, base = match
+                    line = statement.pos.line if statement.pos else "?"
+                    notes.append(
+                        f"line {line}: 'type {pattern}' matched {cls.__name__} through its base class {base.__name__}"
+                    )
+        return tuple(notes)
 
 
 

@@ -7,17 +7,18 @@ from collections.abc import Iterable
 
 from .errors import Diagnostic, model_diagnostic, name_list
 from .resolution import Resolution
-from .select import atom_matches, class_names, glob_regex
+from .select import atom_matches, glob_regex, module_class, type_names
 from .spec import MODULE_TERMS, PARAM_TERMS, Exclude, LayerAtom, Rule, Spec, TypeAtom, kind_label
 
 
 def unmatched(res: Resolution) -> Iterable[Diagnostic]:
     spec, table = res.spec, res.table
     all_paths = sorted({p for e in table.entries for p in e.paths})
-    all_classes = sorted({n for m in table.module_names.values() for n in class_names(type(m))})
+    # A class and its module base classes: 'type Linear' matches a subclass of Linear (select.py).
+    all_classes = sorted({n for m in table.module_names.values() for n in type_names(module_class(m))})
     owner_classes = {n for e in table.entries for n in e.owner_class_names}
     module_names = [name for name, _ in table.modules]
-    module_classes = sorted({n for _, m in table.modules for n in class_names(type(m))})
+    module_classes = sorted({n for _, m in table.modules for n in type_names(module_class(m))})
     with_activity = {m.name for m in res.modules}
     for statement, matched, modules in zip(spec.statements, res.matches, res.module_matches):
         if acts_on_modules(statement) and not modules:

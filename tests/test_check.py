@@ -476,18 +476,19 @@ def test_coverage_transformer_counts_the_tied_tensor_once():
             return "frozen"
         if name == "embed.weight":
             return {"l2"}
-        # 'bias' is the last segment exactly: attn.in_proj_bias is not excluded.
-        if name.endswith(".bias") or re.search(r"\.ln(1|2|_f)\.|^ln_f\.", name):
+        # 'bias' is a last segment 'bias' or ending in '_bias': attn.in_proj_bias is excluded too.
+        if name.endswith((".bias", "_bias")) or re.search(r"\.ln(1|2|_f)\.|^ln_f\.", name):
             return "excluded"
         return {"decay", "l1"} if name.startswith("blocks.1.") else {"decay"}
 
     expected = plain_coverage(model, status)
     assert coverage_of(text, model) == expected
-    # Per block: in_proj 48x16 + 48, out_proj.weight 16x16, mlp weights 2 x 16x64 = 3120 with decay;
-    # ln1 16+16, out_proj.bias 16, ln2 16, mlp biases 64+16 = 144 excluded. Plus ln_f 16+16 excluded.
+    # Per block: in_proj 48x16, out_proj.weight 16x16, mlp weights 2 x 16x64 = 3072 with decay;
+    # ln1 16+16, in_proj_bias 48, out_proj.bias 16, ln2 16, mlp biases 64+16 = 192 excluded.
+    # Plus ln_f 16+16 excluded.
     assert expected == {
-        "decay": (10, 6240), "l1": (5, 3120), "l2": (1, 50 * 16), **NO_NEW_TERMS,
-        "nothing": (14, 320), "excluded": (14, 320), "frozen": (1, 8 * 16),
+        "decay": (8, 6144), "l1": (4, 3072), "l2": (1, 50 * 16), **NO_NEW_TERMS,
+        "nothing": (16, 416), "excluded": (16, 416), "frozen": (1, 8 * 16),
     }  # fmt: skip
     # Every tensor lands in exactly one of: some term, nothing, frozen.
     rows = resolve(regdsl.parse(text), model).rows

@@ -152,11 +152,11 @@ def test_tied_embedding_transformer() -> None:
         expected += [
             (f"{b}.ln1.weight", (), (16,), True, 3, {}),
             (f"{b}.ln1.bias", (), (16,), True, 2, {}),  # bias and norm: the first exclude is named
-            # MultiheadAttention owns in_proj_weight/in_proj_bias itself; 'in_proj_bias' is not 'bias'.
+            # MultiheadAttention owns in_proj_weight/in_proj_bias itself; a name ending in '_bias' is a bias.
             (f"{b}.attn.in_proj_weight", (), (48, 16), True, None, {} if cleared else decay),
-            (f"{b}.attn.in_proj_bias", (), (48,), True, None, {} if cleared else decay),
-            # out_proj is a Linear subclass: 'type Linear' is the exact class only.
-            (f"{b}.attn.out_proj.weight", (), (16, 16), True, None, {} if cleared else decay),
+            (f"{b}.attn.in_proj_bias", (), (48,), True, 2, {}),
+            # out_proj is a NonDynamicallyQuantizableLinear: 'type Linear' reaches it through its base class.
+            (f"{b}.attn.out_proj.weight", (), (16, 16), True, None, {} if cleared else {**decay, "l1": (1e-5, 6)}),
             (f"{b}.attn.out_proj.bias", (), (16,), True, 2, {}),
             (f"{b}.ln2.weight", (), (16,), True, 3, {}),  # a hand-written RMSNorm
             (f"{b}.mlp.0.weight", (), (64, 16), True, None, {} if cleared else {**decay, "l1": (1e-5, 6)}),
@@ -167,6 +167,9 @@ def test_tied_embedding_transformer() -> None:
     expected += [("ln_f.weight", (), (16,), True, 3, {}), ("ln_f.bias", (), (16,), True, 2, {})]
     check(rows, expected)
     assert sum(r.numel for r in rows) == sum(p.numel() for p in model.parameters())  # the tied tensor once
+    # explain says which class line 6 matched where it was a base class; block 1's 'none' hides line 6.
+    base = "line 6: 'type Linear' matched NonDynamicallyQuantizableLinear through its base class Linear"
+    assert {r.name: r.notes for r in rows if r.notes} == {"blocks.0.attn.out_proj.weight": (base,)}
 
 
 # ---------------------------------------------------------------- Hugging Face models (no download)

@@ -84,7 +84,6 @@ def test_tiny_transformer_standard_rules() -> None:
         b = f"blocks.{i}"
         decayed += [
             f"{b}.attn.in_proj_weight",
-            f"{b}.attn.in_proj_bias",  # its own name is in_proj_bias, not bias: `exclude bias` misses it
             f"{b}.attn.out_proj.weight",
             f"{b}.mlp.0.weight",
             f"{b}.mlp.2.weight",
@@ -92,6 +91,7 @@ def test_tiny_transformer_standard_rules() -> None:
         plain += [
             f"{b}.ln1.weight",
             f"{b}.ln1.bias",
+            f"{b}.attn.in_proj_bias",  # a name ending in '_bias' is a bias: `exclude bias` reaches it
             f"{b}.attn.out_proj.bias",
             f"{b}.ln2.weight",  # the custom RMSNorm
             f"{b}.mlp.0.bias",
@@ -316,7 +316,7 @@ def _prefix_of(prefix: str):
 # Each selector atom of the vocabulary, with what it means on TinyTransformer, written plainly.
 ATOMS = {
     "all": lambda names, owners: True,
-    "bias": lambda names, owners: any(n.split(".")[-1] == "bias" for n in names),
+    "bias": lambda names, owners: any(n.split(".")[-1] == "bias" or n.endswith("_bias") for n in names),
     "norm": lambda names, owners: any(isinstance(o, (nn.LayerNorm, RMSNorm)) for o in owners),
     "embedding": lambda names, owners: any(isinstance(o, nn.Embedding) for o in owners),
     "layer blocks.0.**": _prefix_of("blocks.0."),
@@ -326,7 +326,7 @@ ATOMS = {
         len(n.split(".")) >= 4 and n.split(".")[0] == "blocks" and n.split(".")[2] == "mlp" for n in names
     ),
     "layer pos_embed, ln_f": lambda names, owners: any(n == "pos_embed" or n.startswith("ln_f.") for n in names),
-    "type Linear": lambda names, owners: any(type(o) is nn.Linear for o in owners),
+    "type Linear": lambda names, owners: any(isinstance(o, nn.Linear) for o in owners),  # subclasses too
     "type LayerNorm, RMSNorm": lambda names, owners: any(type(o) in (nn.LayerNorm, RMSNorm) for o in owners),
 }
 

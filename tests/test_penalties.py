@@ -108,9 +108,9 @@ def _transformer(name: str) -> Terms:
     parts = name.split(".")
     if "ln1" in parts or "ln2" in parts or parts[0] == "ln_f":
         return {}  # LayerNorm and the custom RMSNorm are both `norm`
-    if name.startswith("blocks.1.mlp."):
+    # blocks.1.attn.out_proj is a Linear subclass: `type Linear` reaches it through its base class.
+    if name.startswith(("blocks.1.mlp.", "blocks.1.attn.out_proj.")):
         return {"l2": 0.01, "l1": 0.02}
-    # blocks.1.attn.out_proj is a Linear *subclass*: `type Linear` does not reach it.
     return {"l2": 0.01}
 
 

@@ -2,7 +2,9 @@
 
 `selected()` compiles "SELECTOR decay 1" and reads back which tensors landed in
 the decay=1 group, named by torch's own named_parameters(); the expected lists
-are written by hand.
+are written by hand. A selector that selects nothing is a mistake compile()
+refuses, so for those `selected()` asks resolve() (which is not strict) and
+checks that compile() raises.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from models import MLP, MyLayerNorm, RMSNorm, TinyTransformer
 from torch import nn
 
 import regdsl
+from regdsl import RegCompileError
 
 
 def names_by_id(model: nn.Module) -> dict[int, str]:
@@ -21,8 +24,18 @@ def names_by_id(model: nn.Module) -> dict[int, str]:
 
 def selected(model: nn.Module, selector: str, names: dict[int, str] | None = None) -> list[str]:
     names = names or names_by_id(model)
-    groups = regdsl.parse(f"{selector} decay 1\n").compile(model).param_groups()
-    return [names[id(p)] for g in groups if g["weight_decay"] == 1.0 for p in g["params"]]
+    spec = regdsl.parse(f"{selector} decay 1\n")
+    resolution = regdsl.resolve(spec, model)
+    matched = [names[id(resolution.table.entries[i].param)] for i in resolution.matches[0]]
+    if not matched:
+        with pytest.raises(RegCompileError) as raised:
+            spec.compile(model)
+        assert {d.code for d in raised.value.diagnostics} <= {"RD101", "RD102"}, raised.value
+        return []
+    groups = spec.compile(model).param_groups()
+    decayed = [names[id(p)] for g in groups if g["weight_decay"] == 1.0 for p in g["params"]]
+    assert decayed == matched  # compile() applies what resolve() selects
+    return decayed
 
 
 def tree(**children: nn.Module | nn.Parameter) -> nn.Module:
@@ -137,24 +150,29 @@ class MyLinear(nn.Linear):
     pass
 
 
-def test_type_matches_the_exact_class_by_short_or_qualified_name() -> None:
+def test_type_matches_the_class_or_a_base_class_by_short_or_qualified_name() -> None:
     model = tree(
         lin=linear(), sub=MyLinear(2, 2), ln=nn.LayerNorm(2), mine=MyLayerNorm(2), bn=nn.BatchNorm1d(2), rms=RMSNorm(2)
     )
-    lin = ["lin.weight", "lin.bias"]
+    lin, sub = ["lin.weight", "lin.bias"], ["sub.weight", "sub.bias"]
     for spelling in ("Linear", "torch.nn.Linear", "torch.nn.modules.linear.Linear"):
-        assert selected(model, f"type {spelling}") == lin, spelling
-    # A subclass answers to its own name only.
-    assert selected(model, "type MyLinear") == ["sub.weight", "sub.bias"]
-    assert selected(model, "type *Linear") == lin + ["sub.weight", "sub.bias"]
-    # BatchNorm1d does not end in "Norm"; the globs see class names, not isinstance.
-    assert selected(model, "type *Norm") == ["ln.weight", "ln.bias", "mine.gain", "mine.shift", "rms.weight"]
+        # MyLinear is a Linear, as isinstance says.
+        assert selected(model, f"type {spelling}") == lin + sub, spelling
+    # A subclass's own name selects the subclass only: the walk goes up the bases, never down.
+    assert selected(model, "type MyLinear") == sub
+    assert selected(model, "type *Linear") == lin + sub
+    # BatchNorm1d's own name does not end in "Norm", but its base class _NormBase does.
+    bn = ["bn.weight", "bn.bias"]
+    assert selected(model, "type *Norm") == ["ln.weight", "ln.bias", "mine.gain", "mine.shift", *bn, "rms.weight"]
+    assert selected(model, "type _NormBase") == bn  # LayerNorm is no _NormBase
     assert selected(model, "type torch.nn.LayerNorm") == ["ln.weight", "ln.bias"]
-    assert selected(model, "type LayerNorm, BatchNorm1d") == ["ln.weight", "ln.bias", "bn.weight", "bn.bias"]
-    # A glob over the public path: torch.nn's own classes, not the test's subclass or custom norms.
-    assert selected(model, "type torch.nn.*") == lin + ["ln.weight", "ln.bias", "bn.weight", "bn.bias"]
+    assert selected(model, "type LayerNorm, BatchNorm1d") == ["ln.weight", "ln.bias", *bn]
+    # A glob over the public path: torch.nn's classes, and the test's MyLinear through torch.nn.Linear;
+    # the custom norms derive from nn.Module only.
+    assert selected(model, "type torch.nn.*") == lin + sub + ["ln.weight", "ln.bias", *bn]
     assert selected(model, "type linear") == []  # case-sensitive
-    assert selected(model, "type Module") == []  # the owner's class, not a base class
+    # nn.Module is where the walk stops: as a base of everything it would make 'type Module' mean 'all'.
+    assert selected(model, "type Module") == []
 
 
 def test_type_sees_the_direct_owner_only() -> None:
@@ -163,24 +181,29 @@ def test_type_sees_the_direct_owner_only() -> None:
     assert selected(model, "type Module") == ["block.scale"]
 
 
-def test_multihead_attention_out_proj_is_not_a_plain_linear() -> None:
+def test_multihead_attention_out_proj_is_a_linear() -> None:
+    # out_proj is a NonDynamicallyQuantizableLinear, a subclass of Linear: 'type Linear' reaches it.
     model = TinyTransformer(n_layers=1)
-    assert selected(model, "layer blocks.0.attn.** type Linear") == []
-    assert selected(model, "type NonDynamicallyQuantizableLinear") == [
-        "blocks.0.attn.out_proj.weight",
-        "blocks.0.attn.out_proj.bias",
-    ]
+    out_proj = ["blocks.0.attn.out_proj.weight", "blocks.0.attn.out_proj.bias"]
+    assert selected(model, "layer blocks.0.attn.** type Linear") == out_proj
+    assert selected(model, "type NonDynamicallyQuantizableLinear") == out_proj
     assert selected(model, "type MultiheadAttention") == ["blocks.0.attn.in_proj_weight", "blocks.0.attn.in_proj_bias"]
+    mlp = [f"blocks.0.mlp.{i}.{k}" for i in (0, 2) for k in ("weight", "bias")]
+    # embed.weight is lm_head.weight (tied), and lm_head is a Linear.
+    assert selected(model, "type Linear") == ["embed.weight", *out_proj, *mlp]
 
 
 # ---------------------------------------------------------------- bias, norm, embedding
 
 
-def test_bias_is_the_exact_last_segment() -> None:
-    model = tree(attn=nn.MultiheadAttention(4, 2, add_bias_kv=True), b=tree(bias_scale=param(2)))
+def test_bias_is_named_bias_or_ends_in_bias() -> None:
+    model = tree(attn=nn.MultiheadAttention(4, 2, add_bias_kv=True), b=tree(bias_scale=param(2), my_bias=param(2)))
     names = [n for n, _ in model.named_parameters()]
     assert {"attn.bias_k", "attn.bias_v", "attn.in_proj_bias"} <= set(names)
-    assert selected(model, "bias") == ["attn.out_proj.bias"]
+    # in_proj_bias is MultiheadAttention's input-projection bias; bias_k and bias_v are learned
+    # key/value tokens appended to the sequence, not biases, and bias_scale is not one either.
+    assert selected(model, "bias") == ["attn.in_proj_bias", "attn.out_proj.bias", "b.my_bias"]
+    # A layer glob means exactly what it says.
     assert selected(model, "layer **.bias") == ["attn.out_proj.bias"]
     assert selected(model, "layer **.bias_*") == ["attn.bias_k", "attn.bias_v", "b.bias_scale"]
 
