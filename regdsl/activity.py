@@ -91,7 +91,9 @@ class ActivityPlan:
         else:
             with torch.autocast(device_type=autocast, enabled=False):
                 value = self._value(index, output)
-        self._pending.append(value)
+        # Computed anyway: a checkpoint's recomputation must save the same tensors as its forward did.
+        if not _in_backward():
+            self._pending.append(value)
 
     def _value(self, index: int, output: torch.Tensor) -> torch.Tensor:
         acc = torch.float64 if output.dtype == torch.float64 else torch.float32
@@ -124,3 +126,10 @@ def _remove(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
     while handles:
         handles.pop().remove()
 
+
+def _in_backward() -> bool:
+    """A forward pass inside backward is activation checkpointing recomputing what the real
+    forward pass already reported; counting it again would double the term whenever another
+    forward's penalty() comes before the optimizer step (gradient accumulation)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1

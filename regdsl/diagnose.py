@@ -9,13 +9,19 @@ returns the same list, so the two cannot drift.
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import Diagnostic, RegCompileError, RegDslWarning, model_diagnostic, name_list, shape_text
+from .errors import (
+    Diagnostic,
+    RegCompileError,
+    RegDslWarning,
+    caller_stacklevel,
+    model_diagnostic,
+    name_list,
+    shape_text,
+)
 from .overrides import dead_rules, decay_and_l2, tied_aliases
 from .references import reference_problems
 from .resolution import Resolution, Setting
@@ -54,17 +60,7 @@ def enforce(diagnostics: list[Diagnostic]) -> None:
     if errors:
         raise RegCompileError(errors)
     for d in diagnostics:
-        warnings.warn(RegDslWarning(d.render()), stacklevel=_outside_regdsl())
-
-
-def _outside_regdsl() -> int:
-    """The stacklevel of the first frame outside this package: the user's compile() call,
-    however many of regdsl.compile, Spec.compile and Regularizer() lie between."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
-        frame, level = frame.f_back, level + 1
-    return level
+        warnings.warn(RegDslWarning(d.render()), stacklevel=caller_stacklevel())
 
 
 def nothing_to_train(resolution: Resolution) -> list[Diagnostic]:

@@ -7,6 +7,8 @@ a user fixes everything in one round instead of one error per run.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -169,3 +171,13 @@ def model_diagnostic(spec: Spec, pos: Span | None, code: str, message: str) -> D
         code=code,
         source_line=source_line_at(spec.source, line) if spec.source and pos else "",
     )
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that names the first frame outside this package:
+    the user's call, however many of regdsl.compile, Spec.compile and Regularizer() lie between."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+        frame, level = frame.f_back, level + 1
+    return level

@@ -99,14 +99,14 @@ class LayerAtom(Node):
 
 
 class TypeAtom(Node):
-    """Parameters owned directly by a module whose class (short or qualified name) matches."""
+    """Parameters owned directly by a module whose class, or a module base class of it, matches (short or qualified name)."""
 
     kind: Literal["type"] = "type"
     patterns: tuple[Pattern, ...] = Field(min_length=1)
 
 
 class BiasAtom(Node):
-    """Parameters whose own name is exactly ``bias``."""
+    """Parameters whose own name is ``bias`` or ends in ``_bias`` (``in_proj_bias``; not ``bias_k``)."""
 
     kind: Literal["bias"] = "bias"
 

@@ -20,8 +20,7 @@ from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Any
 
-from .diagnose import _outside_regdsl
-from .errors import RegDslWarning, RegStateError, name_list
+from .errors import RegDslWarning, RegStateError, caller_stacklevel, name_list
 from .resolution import GroupSummary
 
 Layout = list[dict[str, Any]]
@@ -91,7 +90,7 @@ def check_layout(state: Mapping[str, Any], current: Layout) -> None:
                 "checked against the rules: it is right only if the rule file and the model are unchanged "
                 "since it was saved (reg.load_state_dict(state, strict=False) loads it without this warning)"
             ),
-            stacklevel=_outside_regdsl(),
+            stacklevel=caller_stacklevel(),
         )
         return
     changes = differences(saved, current)
@@ -215,7 +214,7 @@ def remap_optimizer_state(
     if fresh or gone:
         parts = [f"{name_list(fresh)} start with fresh optimizer state (new to the groups)"] * bool(fresh)
         parts += [f"the saved state of {name_list(gone)} is dropped (no longer in any group)"] * bool(gone)
-        warnings.warn(RegDslWarning("remap_optimizer_state: " + "; ".join(parts)), stacklevel=_outside_regdsl())
+        warnings.warn(RegDslWarning("remap_optimizer_state: " + "; ".join(parts)), stacklevel=caller_stacklevel())
     return {"state": out_state, "param_groups": out_groups}
 
 
