@@ -11,7 +11,6 @@ counter that drives every schedule.
 
 from __future__ import annotations
 
-import functools
 import os
 import weakref
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from .build import load
 from .constraints import PostStepItem, PostStepPlan
 from .diagnose import diagnose, enforce
 from .errors import RegCompileError, RegUsageError, model_diagnostic, name_list, shape_text
+from .fold import Folding, step_hooks
 from .penalties import LossItem, PenaltyPlan
 from .references import find_reference, reference_index
 from .resolution import (
@@ -92,7 +92,9 @@ class Regularizer:
                 loss.append(item)
             if "max_norm" in terms:
                 post.append(PostStepItem("max_norm", entry.name, entry.param, terms["max_norm"].term))
+        self._loss_items = loss
         self._penalty = PenaltyPlan(loss)
+        self._fold: Folding | None = None  # set by attach(fold=True): penalty() then returns only its .rest
         self._post = PostStepPlan(post)
         self._activity = ActivityPlan(
             [
@@ -103,6 +105,10 @@ class Regularizer:
             ]
         )
         self._first_trainable = next((e.param for e in self.table.entries if e.trainable), None)
+        # Whether a step needs more than the counter: post-step terms, pending activity values, schedules.
+        self._busy = bool(self._post or self._activity or self._scheduled_decays) or any(
+            is_scheduled(i.term) for i in loss
+        )
 
     @staticmethod
     def _reference(entry: ParamEntry, term: Any, index: dict[str, Any]) -> torch.Tensor | None:
@@ -165,9 +171,13 @@ class Regularizer:
             groups.append(group)
         return groups
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> Regularizer:
+    def attach(self, optimizer: torch.optim.Optimizer, fold: bool = False) -> Regularizer:
         """Run :meth:`after_step` automatically after every ``optimizer.step()`` (torch's step hooks).
 
+        With ``fold=True`` the gradients of ``l1``, ``l2``, ``l2 ... to``, ``group_lasso`` and
+        ``orthogonal`` on the optimizer's parameters are added to ``p.grad`` right before each
+        update (docs/fold.md), and :meth:`penalty` leaves them out. With nothing scheduled and
+        nothing to do after a step, the only hook counts steps (or the fold's hook does).
         Needs an optimizer built from :meth:`param_groups` when a ``decay`` has a schedule.
         """
         if self._optimizer is not None:
@@ -176,7 +186,8 @@ class Regularizer:
             self._post.locate(optimizer.param_groups)  # every proximal parameter must be in it
         self._write_decay(optimizer)
         self._activity.register()  # after a detach(), the forward hooks come back too
-        self._hooks.append(optimizer.register_step_post_hook(functools.partial(_on_step, weakref.ref(self))))
+        self._fold = Folding(self._loss_items, optimizer, self._step) if fold else None
+        self._hooks += step_hooks(weakref.ref(self), optimizer, self._fold, self._busy)
         self._optimizer = weakref.ref(optimizer)
         return self
 
@@ -202,6 +213,8 @@ class Regularizer:
     def _set_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
         self._step = step
         self._penalty.set_step(step)
+        if self._fold is not None:
+            self._fold.set_step(step)
         self._activity.set_step(step)
         if optimizer is not None:
             self._write_decay(optimizer)
@@ -233,8 +246,9 @@ class Regularizer:
         return self._decay_index
 
     def detach(self) -> None:
-        """Remove the optimizer hook and the forward hooks of activity terms."""
+        """Remove the optimizer hooks (the fold's too: penalty() is whole again) and the activity forward hooks."""
         _remove_all(self._hooks)
+        self._fold = None
         self._activity.remove()
         self._optimizer = None
 
@@ -315,7 +329,7 @@ class Regularizer:
         collected since the last call) as a differentiable 0-dim tensor."""
         # Read at each call: model.to() after compiling moves the parameters, and the zero must follow.
         device = self._first_trainable.device if self._first_trainable is not None else None
-        total = self._penalty(device)
+        total = (self._fold.rest if self._fold is not None else self._penalty)(device)
         for value in self._activity.take():
             # float64 activations keep their precision, as float64 parameters do.
             dtype = torch.promote_types(total.dtype, value.dtype)
@@ -343,12 +357,6 @@ class Regularizer:
             f"<Regularizer {len(self.spec.statements)} statements, {trainable} trainable tensors, "
             f"{len(self._groups)} groups, step {self._step}>"
         )
-
-
-def _on_step(reg_ref: weakref.ref[Regularizer], optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    reg = reg_ref()
-    if reg is not None:
-        reg._advance(optimizer)
 
 
 def _remove_all(handles: list[Any]) -> None:

@@ -1,0 +1,319 @@
+"""Loss terms folded into the optimizer step: their closed-form gradients added to ``p.grad``.
+
+``reg.attach(optimizer, fold=True)`` registers a step pre-hook that, right before the
+optimizer updates, adds to each parameter's gradient what ``loss + reg.penalty()``
+would have put there (the formulas of :mod:`regdsl.penalties`)::
+
+    l2 λ               g += λ·w
+    l2 λ to init|ref   g += λ·(w − w₀)
+    l1 λ               g += λ·sign(w)                      (0 at 0)
+    group_lasso λ      g += λ·w_i/‖w_i‖₂ on each slice      (0 on an all-zero slice)
+    orthogonal λ       g += 4λ·(G − I)·W  (or 4λ·W·(G − I) when G = WᵀW)
+
+Nothing goes through autograd and nothing is allocated per step beyond what the math
+needs: ``l2`` is one ``_foreach_add_`` per bucket; ``l1`` and ``l2 ... to`` write
+``sign(w)`` or ``w − w₀`` into a scratch buffer kept across steps (CPU, where a freed
+large block goes back to the OS and every step would fault it in again), or, on
+devices with a caching allocator, into ``_foreach`` temporaries a chunk of at most
+:data:`CHUNK` elements at a time; ``group_lasso`` needs one norm per slice and
+``orthogonal`` its Gram matrix (``addmm_`` straight into the gradient where it can).
+
+Strengths are Python floats in eager mode (no host sync). Inside ``torch.compile``
+(an optimizer step compiled with its hooks) the same terms are written with 0-dim
+strength tensors that schedules update in place, so a moving strength never
+recompiles; the same tensor path runs when a fused optimizer under ``GradScaler``
+receives still-scaled gradients (``optimizer.grad_scale``), the terms scaled to match.
+docs/fold.md says where this path differs from the loss path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .errors import RegUsageError
+from .penalties import LossItem, PenaltyPlan, accumulation_dtype, autocast_device_type
+from .schedule import always_zero, is_scheduled, strength_at
+
+FAMILIES = ("l1", "l2", "l2_to", "group_lasso", "orthogonal")
+# Elements per _foreach batch off the CPU: bounds the temporaries a step holds at once.
+CHUNK = 1 << 24
+
+
+def can_fold(item: LossItem) -> bool:
+    """Complex parameters stay on the loss path: its Wirtinger gradients are the documented ones."""
+    return item.family in FAMILIES and not item.param.is_complex()
+
+
+class _Bucket:
+    """Items of one family and one term (so one strength at every step) on one device and dtype."""
+
+    def __init__(self, family: str, term: Any, items: list[LossItem], step: int, scratch_devices: Sequence[str]):
+        self.family, self.term, self.items = family, term, items
+        self.params = [i.param for i in items]
+        self.device, self.dtype = self.params[0].device, self.params[0].dtype
+        self.acc = accumulation_dtype(self.dtype)
+        self.autocast = autocast_device_type(self.device) if family == "orthogonal" else None
+        self.scheduled = is_scheduled(term)
+        self.value = strength_at(term, step)
+        # Read only inside torch.compile or under a fused GradScaler step.
+        self.tensor = torch.tensor(self.value, dtype=self.acc, device=self.device)
+        self.scratch = self.device.type in scratch_devices
+        self.chunks = _chunks(self.params) if not self.scratch else []
+
+    def set_step(self, step: int) -> None:
+        if self.scheduled:
+            self.value = strength_at(self.term, step)
+            self.tensor.fill_(self.value)
+
+    def stale(self) -> bool:
+        p = self.params[0]
+        return p.dtype != self.dtype or p.device != self.device
+
+    def fold(self, scratch: torch.Tensor | None, scale: torch.Tensor | None) -> None:
+        params, grads = _gradients(self.params)
+        if not params:
+            return
+        if scale is not None or torch.compiler.is_compiling():
+            strength = self.tensor if scale is None else self.tensor * scale.to(self.device)
+            self._fold_tensor(params, grads, strength)
+        elif self.value:
+            if self.autocast is None:
+                self._fold_float(params, grads, scratch)
+            else:
+                with torch.autocast(device_type=self.autocast, enabled=False):
+                    self._fold_float(params, grads, scratch)
+
+    def _refs(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        # Read at each fold: load_state_dict() replaces an item's reference.
+        if len(params) == len(self.items):
+            return [i.ref for i in self.items]
+        by_param = {id(i.param): i.ref for i in self.items}
+        return [by_param[id(p)] for p in params]
+
+    def _fold_float(self, params: list[torch.Tensor], grads: list[torch.Tensor], scratch: torch.Tensor | None) -> None:
+        lam, family = self.value, self.family
+        if family == "l2":
+            torch._foreach_add_(grads, params, alpha=lam)
+        elif family in ("l1", "l2_to"):
+            refs = self._refs(params) if family == "l2_to" else None
+            if scratch is not None:
+                for k, (p, g) in enumerate(zip(params, grads)):
+                    out = scratch[: p.numel()].view(p.shape)
+                    if refs is None:
+                        torch.sign(p, out=out)
+                    else:
+                        torch.sub(p, refs[k], out=out)
+                    g.add_(out, alpha=lam)
+            else:
+                chunks = self.chunks if len(params) == len(self.params) else _chunks(params)
+                for a, b in chunks:
+                    delta = (
+                        torch._foreach_sign(params[a:b]) if refs is None else torch._foreach_sub(params[a:b], refs[a:b])
+                    )
+                    torch._foreach_add_(grads[a:b], delta, alpha=lam)
+        elif family == "group_lasso":
+            for p, g in zip(params, grads):
+                if p.ndim == 1:  # each element its own slice: λ·sign(w)
+                    g.add_(torch.sign(p) if scratch is None else torch.sign(p, out=scratch[: p.numel()]), alpha=lam)
+                    continue
+                norms = _slice_norms(p, self.term.dim, self.acc)
+                g.addcmul_(p, torch.where(norms > 0, lam / norms, 0.0))
+        else:
+            for p, g in zip(params, grads):
+                m, gram, wide = _gram_minus_identity(p, self.acc)
+                if g.dtype == self.acc and g.is_contiguous():
+                    rows = g.view(m.shape)
+                    rows.addmm_(gram, m, alpha=4 * lam) if wide else rows.addmm_(m, gram, alpha=4 * lam)
+                else:
+                    g.add_((gram @ m if wide else m @ gram).reshape(p.shape), alpha=4 * lam)
+
+    def _fold_tensor(self, params: list[torch.Tensor], grads: list[torch.Tensor], s: torch.Tensor) -> None:
+        """The same terms with a tensor strength: under torch.compile these fuse, and no value
+        read from Python becomes a constant of the graph."""
+        family = self.family
+        refs = self._refs(params) if family == "l2_to" else None
+        for k, (p, g) in enumerate(zip(params, grads)):
+            if family == "l2":
+                g.addcmul_(p, s)
+            elif family == "l2_to":
+                g.addcmul_(p - refs[k], s)  # type: ignore[index]
+            elif family == "l1" or (family == "group_lasso" and p.ndim == 1):
+                g.addcmul_(torch.sign(p), s)
+            elif family == "group_lasso":
+                norms = _slice_norms(p, self.term.dim, self.acc)
+                g.addcmul_(p, torch.where(norms > 0, s / norms, torch.zeros_like(norms)))
+            else:
+                m, gram, wide = _gram_minus_identity(p, self.acc)
+                g.addcmul_((gram @ m if wide else m @ gram).reshape(p.shape), 4 * s)
+
+
+def _gradients(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each parameter's gradient, ready for in-place adds. A parameter without one gets zeros
+    (the term alone is its gradient, as the loss path would give it); a sparse one (an
+    ``Embedding(sparse=True)``) turns dense, as autograd's sum with a dense term would."""
+    grads = [p.grad for p in params]
+    if not any(g is None or g.layout != torch.strided for g in grads):
+        return params, grads  # type: ignore[return-value]
+    kept, out = [], []
+    for p, g in zip(params, grads):
+        if g is None:
+            if not p.requires_grad:
+                continue  # frozen since compile(): the loss path gives it no gradient either
+            p.grad = g = torch.zeros_like(p)
+        elif g.layout != torch.strided:
+            p.grad = g = g.to_dense()
+        kept.append(p)
+        out.append(g)
+    return kept, out
+
+
+def _slice_norms(p: torch.Tensor, dim: int, acc: torch.dtype) -> torch.Tensor:
+    keep = dim % p.ndim
+    others = [d for d in range(p.ndim) if d != keep]
+    return torch.linalg.vector_norm(p, 2, dim=others, keepdim=True, dtype=acc)
+
+
+def _gram_minus_identity(p: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    m = p.reshape(p.shape[0], -1).to(acc)
+    wide = m.shape[0] <= m.shape[1]
+    gram = m @ m.T if wide else m.T @ m
+    gram.diagonal().sub_(1)
+    return m, gram, wide
+
+
+def _chunks(params: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """Consecutive index ranges of at most CHUNK elements (a larger tensor alone)."""
+    out, start, size = [], 0, 0
+    for k, p in enumerate(params):
+        if size and size + p.numel() > CHUNK:
+            out.append((start, k))
+            start, size = k, 0
+        size += p.numel()
+    if start < len(params):
+        out.append((start, len(params)))
+    return out
+
+
+class FoldPlan:
+    """Every folded term, bucketed once by (family, term, device, dtype).
+
+    Like :class:`~regdsl.penalties.PenaltyPlan`, a bucket whose first parameter has changed
+    dtype or device (``model.to(...)`` after attaching) makes the plan re-bucket, at a cost
+    of O(buckets) per step.
+    """
+
+    scratch_devices: tuple[str, ...] = ("cpu",)
+
+    def __init__(self, items: Sequence[LossItem], step: int = 0):
+        self.items = [i for i in items if not always_zero(i.term) and i.param.numel() > 0]
+        self._step = step
+        self._build()
+
+    def _build(self) -> None:
+        for item in self.items:
+            item.follow()
+        grouped: dict[tuple[Any, ...], list[LossItem]] = {}
+        for item in self.items:
+            grouped.setdefault((item.family, item.term, item.param.device, item.param.dtype), []).append(item)
+        self._buckets = [
+            _Bucket(family, term, items, self._step, self.scratch_devices)
+            for (family, term, _, _), items in grouped.items()
+        ]
+        self._scheduled = [b for b in self._buckets if b.scheduled]
+        # One buffer per (device, dtype) for sign(w) and w − w₀, as large as the largest such tensor.
+        sizes: dict[tuple[torch.device, torch.dtype], int] = {}
+        for b in self._buckets:
+            if b.scratch and b.family in ("l1", "l2_to", "group_lasso"):
+                key = (b.device, b.dtype)
+                sizes[key] = max([sizes.get(key, 0)] + [p.numel() for p in b.params])
+        self._scratch = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self._buckets)
+
+    def set_step(self, step: int) -> None:
+        self._step = step
+        for bucket in self._scheduled:
+            bucket.set_step(step)
+
+    @torch.no_grad()
+    def __call__(self, scale: torch.Tensor | None = None) -> None:
+        """Add every term's gradient to ``p.grad`` now; ``scale`` multiplies them (a fused
+        optimizer's ``grad_scale`` under ``GradScaler``)."""
+        if any(b.stale() for b in self._buckets):
+            self._build()
+        for b in self._buckets:
+            b.fold(self._scratch.get((b.device, b.dtype)), scale)
+
+
+class Folding:
+    """What ``attach(optimizer, fold=True)`` sets up: the terms it folds (those of parameters
+    the optimizer steps) and the penalty of everything else, which ``penalty()`` returns."""
+
+    def __init__(self, items: Sequence[LossItem], optimizer: torch.optim.Optimizer, step: int):
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        folded = [i for i in items if can_fold(i) and id(i.param) in stepped]
+        chosen = {id(i) for i in folded}
+        self.plan = FoldPlan(folded, step)
+        self.rest = PenaltyPlan([i for i in items if id(i) not in chosen], step)
+
+    def set_step(self, step: int) -> None:
+        self.plan.set_step(step)
+        self.rest.set_step(step)
+
+
+def step_hooks(reg_ref: Any, optimizer: torch.optim.Optimizer, folding: Folding | None, busy: bool) -> list[Any]:
+    """The optimizer hooks ``attach()`` installs, as handles.
+
+    ``busy`` (post-step terms, activity values to drop, anything scheduled) needs the full
+    bookkeeping after each step (``reg._advance``). Otherwise a step only counts: inside the
+    fold's pre-hook when there is one, else in a post-hook that does nothing more.
+    """
+    handles = []
+    counts = folding is not None and bool(folding.plan) and not busy
+    if folding is not None and folding.plan:
+        count = functools.partial(_count, reg_ref) if counts else None
+        handles.append(optimizer.register_step_pre_hook(functools.partial(_fold_hook, folding.plan, count)))
+    if not counts:
+        post = _advance if busy else _count_after
+        handles.append(optimizer.register_step_post_hook(functools.partial(post, reg_ref)))
+    return handles
+
+
+# Step bookkeeping always runs eagerly: traced into a compiled optimizer step, reading the
+# counter would guard the graph on it and recompile at every step.
+@torch.compiler.disable
+def _advance(reg_ref: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    reg = reg_ref()
+    if reg is not None:
+        reg._advance(optimizer)
+
+
+@torch.compiler.disable
+def _count(reg_ref: Any) -> None:
+    reg = reg_ref()
+    if reg is not None:
+        reg._step += 1  # nothing is scheduled: no strength moves, only reg.step and state_dict() read it
+
+
+def _count_after(reg_ref: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _count(reg_ref)
+
+
+def _fold_hook(
+    plan: FoldPlan, count: Callable[[], None] | None, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
+) -> None:
+    # args[0] is the optimizer itself; a closure comes positionally or by keyword.
+    if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
+        # The closure recomputes the gradients inside step(), after this hook: the terms would be lost.
+        raise RegUsageError(
+            "attach(optimizer, fold=True) cannot fold into a step that takes a closure (LBFGS): "
+            "attach without fold and add reg.penalty() to the loss the closure computes"
+        )
+    plan(getattr(optimizer, "grad_scale", None))
+    if count is not None:
+        count()
