@@ -61,8 +61,14 @@ class _Bucket:
         self.value = strength_at(term, step)
         # Read only inside torch.compile or under a fused GradScaler step.
         self.tensor = torch.tensor(self.value, dtype=self.acc, device=self.device)
-        self.scratch = self.device.type in scratch_devices
-        self.chunks = _chunks(self.params) if not self.scratch else []
+        self.on_scratch = self.device.type in scratch_devices
+        # Per parameter, its view of the plan's scratch buffer (set by the plan): made once, since
+        # slicing a view at each step costs as much as the kernels on small tensors.
+        self.views: list[torch.Tensor | None] = [None] * len(self.params)
+        self.chunks = _chunks(self.params)
+
+    def needs_scratch(self, p: torch.Tensor) -> bool:
+        return self.on_scratch and (self.family in ("l1", "l2_to") or (self.family == "group_lasso" and p.ndim == 1))
 
     def set_step(self, step: int) -> None:
         if self.scheduled:
@@ -73,55 +79,47 @@ class _Bucket:
         p = self.params[0]
         return p.dtype != self.dtype or p.device != self.device
 
-    def fold(self, scratch: torch.Tensor | None, scale: torch.Tensor | None) -> None:
-        params, grads = _gradients(self.params)
+    def fold(self, scale: torch.Tensor | None) -> None:
+        params, grads, kept = _gradients(self.params)
         if not params:
             return
+        refs = (
+            [self.items[k].ref for k in kept] if self.family == "l2_to" else []
+        )  # read now: load_state_dict() replaces them
         if scale is not None or torch.compiler.is_compiling():
             strength = self.tensor if scale is None else self.tensor * scale.to(self.device)
-            self._fold_tensor(params, grads, strength)
+            self._fold_tensor(params, grads, refs, strength)
         elif self.value:
+            views = self.views if len(kept) == len(self.params) else [self.views[k] for k in kept]
             if self.autocast is None:
-                self._fold_float(params, grads, scratch)
+                self._fold_float(params, grads, refs, views)
             else:
                 with torch.autocast(device_type=self.autocast, enabled=False):
-                    self._fold_float(params, grads, scratch)
+                    self._fold_float(params, grads, refs, views)
 
-    def _refs(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        # Read at each fold: load_state_dict() replaces an item's reference.
-        if len(params) == len(self.items):
-            return [i.ref for i in self.items]
-        by_param = {id(i.param): i.ref for i in self.items}
-        return [by_param[id(p)] for p in params]
-
-    def _fold_float(self, params: list[torch.Tensor], grads: list[torch.Tensor], scratch: torch.Tensor | None) -> None:
+    def _fold_float(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], refs: list[torch.Tensor], views: list[Any]
+    ) -> None:
         lam, family = self.value, self.family
         if family == "l2":
             torch._foreach_add_(grads, params, alpha=lam)
-        elif family in ("l1", "l2_to"):
-            refs = self._refs(params) if family == "l2_to" else None
-            if scratch is not None:
-                for k, (p, g) in enumerate(zip(params, grads)):
-                    out = scratch[: p.numel()].view(p.shape)
-                    if refs is None:
-                        torch.sign(p, out=out)
-                    else:
-                        torch.sub(p, refs[k], out=out)
-                    g.add_(out, alpha=lam)
-            else:
-                chunks = self.chunks if len(params) == len(self.params) else _chunks(params)
-                for a, b in chunks:
-                    delta = (
-                        torch._foreach_sign(params[a:b]) if refs is None else torch._foreach_sub(params[a:b], refs[a:b])
-                    )
-                    torch._foreach_add_(grads[a:b], delta, alpha=lam)
+        elif family in ("l1", "l2_to") and not self.on_scratch:
+            for a, b in self.chunks if len(params) == len(self.params) else _chunks(params):
+                delta = torch._foreach_sign(params[a:b]) if not refs else torch._foreach_sub(params[a:b], refs[a:b])
+                torch._foreach_add_(grads[a:b], delta, alpha=lam)
+        elif family == "l1":
+            for p, g, out in zip(params, grads, views):
+                g.add_(torch.sign(p, out=out), alpha=lam)
+        elif family == "l2_to":
+            for p, g, r, out in zip(params, grads, refs, views):
+                g.add_(torch.sub(p, r, out=out), alpha=lam)
         elif family == "group_lasso":
-            for p, g in zip(params, grads):
+            for p, g, out in zip(params, grads, views):
                 if p.ndim == 1:  # each element its own slice: λ·sign(w)
-                    g.add_(torch.sign(p) if scratch is None else torch.sign(p, out=scratch[: p.numel()]), alpha=lam)
-                    continue
-                norms = _slice_norms(p, self.term.dim, self.acc)
-                g.addcmul_(p, torch.where(norms > 0, lam / norms, 0.0))
+                    g.add_(torch.sign(p) if out is None else torch.sign(p, out=out), alpha=lam)
+                else:
+                    norms = _slice_norms(p, self.term.dim, self.acc)
+                    g.addcmul_(p, torch.where(norms > 0, lam / norms, 0.0))
         else:
             for p, g in zip(params, grads):
                 m, gram, wide = _gram_minus_identity(p, self.acc)
@@ -131,16 +129,17 @@ class _Bucket:
                 else:
                     g.add_((gram @ m if wide else m @ gram).reshape(p.shape), alpha=4 * lam)
 
-    def _fold_tensor(self, params: list[torch.Tensor], grads: list[torch.Tensor], s: torch.Tensor) -> None:
+    def _fold_tensor(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor
+    ) -> None:
         """The same terms with a tensor strength: under torch.compile these fuse, and no value
         read from Python becomes a constant of the graph."""
         family = self.family
-        refs = self._refs(params) if family == "l2_to" else None
         for k, (p, g) in enumerate(zip(params, grads)):
             if family == "l2":
                 g.addcmul_(p, s)
             elif family == "l2_to":
-                g.addcmul_(p - refs[k], s)  # type: ignore[index]
+                g.addcmul_(p - refs[k], s)
             elif family == "l1" or (family == "group_lasso" and p.ndim == 1):
                 g.addcmul_(torch.sign(p), s)
             elif family == "group_lasso":
@@ -151,24 +150,25 @@ class _Bucket:
                 g.addcmul_((gram @ m if wide else m @ gram).reshape(p.shape), 4 * s)
 
 
-def _gradients(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each parameter's gradient, ready for in-place adds. A parameter without one gets zeros
-    (the term alone is its gradient, as the loss path would give it); a sparse one (an
-    ``Embedding(sparse=True)``) turns dense, as autograd's sum with a dense term would."""
+def _gradients(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], range | list[int]]:
+    """Each parameter's gradient, ready for in-place adds, and the indices of the parameters kept.
+    A parameter without one gets zeros (the term alone is its gradient, as the loss path would
+    give it); a sparse one (``Embedding(sparse=True)``) turns dense, as autograd's sum with a
+    dense term would make it."""
     grads = [p.grad for p in params]
     if not any(g is None or g.layout != torch.strided for g in grads):
-        return params, grads  # type: ignore[return-value]
+        return params, grads, range(len(params))  # type: ignore[return-value]
     kept, out = [], []
-    for p, g in zip(params, grads):
+    for k, (p, g) in enumerate(zip(params, grads)):
         if g is None:
             if not p.requires_grad:
                 continue  # frozen since compile(): the loss path gives it no gradient either
             p.grad = g = torch.zeros_like(p)
         elif g.layout != torch.strided:
             p.grad = g = g.to_dense()
-        kept.append(p)
+        kept.append(k)
         out.append(g)
-    return kept, out
+    return [params[k] for k in kept], out, kept
 
 
 def _slice_norms(p: torch.Tensor, dim: int, acc: torch.dtype) -> torch.Tensor:
@@ -227,10 +227,15 @@ class FoldPlan:
         # One buffer per (device, dtype) for sign(w) and w − w₀, as large as the largest such tensor.
         sizes: dict[tuple[torch.device, torch.dtype], int] = {}
         for b in self._buckets:
-            if b.scratch and b.family in ("l1", "l2_to", "group_lasso"):
-                key = (b.device, b.dtype)
-                sizes[key] = max([sizes.get(key, 0)] + [p.numel() for p in b.params])
+            for p in b.params:
+                if b.needs_scratch(p):
+                    sizes[b.device, b.dtype] = max(sizes.get((b.device, b.dtype), 0), p.numel())
         self._scratch = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
+        for b in self._buckets:
+            b.views = [
+                self._scratch[b.device, b.dtype][: p.numel()].view(p.shape) if b.needs_scratch(p) else None
+                for p in b.params
+            ]
 
     def __bool__(self) -> bool:
         return bool(self._buckets)
@@ -247,7 +252,7 @@ class FoldPlan:
         if any(b.stale() for b in self._buckets):
             self._build()
         for b in self._buckets:
-            b.fold(self._scratch.get((b.device, b.dtype)), scale)
+            b.fold(scale)
 
 
 class Folding:

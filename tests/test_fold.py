@@ -371,3 +371,129 @@ def test_no_combination_counts_a_term_twice(model: str) -> None:
         got_w, got_g, _ = regdsl_run(case, mode)
         assert_runs_equal(got_g, want_g, f"{model} {mode}: gradients")
         assert_runs_equal(got_w, want_w, f"{model} {mode}: weights")
+
+
+# ------------------------------------------------------------ where the two paths differ
+
+
+def test_clipping_sees_the_folded_terms_only_on_the_loss_path() -> None:
+    # clip_grad_norm_ runs before step(): on the fold path it clips the data (and activity)
+    # gradient alone and the terms are added after it; on the loss path it clips their sum.
+    case = mlp_case()
+    fold_w, fold_g, _ = regdsl_run(case, "fold+penalty", clip=0.05)
+    want_w, want_g = reference_run(case, terms="step", clip=0.05)
+    assert_runs_equal(fold_g, want_g, "fold, clipped: gradients")
+    assert_runs_equal(fold_w, want_w, "fold, clipped: weights")
+    loss_w, _, _ = regdsl_run(case, "attach+penalty", clip=0.05)
+    assert_runs_equal(loss_w, reference_run(case, terms="loss", clip=0.05)[0], "loss path, clipped")
+    assert not torch.allclose(fold_w[-1]["fc2.weight"], loss_w[-1]["fc2.weight"], atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["fold+penalty", "attach+penalty"])
+def test_a_step_grad_scaler_skips_skips_the_fold(mode: str) -> None:
+    # Step 1 has an inf gradient: GradScaler skips optimizer.step(), so neither the fold nor the
+    # step counter runs, exactly as the loss path's penalty gradient is dropped with the step.
+    case = mlp_case()
+    got_w, got_g, reg = regdsl_run(case, mode, steps=STEPS + 1, scaler_inf=frozenset({1}))
+    want_w, want_g = reference_run(case, steps=STEPS + 1, skip=frozenset({1}))
+    assert reg.step == STEPS
+    assert_runs_equal(got_g, want_g, f"{mode} under GradScaler: gradients")
+    assert_runs_equal(got_w, want_w, f"{mode} under GradScaler: weights")
+
+
+def test_fused_optimizer_under_grad_scaler_gets_scaled_terms() -> None:
+    # A fused optimizer receives the still-scaled gradients (GradScaler sets optimizer.grad_scale
+    # and the kernel unscales): the folded terms are scaled to match.
+    case = mlp_case()
+    got_w, _, _ = regdsl_run(case, "fold+penalty", scaler_inf=frozenset(), fused=True)
+    assert_runs_equal(got_w, reference_run(case)[0], "fused SGD under GradScaler")
+
+
+def test_gradient_accumulation_folds_once_per_optimizer_step() -> None:
+    case = mlp_case()
+    want_w, want_g = reference_run(case, terms="step", micro=3)  # terms once, whatever the micro-steps
+    fold_w, fold_g, _ = regdsl_run(case, "fold+penalty", micro=3)  # penalty(): the activity term, per micro-step
+    assert_runs_equal(fold_g, want_g, "fold, 3 micro-steps: gradients")
+    assert_runs_equal(fold_w, want_w, "fold, 3 micro-steps: weights")
+    # The loss path matches only with penalty()/k per micro-step (the runner divides each loss by k) ...
+    assert_runs_equal(regdsl_run(case, "attach+penalty", micro=3)[0], want_w, "loss path, penalty/k")
+    # ... and the full penalty() on each micro-step counts the terms k times.
+    too_strong = regdsl_run(case, "attach+penalty", micro=3, penalty_scale=3.0)[0]
+    assert not torch.allclose(too_strong[-1]["fc2.weight"], want_w[-1]["fc2.weight"], atol=1e-4)
+
+
+def test_detach_removes_the_fold_hook_and_penalty_is_whole_again() -> None:
+    case = mlp_case()
+    model = case.build()
+    named = dict(model.named_parameters())
+    w0 = {n: p.detach().clone() for n, p in named.items()}
+    reg = regdsl.parse(case.rules).compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=LR), lr=LR)
+    before = len(opt._optimizer_step_pre_hooks)
+    reg.attach(opt, fold=True)
+    assert len(opt._optimizer_step_pre_hooks) == before + 1
+    assert reg.penalty().item() == 0.0  # everything folded, no activity collected yet
+    reg.detach()
+    assert len(opt._optimizer_step_pre_hooks) == before
+    torch.testing.assert_close(reg.penalty(), reference_penalty(case, named, w0, 0))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    weights = {n: p.detach().clone() for n, p in named.items()}
+    opt.step()  # nothing folded any more: only the optimizer's weight_decay moves the weights
+    for n, p in named.items():
+        torch.testing.assert_close(p.detach(), weights[n] * (1 - LR * case.decay(n)))
+
+
+# ------------------------------------------------------------ nothing per step when nothing is scheduled
+
+
+def hook_counts(opt: torch.optim.Optimizer) -> tuple[int, int]:
+    return len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)
+
+
+@pytest.mark.parametrize(
+    ("rules", "fold", "hooks", "advances"),
+    [
+        ("all decay 0.05\nexclude bias", False, (0, 1), False),  # a post-hook that only counts
+        ("all decay 0.05\nexclude bias", True, (0, 1), False),  # nothing to fold: the same
+        ("all decay 0.05 l2 0.1 l1 0.01\nexclude bias", True, (1, 0), False),  # the fold hook counts
+        ("all l2 0.1\nlayer head.weight l1 0.01 warmup 2", True, (1, 1), True),  # a schedule moves
+        ("all decay 0.05 warmup 2", False, (0, 1), True),
+        ("layer fc1 activity l1 0.1", True, (0, 1), True),  # pending activity values are dropped
+        ("layer head.weight max_norm 1", True, (0, 1), True),
+    ],
+)
+def test_step_hooks_do_only_what_the_rules_need(
+    monkeypatch: pytest.MonkeyPatch, rules: str, fold: bool, hooks: tuple[int, int], advances: bool
+) -> None:
+    calls: list[int] = []
+    advance = regdsl.Regularizer._advance
+    monkeypatch.setattr(regdsl.Regularizer, "_advance", lambda self, opt: (calls.append(1), advance(self, opt)))
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse(rules).compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=LR), lr=LR)
+    reg.attach(opt, fold=fold)
+    assert hook_counts(opt) == hooks
+    x = torch.randn(4, 6)
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x).square().mean() + reg.penalty()).backward()
+        opt.step()
+    assert reg.step == 3  # reg.step and state_dict() stay right without the bookkeeping
+    assert len(calls) == (3 if advances else 0)
+    reg.detach()
+    assert hook_counts(opt) == (0, 0)
+
+
+def test_after_step_stays_correct_with_constant_decay() -> None:
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse("all decay 0.05\nexclude bias").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=LR), lr=LR)
+    for _ in range(2):
+        reg.after_step(opt)
+        reg.after_step()  # no optimizer needed: nothing scheduled, nothing after the step
+    assert reg.step == 4
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert hook_counts(opt) == (0, 0)

@@ -1,0 +1,253 @@
+"""attach(optimizer, fold=True) at the edges: missing, frozen, sparse and complex gradients, several
+optimizers, closures, half precision, the chunked kernels, moved models, loaded references,
+allocations per step, CUDA. Expected values are plain torch formulas written here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import MLP, seeded
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import regdsl
+from regdsl import fold
+from regdsl.errors import RegUsageError
+
+RULES = (
+    "layer fc1.weight l1 0.05\n"
+    "layer fc2.weight l2 0.3 to init group_lasso 0.1\n"
+    "layer head.weight orthogonal 0.02 l2 0.1\n"
+    "layer fc2.bias group_lasso 0.2\n"
+)
+
+
+def term_grads(model: nn.Module, w0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The gradient of RULES' penalty, by autograd through the plain formulas, in float64."""
+    named = {n: p.detach().double().requires_grad_() for n, p in model.named_parameters()}
+    w = named
+    gram = w["head.weight"] @ w["head.weight"].T  # head is 3x16: the smaller Gram matrix is W Wᵀ
+    total = (
+        0.05 * w["fc1.weight"].abs().sum()
+        + 0.15 * (w["fc2.weight"] - w0["fc2.weight"].double()).square().sum()
+        + 0.1 * torch.linalg.vector_norm(w["fc2.weight"], 2, dim=1).sum()
+        + 0.02 * (gram - torch.eye(3, dtype=torch.float64)).square().sum()
+        + 0.05 * w["head.weight"].square().sum()
+        + 0.2 * w["fc2.bias"].abs().sum()
+    )
+    total.backward()
+    return {n: p.grad for n, p in named.items() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def setup(
+    dtype: torch.dtype = torch.float32, rules: str = RULES
+) -> tuple[MLP, regdsl.Regularizer, dict[str, torch.Tensor]]:
+    seeded(0)
+    model = MLP().to(dtype)
+    with torch.no_grad():
+        model.fc2.weight[2].zero_()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reg = regdsl.parse(rules).compile(model)
+    with torch.no_grad():  # move away from init so 'to init' has something to pull
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)).to(dtype))
+    return model, reg, w0
+
+
+def folded_grads(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Run the fold with every gradient zero (lr 0: the weights stay) and read what it added."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad.abs().sum() > 0}
+
+
+def assert_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], **tol: float) -> None:
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name].double(), value, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_formulas() -> None:
+    model, reg, w0 = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    assert_grads(folded_grads(model, opt), term_grads(model, w0), rtol=1e-5, atol=1e-7)
+
+
+def test_a_parameter_without_gradient_gets_the_terms_gradient() -> None:
+    # As the loss path would give it one: the penalty alone is its gradient.
+    model, reg, w0 = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    opt.zero_grad(set_to_none=True)
+    model.fc1.weight.requires_grad_(False)  # frozen after compile(): no gradient, as on the loss path
+    opt.step()
+    want = term_grads(model, w0)
+    del want["fc1.weight"]
+    assert model.fc1.weight.grad is None and model.fc1.bias.grad is None
+    assert_grads({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, want, rtol=1e-5, atol=1e-7)
+
+
+def test_sparse_gradients_become_dense_as_autograd_would_make_them() -> None:
+    seeded(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    reg = regdsl.parse("layer 0.weight l2 0.1 l1 0.01").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    ids = torch.tensor([1, 3, 3])
+    model(ids).sum().backward()
+    assert model[0].weight.grad.is_sparse
+    w = model[0].weight.detach().clone().requires_grad_()
+    (nn.functional.embedding(ids, w) @ model[1].weight.detach().T).sum().backward()
+    want = w.grad + 0.1 * w.detach() + 0.01 * w.detach().sign()
+    opt.step()
+    assert not model[0].weight.grad.is_sparse
+    torch.testing.assert_close(model[0].weight.grad, want)
+
+
+class ComplexLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3, dtype=torch.cfloat))
+        self.v = nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.cfloat) @ self.w).abs().sum() + (x @ self.v).sum()
+
+
+def test_complex_parameters_stay_on_the_loss_path() -> None:
+    seeded(0)
+    model = ComplexLayer()
+    reg = regdsl.parse("all l2 0.1").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    torch.testing.assert_close(reg.penalty(), 0.05 * model.w.detach().abs().square().sum())
+    reg.penalty().backward()
+    opt.step()
+    w = model.w.detach().clone().requires_grad_()
+    (0.05 * (w * w.conj()).real.sum()).backward()
+    torch.testing.assert_close(model.w.grad, w.grad)  # once, through the loss
+    torch.testing.assert_close(model.v.grad, 0.1 * model.v.detach())  # folded
+
+
+def test_terms_of_parameters_another_optimizer_steps_stay_in_penalty() -> None:
+    model, reg, _ = setup(rules="all l2 0.1")
+    body = [p for n, p in model.named_parameters() if not n.startswith("head")]
+    head = [model.head.weight, model.head.bias]
+    opt_body, opt_head = torch.optim.SGD(body, lr=0.0), torch.optim.SGD(head, lr=0.0)
+    reg.attach(opt_body, fold=True)
+    torch.testing.assert_close(reg.penalty(), 0.05 * sum(p.detach().square().sum() for p in head))
+    opt_body.zero_grad()
+    opt_head.zero_grad()
+    reg.penalty().backward()
+    opt_body.step()
+    opt_head.step()
+    for p in body + head:
+        torch.testing.assert_close(p.grad, 0.1 * p.detach())
+
+
+def test_a_step_with_a_closure_is_refused() -> None:
+    model, reg, _ = setup()
+    opt = torch.optim.LBFGS(model.parameters())
+    reg.attach(opt, fold=True)
+    with pytest.raises(RegUsageError, match="closure"):
+        opt.step(lambda: model(torch.randn(2, 6)).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_precision(dtype: torch.dtype) -> None:
+    model, reg, w0 = setup(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    got = folded_grads(model, opt)
+    assert all(g.dtype == dtype for g in got.values())
+    tol = {"rtol": 1e-2, "atol": 1e-3} if dtype != torch.float64 else {"rtol": 1e-12, "atol": 1e-14}
+    assert_grads(got, term_grads(model, w0), **tol)
+
+
+def test_chunked_kernels_for_devices_with_a_caching_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Off the CPU, sign(w) and w − w₀ go through _foreach temporaries a chunk at a time.
+    monkeypatch.setattr(fold.FoldPlan, "scratch_devices", ())
+    monkeypatch.setattr(fold, "CHUNK", 40)  # every tensor its own chunk, or two small ones together
+    model, reg, w0 = setup(rules=RULES + "layer fc1.bias l1 0.05\nlayer head.bias l1 0.05")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    want = term_grads(model, w0)
+    for name in ("fc1.bias", "head.bias"):
+        want[name] = 0.05 * getattr(model, name.split(".")[0]).bias.detach().double().sign()
+    assert_grads(folded_grads(model, opt), want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_moved_after_attach_is_followed() -> None:
+    model, reg, w0 = setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    folded_grads(model, opt)
+    model.double()
+    got = folded_grads(model, opt)
+    assert all(g.dtype == torch.float64 for g in got.values())
+    assert_grads(got, term_grads(model, w0), rtol=1e-12, atol=1e-14)
+
+
+def test_a_loaded_reference_is_the_one_folded() -> None:
+    model, reg, _ = setup(rules="layer fc2.weight l2 0.3 to init")
+    saved = reg.state_dict()
+    w0 = saved["references"]["fc2.weight"].clone()
+    with torch.no_grad():
+        model.fc2.weight.mul_(2)
+    fresh = regdsl.parse("layer fc2.weight l2 0.3 to init").compile(model)  # its w₀ would be the doubled weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    fresh.attach(opt, fold=True)
+    fresh.load_state_dict(saved)
+    torch.testing.assert_close(folded_grads(model, opt)["fc2.weight"], 0.3 * (model.fc2.weight.detach() - w0))
+
+
+def allocated_bytes(opt: torch.optim.Optimizer) -> int:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
+class Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        for name in "abcd":
+            self.register_parameter(name, nn.Parameter(torch.randn(256, 512)))
+        self.e = nn.Parameter(torch.randn(32, 1024))
+
+
+def test_a_folded_step_allocates_only_what_the_math_needs() -> None:
+    # Counted, not timed: after the first step, l1 and 'to init' reuse one scratch buffer and l2
+    # adds in place; group_lasso needs its slice norms, orthogonal its 32x32 Gram matrix.
+    model = Wide()
+    rules = "layer a l1 0.01\nlayer b l2 0.1 to init\nlayer c l2 0.1\nlayer d group_lasso 0.01\nlayer e orthogonal 0.01"
+    reg = regdsl.parse(rules).compile(model)
+    plain, folded = (torch.optim.SGD(model.parameters(), lr=0.0, foreach=False) for _ in range(2))
+    reg.attach(folded, fold=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    folded.step()  # warm up
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    extra = allocated_bytes(folded) - allocated_bytes(plain)
+    assert extra <= 32 * 32 * 4 + 16 * 256 * 4, (extra, weights)  # the Gram matrix, the norms and their kin
+    assert extra < weights / 50
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_fold_on_cuda_is_the_fold_on_cpu() -> None:
+    results = {}
+    for device in ("cpu", "cuda"):
+        model, reg, _ = setup(rules=RULES + "layer fc1.bias l1 0.05\nall l2 0.01 warmup 2")
+        model.to(device)
+        opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1, momentum=0.9)
+        reg.attach(opt, fold=True)
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(3)).to(device)
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        results[device] = {n: p.detach().cpu() for n, p in model.named_parameters()}
+    for name, value in results["cpu"].items():
+        torch.testing.assert_close(results["cuda"][name], value, rtol=1e-4, atol=1e-5)
