@@ -1,0 +1,26 @@
+"""The step-overhead benchmark runs: a smoke test, no timing asserted (wall-clock thresholds would flake)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_step_overhead_quick_runs_and_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "step_overhead.py"), "--quick", "--models", "tiny_mlp", "--repeats", "3"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "candidate" in out and "ms/step" in out and "overhead" in out and "÷ loop" in out
+    # The correctness guard ran before anything was timed, and passed.
+    assert "check, one SGD step from the same start" in out
+    assert "FAILED" not in out
+    assert "| model | workload | plain step |" in out
