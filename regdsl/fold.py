@@ -279,34 +279,40 @@ def step_hooks(reg_ref: Any, optimizer: torch.optim.Optimizer, folding: Folding 
     fold's pre-hook when there is one, else in a post-hook that does nothing more.
     """
     handles = []
+    count = functools.partial(_eager(_count), reg_ref)
     counts = folding is not None and bool(folding.plan) and not busy
     if folding is not None and folding.plan:
-        count = functools.partial(_count, reg_ref) if counts else None
-        handles.append(optimizer.register_step_pre_hook(functools.partial(_fold_hook, folding.plan, count)))
+        handles.append(
+            optimizer.register_step_pre_hook(functools.partial(_fold_hook, folding.plan, count if counts else None))
+        )
     if not counts:
-        post = _advance if busy else _count_after
-        handles.append(optimizer.register_step_post_hook(functools.partial(post, reg_ref)))
+        post = functools.partial(_eager(_advance), reg_ref) if busy else functools.partial(_count_after, count)
+        handles.append(optimizer.register_step_post_hook(post))
     return handles
 
 
-# Step bookkeeping always runs eagerly: traced into a compiled optimizer step, reading the
-# counter would guard the graph on it and recompile at every step.
-@torch.compiler.disable
+@functools.cache
+def _eager(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn``, always run eagerly. Traced into a compiled optimizer step, the bookkeeping would
+    read the step counter, guard the graph on it and recompile at every step. Made on first
+    use, not at import: ``torch.compiler.disable`` imports dynamo, as building an optimizer does."""
+    return torch.compiler.disable(fn)
+
+
 def _advance(reg_ref: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     reg = reg_ref()
     if reg is not None:
         reg._advance(optimizer)
 
 
-@torch.compiler.disable
 def _count(reg_ref: Any) -> None:
     reg = reg_ref()
     if reg is not None:
         reg._step += 1  # nothing is scheduled: no strength moves, only reg.step and state_dict() read it
 
 
-def _count_after(reg_ref: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _count(reg_ref)
+def _count_after(count: Callable[[], None], optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    count()
 
 
 def _fold_hook(
