@@ -17,6 +17,7 @@ from lark import Token, Tree
 from pydantic import ValidationError
 
 from .errors import Diagnostic, RegSyntaxError, RegValidationError
+from .gcpause import paused_gc
 from .parser import decode_source, parse_tree, strip_bom
 from .spec import MAX_WHOLE, Spec, error_code, relevant_errors
 
@@ -25,6 +26,11 @@ def parse(text: str, filename: str = "<string>") -> Spec:
     """Parse and validate rule text. Raises :class:`RegSyntaxError` or :class:`RegValidationError`."""
     # The only place a BOM is removed: parse(), load() and the command line all come through here.
     text = strip_bom(text)
+    with paused_gc():  # a parse tree, plain data and a spec of every line, all alive at once
+        return _parse(text, filename)
+
+
+def _parse(text: str, filename: str) -> Spec:
     tree, diagnostics = parse_tree(text, filename)
     data, leaf_spans, literal_problems = _to_data(tree)
     lines = text.split("\n")  # once: one split per diagnostic made many errors quadratic
@@ -60,6 +66,7 @@ def load(path: str | os.PathLike[str]) -> Spec:
 # ---------------------------------------------------------------- tree -> data
 
 _NONZERO_MANTISSA = re.compile(r"[1-9]")
+_INTEGER = re.compile(r"[+-]?[0-9]+").fullmatch
 # Digits of the largest step count or dim (2**63 - 1): a longer literal is out of range.
 _MAX_WHOLE_DIGITS = len(str(MAX_WHOLE))
 
@@ -89,7 +96,7 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[di
 
     def whole(token: Token) -> float | int:
         # Step counts and dims read as ints when written as ints, so no count above 2**53 loses digits.
-        if not re.fullmatch(r"[+-]?[0-9]+", token):
+        if not _INTEGER(token):
             return number(token)
         negative = token.startswith("-")
         # int() refuses 4,300+ digits, leading zeros included, and is slow long before.
@@ -101,12 +108,11 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[di
 
     def number(token: Token) -> float:
         value = float(token)
-        mantissa = re.split("[eE]", str(token))[0]
         if math.isinf(value) and "inf" not in token.lower():
             sign = "-" if value < 0 else ""
             problems.append((_span(token), f"number {_shown(token)} is too large: it overflows to {sign}infinity"))
             return 0.0
-        if value == 0 and _NONZERO_MANTISSA.search(mantissa):
+        if value == 0 and _NONZERO_MANTISSA.search(re.split("[eE]", str(token))[0]):
             problems.append((_span(token), f"number {_shown(token)} is too small: it underflows to 0"))
             return 0.0
         return value

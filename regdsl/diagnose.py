@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from itertools import compress, repeat
+from operator import attrgetter, contains
 from typing import Any
 
-from .errors import (
-    Diagnostic,
-    RegCompileError,
-    RegDslWarning,
-    caller_stacklevel,
-    model_diagnostic,
-    name_list,
-    shape_text,
-)
+from .errors import Diagnostic, RegCompileError, RegDslWarning, caller_stacklevel, name_list, shape_text
+from .findings import model_diagnostic
+from .gcpause import paused_gc
 from .overrides import dead_rules, decay_and_l2, tied_aliases
 from .references import reference_problems
 from .resolution import Resolution, Setting
 from .schedule import always_zero
-from .select import ParamEntry, is_embedding_module
+from .classes import is_embedding_class
+from .select import ParamEntry, _uninitialized, is_embedding_module
 from .spec import NOT_REGULARIZERS, Span
 from .unmatched import only_frozen, unmatched
 
@@ -43,14 +40,15 @@ def diagnose(resolution: Resolution, reference: Mapping[str, Any] | None | objec
     if empty := nothing_to_train(resolution):
         return empty  # every selector would also match nothing: one error says it all
     diagnostics: list[Diagnostic] = []
-    diagnostics += unmatched(resolution)
-    diagnostics += only_frozen(resolution)
-    diagnostics += dead_rules(resolution)
-    diagnostics += unusable_terms(resolution)
-    diagnostics += tied_aliases(resolution)
-    diagnostics += decay_and_l2(resolution)
-    if reference is not NOT_GIVEN:
-        diagnostics += reference_problems(resolution, reference)  # type: ignore[arg-type]
+    with paused_gc():  # a long file can have as many diagnostics as lines
+        diagnostics += unmatched(resolution)
+        diagnostics += only_frozen(resolution)
+        diagnostics += dead_rules(resolution)
+        diagnostics += unusable_terms(resolution)
+        diagnostics += tied_aliases(resolution)
+        diagnostics += decay_and_l2(resolution)
+        if reference is not NOT_GIVEN:
+            diagnostics += reference_problems(resolution, reference)  # type: ignore[arg-type]
     return sorted(diagnostics, key=Diagnostic.sort_key)
 
 
@@ -84,6 +82,7 @@ _SHAPED = ("l1", "l2", "group_lasso", "orthogonal", "max_norm")
 
 
 def _why_unusable(entry: ParamEntry, kind: str, term: Any) -> str | None:
+    """Why ``kind`` cannot work on this entry, or None; the shape and dtype decide unless the entry is odd."""
     if any("_flat_param" in name.split(".") for name in entry.names):
         return "FSDP's flattened parameter takes no per-parameter rules; wrap with FSDP(use_orig_params=True)"
     if not entry.initialized:
@@ -103,20 +102,56 @@ def _why_unusable(entry: ParamEntry, kind: str, term: Any) -> str | None:
     return None
 
 
+def _always_usable(kind: str, term: Any) -> bool:
+    # On an entry that is not odd (see _odd_entries) these fail for no shape and no dtype.
+    return kind in ("decay", "l2") or (kind == "l1" and not term.prox)
+
+
+def _odd_entries(table: Any) -> set[int]:
+    """Entries where more than shape, dtype and kind can make a term unusable: FSDP's flat parameter,
+    a lazy parameter, a parameter of an embedding (sparse gradients). Found a whole column at a time."""
+    entries = table.entries
+    odd = {i for (types, _), members in table.kinds.items() if any(map(is_embedding_class, types)) for i in members}
+    params = list(map(attrgetter("param"), entries))
+    lazy = {t for t in set(map(type, params)) if _uninitialized(t)}
+    if lazy:
+        odd.update(compress(range(len(entries)), map(lazy.__contains__, map(type, params))))
+    odd.update(compress(range(len(entries)), map(contains, table.matcher.names, repeat("_flat_param"))))
+    odd.update(i for i in table.tied if any("_flat_param" in name for name in entries[i].names))
+    return odd
+
+
 def unusable_terms(resolution: Resolution) -> list[Diagnostic]:
     """Terms the file sets that cannot work on their parameter (RD104), one diagnostic per rule and cause."""
     found: dict[tuple[Setting, str, str], list[str]] = {}
-    for entry, row in zip(resolution.table.entries, resolution.rows):
-        for kind, setting in row.terms.items():
-            if kind in NOT_REGULARIZERS or always_zero(setting.term):
-                continue  # a zero term does nothing, so it cannot fail either
-            reason = _why_unusable(entry, kind, setting.term)
+    rows, entries = resolution.rows, resolution.table.entries
+    # By outcome: the terms to judge (a zero term does nothing, so it cannot fail either), and
+    # whether only odd entries can fail them.
+    todo: dict[int, tuple[list[tuple[str, Setting]], bool]] = {}
+    for outcome, i in resolution.representatives().items():
+        terms = [(k, s) for k, s in rows[i].terms.items() if k not in NOT_REGULARIZERS and not always_zero(s.term)]
+        if terms:
+            todo[outcome] = (terms, all(_always_usable(k, s.term) for k, s in terms))
+    if not todo:
+        return []
+    odd = _odd_entries(resolution.table)
+    outcomes = resolution.outcome_of()
+    judged = list(resolution.entries_with({o for o, (_, only_odd) in todo.items() if not only_odd}))
+    also = [i for i in odd if outcomes[i] in todo and todo[outcomes[i]][1]]
+    reasons: dict[tuple[Any, ...], str | None] = {}  # what decides for an entry that is not odd
+    for i in sorted(judged + also) if also else judged:
+        entry, row = entries[i], rows[i]
+        for kind, setting in todo[outcomes[i]][0]:
+            if i in odd:
+                reason = _why_unusable(entry, kind, setting.term)
+            else:
+                key = (kind, id(setting), row.shape, entry.param.is_complex())
+                if key not in reasons:
+                    reasons[key] = _why_unusable(entry, kind, setting.term)
+                reason = reasons[key]
             if reason:
                 found.setdefault((setting, kind, reason), []).append(row.name)
     return [
         model_diagnostic(resolution.spec, setting.pos, "RD104", f"'{kind}' cannot take effect on {name_list(names)}: {reason}")
         for (setting, kind, reason), names in found.items()
     ]
-
-
-

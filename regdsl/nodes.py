@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from .glob import GlobError, glob_regex
+from .glob import GlobError, glob_source
 
 
 class Span(BaseModel):
@@ -74,9 +74,9 @@ class Pattern(Node):
     @field_validator("text")
     @classmethod
     def _check(cls, text: str) -> str:
-        # The compiler that selection uses is the validator: a glob that passes here always compiles.
+        # The translation that selection compiles is the validator: a glob that passes here always compiles.
         try:
-            glob_regex(text)
+            glob_source(text)
         except GlobError as exc:
             raise PydanticCustomError("pattern", "{problem}", {"problem": str(exc)}) from None
         return text

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
-from .errors import Diagnostic, model_diagnostic, name_list
+from .errors import Diagnostic, name_list
+from .findings import model_diagnostic
+from .matching import selector_key
 from .resolution import Resolution
 from .schedule import always_zero
 from .select import ParamEntry, atom_matches
@@ -14,14 +18,22 @@ from .unmatched import acts_on_modules, acts_on_params
 
 def dead_rules(res: Resolution) -> Iterable[Diagnostic]:
     """A rule is dead when, for every trainable parameter it selects and every kind it
-    sets, a later rule sets that kind (or clears it with ``none``), or an exclude removes it."""
+    sets, a later rule sets that kind (or clears it with ``none``), or an exclude removes it.
+
+    One forward sweep finds, per parameter and kind, the last rule that sets it; a rule is
+    then dead when it comes before that last setter on each of its parameters and kinds. Both
+    are worked out per distinct selection (rules repeat selectors), never per pair of rules.
+    """
     statements = res.spec.statements
-    trainable = [{i for i in m if res.table.entries[i].trainable} for m in res.matches]
+    trainable = res.trainable_of()
     excluded_by: dict[int, list[int]] = {}
     for index, statement in enumerate(statements):
         if isinstance(statement, Exclude):
             for i in trainable[index]:
                 excluded_by.setdefault(i, []).append(index)
+    last = _last_setters(statements, trainable, len(res.table.entries))
+    earliest: dict[tuple[int, str], float] = {}  # (selection, kind) -> the first of its last setters
+    causes: dict[tuple[int, frozenset[str]], str] = {}
     for index, statement in enumerate(statements):
         if not isinstance(statement, Rule) or not trainable[index] or not acts_on_params(statement):
             continue
@@ -32,36 +44,74 @@ def dead_rules(res: Resolution) -> Iterable[Diagnostic]:
         # A 'none' among other terms clears every regularization kind, so each is an effect of the rule.
         own = {t.kind for t in statement.terms if t.kind in PARAM_TERMS}
         has_none = any(isinstance(t, NoneTerm) for t in statement.terms)
-        kinds = own | ({k for k in PARAM_TERMS if k not in NOT_REGULARIZERS} if has_none else set())
-        overriders: set[int] = set()
-        excluders: set[int] = set()
+        kinds = frozenset(own | (_REGULARIZERS if has_none else set()))
+        selected = trainable[index]
         dead = True
-        for i in trainable[index]:
-            for kind in kinds:
-                if i in excluded_by and kind not in NOT_REGULARIZERS:
-                    excluders.update(excluded_by[i])
-                    continue
-                later = [
-                    j for j in range(index + 1, len(statements))
-                    if i in trainable[j] and isinstance(statements[j], Rule)
-                    and any(t.kind == kind or (t.kind == "none" and kind not in NOT_REGULARIZERS) for t in statements[j].terms)
-                ]
-                if not later:
-                    dead = False
-                    break
-                overriders.add(later[-1])
-            if not dead:
+        for kind in kinds:
+            key = (id(selected), kind)
+            if key not in earliest:
+                # An excluded parameter has no regularizer left to override; lr_mult survives excludes.
+                unexcluded = selected if kind in NOT_REGULARIZERS else [i for i in selected if i not in excluded_by]
+                earliest[key] = min((last[kind][i] for i in unexcluded), default=math.inf)
+            if earliest[key] <= index:
+                dead = False
                 break
         if dead:
-            causes = [
-                f"{verb} by {_lines(statements, which)}"
-                for verb, which in (("overridden", overriders), ("excluded", excluders))
-                if which
-            ]
+            key2 = (id(selected), kinds)
+            if key2 not in causes:
+                causes[key2] = _causes(statements, selected, kinds, last, excluded_by)
             yield model_diagnostic(
-                res.spec, statement.pos, "RD103",
-                f"rule has no effect: every parameter it selects is {' or '.join(causes)}",
+                res.spec, statement.pos, "RD103", f"rule has no effect: every parameter it selects is {causes[key2]}"
             )
+
+
+_REGULARIZERS = frozenset(k for k in PARAM_TERMS if k not in NOT_REGULARIZERS)
+
+
+def _last_setters(
+    statements: Sequence[Rule | Exclude], trainable: Sequence[tuple[int, ...]], size: int
+) -> dict[str, list[int]]:
+    """Per kind, per parameter: the index of the last rule that sets the kind on it (a 'none' clears
+    every regularizer), -1 if none does."""
+    newest: dict[tuple[int, str], int] = {}  # (selection, kind) -> its last rule: selections repeat
+    selections: dict[int, tuple[int, ...]] = {}
+    for index, statement in enumerate(statements):
+        if not isinstance(statement, Rule) or not trainable[index]:
+            continue
+        kinds = {t.kind for t in statement.terms if t.kind in PARAM_TERMS}
+        if any(isinstance(t, NoneTerm) for t in statement.terms):
+            kinds |= _REGULARIZERS
+        selections[id(trainable[index])] = trainable[index]
+        for kind in kinds:
+            newest[id(trainable[index]), kind] = index
+    last = {kind: [-1] * size for kind in PARAM_TERMS}
+    for (selection, kind), index in newest.items():
+        column = last[kind]
+        for i in selections[selection]:
+            if column[i] < index:
+                column[i] = index
+    return last
+
+
+def _causes(
+    statements: Sequence[Rule | Exclude],
+    selected: tuple[int, ...],
+    kinds: frozenset[str],
+    last: dict[str, list[int]],
+    excluded_by: dict[int, list[int]],
+) -> str:
+    overriders: set[int] = set()
+    excluders: set[int] = set()
+    for i in selected:
+        for kind in kinds:
+            if i in excluded_by and kind not in NOT_REGULARIZERS:
+                excluders.update(excluded_by[i])
+            else:
+                overriders.add(last[kind][i])
+    found = [
+        f"{verb} by {_lines(statements, which)}" for verb, which in (("overridden", overriders), ("excluded", excluders)) if which
+    ]
+    return " or ".join(found)
 
 
 def _lines(statements: Sequence[Rule | Exclude], indices: set[int]) -> str:
@@ -78,15 +128,25 @@ def _selector_matches(selector: Selector, entry: ParamEntry) -> bool:
     return all(atom_matches(atom, entry) for atom in selector.atoms)
 
 
+def _selected_by(statements: Sequence[Rule | Exclude], keys: list[tuple[Any, ...]], view: ParamEntry) -> set[int]:
+    """Statements whose selector matches ``view``, each distinct selector judged once."""
+    judged: dict[tuple[Any, ...], bool] = {}
+    out = set()
+    for j, (statement, key) in enumerate(zip(statements, keys)):
+        hit = judged.get(key)
+        if hit is None:
+            hit = judged[key] = _selector_matches(statement.selector, view)
+        if hit:
+            out.add(j)
+    return out
+
+
 def tied_aliases(res: Resolution) -> Iterable[Diagnostic]:
     statements = res.spec.statements
-    for entry in res.table.entries:
-        if len(entry.names) < 2 or not entry.trainable:
-            continue
-        by_alias = [
-            {j for j, s in enumerate(statements) if _selector_matches(s.selector, _alias_view(entry, k))}
-            for k in range(len(entry.names))
-        ]
+    tied = [e for e in map(res.table.entries.__getitem__, res.table.tied) if e.trainable]
+    keys = [selector_key(s.selector) for s in statements] if tied else []
+    for entry in tied:
+        by_alias = [_selected_by(statements, keys, _alias_view(entry, k)) for k in range(len(entry.names))]
         for a in range(len(by_alias)):
             for b in range(a + 1, len(by_alias)):
                 only_a, only_b = by_alias[a] - by_alias[b], by_alias[b] - by_alias[a]
@@ -114,11 +174,15 @@ def _line(statement: Rule | Exclude) -> str:
 
 def decay_and_l2(res: Resolution) -> Iterable[Diagnostic]:
     pairs: dict[tuple[object, object], list[str]] = {}
-    for row in res.rows:
-        decay, l2 = row.terms.get("decay"), row.terms.get("l2")
+    both: dict[int, tuple[object, object]] = {}  # by outcome: rows alike say the same
+    for outcome, i in res.representatives().items():
+        decay, l2 = res.rows[i].terms.get("decay"), res.rows[i].terms.get("l2")
         # l2 toward a reference pulls elsewhere than decay does: not a double regularization.
         if decay and l2 and not always_zero(decay.term) and not always_zero(l2.term) and l2.term.to is None:
-            pairs.setdefault((decay.pos, l2.pos), []).append(row.name)
+            both[outcome] = (decay.pos, l2.pos)
+    outcomes = res.outcome_of()
+    for i in res.entries_with(set(both)):
+        pairs.setdefault(both[outcomes[i]], []).append(res.rows[i].name)
     for (decay_pos, l2_pos), names in pairs.items():
         decay_line = decay_pos.line if decay_pos else "?"
         yield model_diagnostic(
@@ -126,4 +190,3 @@ def decay_and_l2(res: Resolution) -> Iterable[Diagnostic]:
             f"{name_list(names)} also get{'s' * (len(names) == 1)} decay from line {decay_line}: "
             "decay and l2 both shrink the weights (double regularization)",
         )
-

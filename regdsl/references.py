@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .errors import Diagnostic, model_diagnostic, name_list, shape_text
+from .errors import Diagnostic, name_list, shape_text
+from .findings import model_diagnostic
 from .resolution import Resolution, Setting
 from .schedule import always_zero
 from .select import ParamEntry, canonical_name
@@ -64,11 +65,21 @@ def _value_problem(key: str, value: Any, param: torch.Tensor) -> str | None:
 def reference_problems(resolution: Resolution, reference: Any) -> list[Diagnostic]:
     """RD105: what keeps ``l2 ... to ref`` from finding a usable ``w0`` in ``reference``."""
     found: dict[tuple[Setting, str], list[str]] = {}
-    index = reference_index(reference) if isinstance(reference, Mapping) else {}
-    for entry, row in zip(resolution.table.entries, resolution.rows):
-        setting = row.terms.get("l2")
-        if not entry.trainable or setting is None or setting.term.to != "ref" or always_zero(setting.term):
+    index: dict[str, tuple[str, Any]] | None = None
+    # By outcome: the l2 toward the reference, if its rows have one; most files have none at all.
+    rows, entries = resolution.rows, resolution.table.entries
+    wanted: dict[int, Setting] = {}
+    for outcome, i in resolution.representatives().items():
+        setting = rows[i].terms.get("l2")
+        if setting and setting.term.to == "ref" and not always_zero(setting.term):
+            wanted[outcome] = setting
+    outcomes = resolution.outcome_of()
+    for i in resolution.entries_with(set(wanted)):
+        entry, row, setting = entries[i], rows[i], wanted[outcomes[i]]
+        if not entry.trainable:
             continue
+        if index is None:  # only a rule that asks for the reference reads it
+            index = reference_index(reference) if isinstance(reference, Mapping) else {}
         if reference is None:
             found.setdefault((setting, "no reference was given: compile with spec.compile(model, reference=state_dict)"), [])
             continue

@@ -8,20 +8,25 @@ matches the tensor removes every regularization term, wherever it stands
 resolve the same way over modules instead of parameters.
 
 ``check``, ``explain`` and ``compile`` all start from the one :class:`Resolution`
-this module makes, so they cannot disagree about what a rule selects.
+this module makes, so they cannot disagree about what a rule selects. What the
+result is lives here; how it is computed for tens of thousands of tensors, in
+:mod:`regdsl.cascade`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any
 
 from torch import nn
 
+from .gcpause import paused_gc
 from .printer import format_schedule
 from .schedule import always_zero, is_scheduled
-from .select import ParamEntry, ParamTable, base_class_match, module_class, module_matches
-from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Exclude, NoneTerm, Rule, Span, Spec, TypeAtom
+from .select import ParamEntry, ParamTable
+from .spec import NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Span, Spec
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class ParamRow:
     trainable: bool
     excluded_by: Setting | None  # the first exclude that matched, if any
     cleared_by: Setting | None  # the last 'none' that cleared its terms, if any
+    # Read-only: rows the rules treat alike share one dict (a copy per tensor cost a dict per tensor).
     terms: dict[str, Setting] = field(default_factory=dict)
     # What the row's name alone does not say: a 'type' that matched through a base class,
     # a tensor that is the original of a parametrized one. explain() prints them.
@@ -123,6 +129,29 @@ class Resolution:
     matches: tuple[tuple[int, ...], ...]  # per statement: entries its selector matches, frozen ones too
     modules: tuple[ModuleRow, ...] = ()  # one per module some rule gives an activity term, in registration order
     module_matches: tuple[tuple[str, ...], ...] = ()  # per statement: names of the modules it selects
+    # Per entry, a number shared by exactly the entries whose rows say the same (terms, exclude,
+    # 'none'): what depends only on that is worked out once per number, not once per tensor.
+    outcomes: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    # Per statement: the trainable entries among its matches (the same tuple for the same selector).
+    trainable_matches: tuple[tuple[int, ...], ...] = field(default=(), compare=False, repr=False)
+
+    def outcome_of(self) -> tuple[int, ...] | range:
+        """:attr:`outcomes`, or every row on its own for a resolution built without them."""
+        return self.outcomes or range(len(self.rows))
+
+    def representatives(self) -> dict[int, int]:
+        """Each outcome and the index of one entry that has it (its row says what all of theirs say)."""
+        return dict(zip(self.outcome_of(), range(len(self.rows))))
+
+    def entries_with(self, outcomes: set[int]) -> Iterator[int]:
+        """Indices of the entries whose outcome is one of ``outcomes``, in table order."""
+        return compress(range(len(self.rows)), map(outcomes.__contains__, self.outcome_of()))
+
+    def trainable_of(self) -> tuple[tuple[int, ...], ...]:
+        if self.trainable_matches or not self.matches:
+            return self.trainable_matches
+        entries = self.table.entries
+        return tuple(tuple(i for i in m if entries[i].trainable) for m in self.matches)
 
     def groups(self) -> list[tuple[GroupKey, list[ParamEntry]]]:
         """Trainable entries by (decay, lr_mult), groups ordered by first member.
@@ -131,13 +160,20 @@ class Resolution:
         foreach/fused paths, and the order is reproducible.
         """
         groups: dict[GroupKey, list[ParamEntry]] = {}
-        for entry, row in zip(self.table.entries, self.rows):
-            if entry.trainable:
-                decay, mult = row.terms.get("decay"), row.terms.get("lr_mult")
+        members_of: dict[int, list[ParamEntry]] = {}  # by outcome: one key per outcome, not per tensor
+        outcomes = self.outcome_of()
+        for entry in self.table.entries:
+            if not entry.trainable:
+                continue
+            members = members_of.get(outcome := outcomes[entry.index])
+            if members is None:
+                terms = self.rows[entry.index].terms
+                decay, mult = terms.get("decay"), terms.get("lr_mult")
                 term = decay.term if decay is not None and not always_zero(decay.term) else None
                 # lr_mult 1 is the optimizer's own lr: the same group as no lr_mult at all.
                 factor = mult.value if mult is not None and mult.value != 1.0 else None
-                groups.setdefault(GroupKey(term, factor), []).append(entry)
+                members = members_of[outcome] = groups.setdefault(GroupKey(term, factor), [])
+            members.append(entry)
         return list(groups.items())
 
     def groups_summary(self) -> list[GroupSummary]:
@@ -158,13 +194,19 @@ class Resolution:
         kinds = [k for k in PARAM_TERMS if k not in NOT_REGULARIZERS]
         terms = {k: Count() for k in kinds}
         nothing, frozen, excluded = Count(), Count(), Count()
-        for row in self.rows:
+        active_of: dict[int, list[str]] = {}
+        outcomes = self.outcome_of()
+        for i, row in enumerate(self.rows):
             if not row.trainable:
                 frozen.add(row.numel)
                 continue
             if row.excluded_by:
                 excluded.add(row.numel)
-            active = [k for k, setting in row.terms.items() if k in terms and not always_zero(setting.term)]
+            active = active_of.get(outcomes[i])
+            if active is None:
+                active = active_of[outcomes[i]] = [
+                    k for k, setting in row.terms.items() if k in terms and not always_zero(setting.term)
+                ]
             for kind in active:
                 terms[kind].add(row.numel)
             if not active:
@@ -175,122 +217,11 @@ class Resolution:
 def resolve(spec: Spec, model: nn.Module) -> Resolution:
     """Apply the cascade: per parameter (or module) and term kind, the last matching rule that
     sets it wins; ``none`` clears at its position; any matching ``exclude`` removes everything
-    but ``lr_mult``."""
-    table = ParamTable(model)
-    params = _Cascade(len(table), spec.origin)
-    modules = _Cascade(len(table.modules), spec.origin)
-    # Modules are only targets of activity terms; without one, no statement needs them.
-    with_activity = any(t.kind in MODULE_TERMS for s in spec.statements if isinstance(s, Rule) for t in s.terms)
-    matches, module_matches_ = [], []
-    for index, statement in enumerate(spec.statements):
-        matched = table.select(statement.selector)
-        matches.append(tuple(e.index for e in matched))
-        picked = [
-            i
-            for i, (name, module) in enumerate(table.modules)
-            if with_activity and _selects_module(statement.selector, name, module)
-        ]
-        module_matches_.append(tuple(table.modules[i][0] for i in picked))
-        params.apply(index, statement, [e.index for e in matched if e.trainable], PARAM_TERMS)
-        modules.apply(index, statement, picked, MODULE_TERMS)
-    rows = tuple(
-        ParamRow(
-            name=entry.name,
-            aliases=entry.names[1:],
-            shape=entry.shape,
-            numel=entry.numel,
-            trainable=entry.trainable,
-            excluded_by=params.excluded[entry.index],
-            cleared_by=params.cleared[entry.index],
-            terms=params.result(entry.index, PARAM_TERMS),
-            notes=_parametrization_note(entry) + params.base_class_notes(entry.index, entry.owners),
-        )
-        for entry in table.entries
-    )
-    module_rows = tuple(
-        ModuleRow(
-            name=name,
-            class_name=module_class(module).__name__,
-            excluded_by=modules.excluded[i],
-            cleared_by=modules.cleared[i],
-            terms=modules.result(i, MODULE_TERMS),
-            notes=modules.base_class_notes(i, (module,)),
-        )
-        for i, (name, module) in enumerate(table.modules)
-        if modules.touched[i]
-    )
-    return Resolution(spec, table, rows, tuple(matches), module_rows, tuple(module_matches_))
+    but ``lr_mult``. See :mod:`regdsl.cascade` for how."""
+    from .cascade import resolve_table
 
-
-def _selects_module(selector: Any, name: str, module: nn.Module) -> bool:
-    return all(module_matches(atom, name, module) for atom in selector.atoms)
-
-
-def _parametrization_note(entry: ParamEntry) -> tuple[str, ...]:
-    # Terms act on the originals: the tensors the optimizer updates, so decay and l2 mean the same
-    # thing here as anywhere (l2 = SGD's weight_decay), and decay could act on nothing else.
-    if entry.parametrization is None:
-        return ()
-    tensor, how = entry.parametrization
-    attribute = tensor.rsplit(".", 1)[-1]
-    note = (
-        f"an original of a parametrized {attribute} ({how}): terms act on this tensor, which the optimizer "
-        f"updates, not on the {attribute} computed from it"
-    )
-    return (note,)
-
-
-class _Cascade:
-    """The per-target bookkeeping of :func:`resolve`, for parameters or for modules."""
-
-    def __init__(self, size: int, origin: str | None):
-        self.origin = origin
-        self.assigned: list[dict[str, Setting]] = [{} for _ in range(size)]
-        self.touched = [False] * size  # some rule set a term here (a later 'none' or exclude may remove it)
-        self.excluded: list[Setting | None] = [None] * size
-        self.cleared: list[Setting | None] = [None] * size
-        self.statements: list[Any] = []
-
-    def apply(self, index: int, statement: Any, targets: list[int], kinds: tuple[str, ...]) -> None:
-        self.statements.append(statement)
-        if isinstance(statement, Exclude):
-            for i in targets:
-                self.excluded[i] = self.excluded[i] or Setting(0.0, self.origin, statement.pos, statement=index)
-            return
-        for term in statement.terms:
-            if not isinstance(term, NoneTerm) and term.kind not in kinds:
-                continue
-            for i in targets:
-                if isinstance(term, NoneTerm):
-                    for kind in [k for k in self.assigned[i] if k not in NOT_REGULARIZERS]:
-                        del self.assigned[i][kind]
-                    self.cleared[i] = Setting(0.0, self.origin, term.pos, statement=index)
-                else:
-                    self.assigned[i][term.kind] = Setting(term.value, self.origin, term.pos, term, statement=index)
-                    self.touched[i] = True
-
-    def result(self, i: int, kinds: tuple[str, ...]) -> dict[str, Setting]:
-        kept = self.assigned[i]
-        if self.excluded[i]:
-            kept = {k: v for k, v in kept.items() if k in NOT_REGULARIZERS}
-        return {k: kept[k] for k in kinds if k in kept}
-
-    def base_class_notes(self, i: int, owners: tuple[nn.Module, ...]) -> tuple[str, ...]:
-        """For each rule that shows in target ``i``'s row (a term it set, its exclude, its 'none'):
-        a 'type' that matched only through a base class, so explain() can say which class it was."""
-        shown = [*self.result(i, PARAM_TERMS + MODULE_TERMS).values(), self.excluded[i], self.cleared[i]]
-        notes = []
-        for index in sorted({s.statement for s in shown if s is not None and s.statement is not None}):
-            statement = self.statements[index]
-            for atom in statement.selector.atoms:
-                if isinstance(atom, TypeAtom) and (match := base_class_match(atom, owners)):
-                    pattern, cls, base = match
-                    line = statement.pos.line if statement.pos else "?"
-                    notes.append(
-                        f"line {line}: 'type {pattern}' matched {cls.__name__} through its base class {base.__name__}"
-                    )
-        return tuple(notes)
-
+    with paused_gc():  # tens of thousands of rows: collecting while they are made costs more than making them
+        return resolve_table(spec, ParamTable(model))
 
 
 def group_name(decay: float, term: DecayTerm | None = None, lr_mult: float | None = None) -> str:

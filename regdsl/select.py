@@ -12,21 +12,46 @@ own name with its own class; the originals of a parametrized tensor
 (``register_parametrization``, ``weight_norm``, ``spectral_norm``) are named
 under that tensor (``fc1.weight.original0``) and belong to the layer (``fc1``),
 not to torch's ``parametrizations`` container.
+
+Reading a model is on the path of every ``compile``, and models reach tens of
+thousands of tensors, so the table is built in one pass that does per tensor
+only what names it; what a class or a module says is asked once per class
+(:mod:`regdsl.classes`), and a selector is judged against the whole table at
+once (:mod:`regdsl.matching`).
 """
 
 from __future__ import annotations
 
 import functools
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+# What the class of a module says lives in classes.py; importable from here as it always was.
+from .classes import (
+    base_class_match,
+    class_names,
+    computes_tensors,
+    is_bias_name,
+    is_embedding_module,
+    is_norm_module,
+    is_original,
+    module_bases,
+    module_class,
+    original_of,
+    type_match,
+    type_names,
+)
 from .glob import glob_regex
 from .spec import AllAtom, Atom, BiasAtom, EmbeddingAtom, LayerAtom, NormAtom, Pattern, Selector, TypeAtom
+
+__all__ = [
+    "ParamEntry", "ParamTable", "atom_matches", "base_class_match", "canonical_name", "class_names", "glob_regex",
+    "is_bias_name", "is_embedding_module", "is_norm_module", "module_bases", "module_class", "module_matches",
+    "original_of", "pattern_matches_any", "type_match", "type_names", "unwrap",
+]
 
 # Wrapper attributes that appear inside parameter names but are not part of the user's model.
 _WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
@@ -40,162 +65,60 @@ def _root_wrappers() -> tuple[type, ...]:
 
 
 @functools.cache
-def _norm_classes() -> tuple[type, ...]:
-    names = ("LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm", "CrossMapLRN2d")
-    found = tuple(getattr(nn, name) for name in names if hasattr(nn, name))
-    # _NormBase is the base of every BatchNorm, InstanceNorm and SyncBatchNorm.
-    return found + (nn.modules.batchnorm._NormBase,)
+def _uninitialized(cls: type) -> bool:
+    # isinstance() on a Parameter goes through torch's metaclass: slow enough to matter per tensor.
+    return issubclass(cls, nn.parameter.UninitializedParameter)
 
 
-def is_norm_module(module: nn.Module) -> bool:
-    """torch.nn's normalization layers, and any class (or module base class) whose name ends in
-    ``Norm`` (custom RMSNorms)."""
-    return isinstance(module, _norm_classes()) or any(
-        c.__name__.endswith("Norm") for c in module_bases(module_class(module))
-    )
-
-
-def is_embedding_module(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-
-
-@functools.cache
-def class_names(cls: type) -> tuple[str, ...]:
-    """Names a ``type`` pattern may use: ``Linear``, ``torch.nn.modules.linear.Linear``, ``torch.nn.Linear``."""
-    names = [cls.__name__, f"{cls.__module__}.{cls.__qualname__}"]
-    # Also every shorter public path that re-exports the class (torch.nn.Linear).
-    parts = cls.__module__.split(".")
-    for i in range(1, len(parts)):
-        prefix = ".".join(parts[:i])
-        module = sys.modules.get(prefix)
-        if module is not None and module.__dict__.get(cls.__name__) is cls:
-            names.append(f"{prefix}.{cls.__qualname__}")
-    return tuple(dict.fromkeys(names))
-
-
-def module_class(module: nn.Module) -> type:
-    """The module's class as its author wrote it.
-
-    register_parametrization swaps in a generated subclass (``ParametrizedLinear``);
-    that is machinery of one tensor, not the layer's type, so it is skipped.
-    """
-    cls = type(module)
-    base = cls.__bases__[0]
-    if cls.__module__ == parametrize.__name__ and cls.__name__ == f"Parametrized{base.__name__}":
-        return base
-    return cls
-
-
-@functools.cache
-def module_bases(cls: type) -> tuple[type, ...]:
-    """``cls``, then every base class that is itself a module, nearest first (the MRO).
-
-    nn.Module is the walk's end and is left out: every module is one, so
-    ``type Module`` would mean ``all``; it still names a bare nn.Module (a plain
-    container holding parameters). Mixins that are not modules
-    (transformers' ``GenerationMixin``) are no module class and are skipped too.
-    """
-    bases = (b for b in cls.__mro__[1:] if issubclass(b, nn.Module) and b is not nn.Module)
-    return (cls, *bases)
-
-
-@functools.cache
-def type_names(cls: type) -> frozenset[str]:
-    """Every name a ``type`` pattern can match for a module of class ``cls``, base classes included."""
-    return frozenset(n for c in module_bases(cls) for n in class_names(c))
-
-
-def type_match(patterns: tuple[Pattern, ...], cls: type) -> tuple[Pattern, type] | None:
-    """The pattern that matches and the class it matched: ``cls`` itself if any pattern names it, else
-    the nearest base class one does."""
-    for c in module_bases(cls):
-        names = frozenset(class_names(c))
-        for pattern in patterns:
-            if pattern_matches_any(pattern, names):
-                return pattern, c
-    return None
-
-
-def base_class_match(atom: TypeAtom, owners: tuple[nn.Module, ...]) -> tuple[str, type, type] | None:
-    """``(pattern, class, base)`` when ``atom`` holds for these owners only through a base class;
-    None when an owner's own class matches, or nothing does. explain() reports the former."""
-    found = None
-    for owner in owners:
-        match = type_match(atom.patterns, cls := module_class(owner))
-        if match is not None:
-            if match[1] is cls:
-                return None
-            found = found or (match[0].text, cls, match[1])
-    return found
-
-
-def is_bias_name(attribute: str) -> bool:
-    """``bias``, or a name ending in ``_bias`` (MultiheadAttention's ``in_proj_bias``). ``bias_k`` and
-    ``bias_v`` are MultiheadAttention's learned key/value tokens, not biases."""
-    return attribute == "bias" or attribute.endswith("_bias")
-
-
-@functools.cache
-def _old_style_hooks() -> dict[type, tuple[str, ...]]:
-    """The pre-parametrization hooks, by class, and the suffixes of the parameters they compute from."""
-    found: dict[type, tuple[str, ...]] = {}
-    try:  # deprecated in torch; absent some day
-        from torch.nn.utils.weight_norm import WeightNorm
-
-        found[WeightNorm] = ("_g", "_v")
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from torch.nn.utils.spectral_norm import SpectralNorm
-
-        found[SpectralNorm] = ("_orig",)
-    except ImportError:  # pragma: no cover
-        pass
-    return found
-
-
-def original_of(name: str, owner: nn.Module) -> tuple[str, str] | None:
-    """``(tensor, what computes it)`` when parameter ``name`` of ``owner`` is an original of a
-    parametrized tensor: ``fc1.weight.original0`` -> ``("fc1.weight", "_WeightNorm")``, old-style
-    ``fc1.weight_g`` -> ``("fc1.weight", "torch.nn.utils.weight_norm")``; else None."""
-    head, _, last = name.rpartition(".")
-    if parametrize.is_parametrized(owner) and _is_original(last):
-        tensor = head.rpartition(".")[2]
-        if tensor in owner.parametrizations:
-            return head, ", ".join(type(p).__name__ for p in owner.parametrizations[tensor])
-    for hook in owner._forward_pre_hooks.values():
-        suffixes = _old_style_hooks().get(type(hook), ())
-        if any(last == f"{hook.name}{s}" for s in suffixes):
-            return (f"{head}." if head else "") + hook.name, type(hook).__module__
-    return None
-
-
-def _is_original(segment: str) -> bool:
-    # torch's names: 'original', or 'original0', 'original1'... when right_inverse returns several.
-    return segment == "original" or (segment.startswith("original") and segment[8:].isdigit())
-
-
-@dataclass(frozen=True, eq=False)
 class ParamEntry:
-    """One parameter tensor and every name it is registered under."""
+    """One parameter tensor and every name it is registered under.
 
-    index: int
-    param: torch.nn.Parameter
-    names: tuple[str, ...]
-    owners: tuple[nn.Module, ...]  # owners[i] holds the tensor directly as names[i]
+    A snapshot of the model when the table read it: ``trainable`` is the tensor's
+    ``requires_grad`` then, as every row and group made from the table saw it.
+    """
+
+    # A tensor with one name (nearly all) keeps no tuples of its own: ``names`` and ``owners`` are
+    # made when asked. Fewer objects per tensor is less for the garbage collector to walk.
+    __slots__ = ("index", "param", "name", "owner", "trainable", "plain", "_names", "_owners", "__dict__")
+
+    def __init__(
+        self,
+        index: int,
+        param: torch.nn.Parameter,
+        names: tuple[str, ...],
+        owners: tuple[nn.Module, ...],  # owners[i] holds the tensor directly as names[i]
+        trainable: bool | None = None,
+        plain: bool | None = None,
+    ):
+        self.index = index
+        self.param = param
+        self.name, self.owner = names[0], owners[0]
+        self._names, self._owners = (tuple(names), tuple(owners)) if len(names) > 1 else (None, None)
+        self.trainable = param.requires_grad if trainable is None else trainable
+        # True when no owner computes a tensor from this one: then each name is the tensor users write.
+        self.plain = not any(computes_tensors(o) for o in owners) if plain is None else plain
 
     @property
-    def name(self) -> str:
-        return self.names[0]
+    def names(self) -> tuple[str, ...]:
+        return self._names or (self.name,)
 
     @property
-    def trainable(self) -> bool:
-        return self.param.requires_grad
+    def owners(self) -> tuple[nn.Module, ...]:
+        return self._owners or (self.owner,)
+
+    def add_name(self, name: str, owner: nn.Module, plain: bool) -> None:
+        """Another name of the same tensor (tied weights, a shared module), while the table is read."""
+        self._names, self._owners = (*self.names, name), (*self.owners, owner)
+        self.plain = self.plain and plain
+        self.__dict__.pop("originals", None)  # read before this name was known
+
+    def __repr__(self) -> str:
+        return f"ParamEntry(index={self.index}, names={self.names!r})"
 
     @property
     def initialized(self) -> bool:
         """False for a lazy module's parameter before its first forward pass."""
-        return not isinstance(self.param, nn.parameter.UninitializedParameter)
+        return not _uninitialized(type(self.param))
 
     @property
     def shape(self) -> tuple[int, ...] | None:
@@ -209,18 +132,22 @@ class ParamEntry:
     @functools.cached_property
     def originals(self) -> tuple[tuple[str, str] | None, ...]:
         """Per name, :func:`original_of`: the parametrized tensor it is an original of, if any."""
+        if self.plain:
+            return (None,) * len(self.names)
         return tuple(original_of(n, o) for n, o in zip(self.names, self.owners))
 
     @property
     def tensors(self) -> tuple[str, ...]:
         """Per name, the tensor users write for it: the name itself, or the parametrized tensor
         (``fc1.weight``) this one is an original of."""
+        if self.plain:
+            return self.names
         return tuple(o[0] if o else n for n, o in zip(self.names, self.originals))
 
     @property
     def parametrization(self) -> tuple[str, str] | None:
         """``(tensor, what computes it)`` for an original of a parametrized tensor, else None."""
-        return next((o for o in self.originals if o), None)
+        return None if self.plain else next((o for o in self.originals if o), None)
 
     @functools.cached_property
     def paths(self) -> frozenset[str]:
@@ -232,9 +159,19 @@ class ParamEntry:
             out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
         return frozenset(out)
 
+    @property
+    def types(self) -> tuple[type, ...]:
+        """The class of each owner (as ``type()`` says, parametrized subclasses included)."""
+        return tuple(type(o) for o in self.owners)
+
     @functools.cached_property
     def owner_class_names(self) -> frozenset[str]:
         return frozenset(n for owner in self.owners for n in type_names(module_class(owner)))
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """The last segment of each tensor's name: what ``bias`` reads."""
+        return tuple(tensor.rpartition(".")[2] for tensor in self.tensors)
 
 
 def canonical_name(name: str) -> str:
@@ -247,27 +184,44 @@ def canonical_name(name: str) -> str:
 
 def _in_parametrization(rest: list[str]) -> bool:
     # After the container: the tensor's name, then an original or a parametrization's index.
-    return len(rest) >= 2 and (_is_original(rest[1]) or rest[1].isdigit())
+    return len(rest) >= 2 and (is_original(rest[1]) or rest[1].isdigit())
 
 
-def _walk(
-    module: nn.Module, name: str = "", owner: nn.Module | None = None, hidden: bool = False
-) -> Iterator[tuple[str, nn.Module, nn.Module, bool]]:
-    """``(name, module, owner of its own parameters, hidden)`` for every module, pre-order, shared
-    ones under each name, as ``named_modules(remove_duplicate=False)``; but a wrapper's inner module
-    takes the wrapper's name, and a parametrized tensor's modules sit under the tensor's name, owned
-    by the layer and ``hidden`` (they compute a weight; they are not layers)."""
-    yield name, module, owner or module, hidden
-    for child_name, child in module._modules.items():
-        if child is None:
+def _walk(root: nn.Module) -> tuple[list[str], list[nn.Module], list[nn.Module | None], set[int]]:
+    """Every module, pre-order, shared ones under each name, as ``named_modules(remove_duplicate=False)``:
+    their names, the modules, the owner of each one's parameters (None: itself), and the ids of the
+    hidden ones. A wrapper's inner module takes the wrapper's name, and a parametrized tensor's modules
+    sit under the tensor's name, owned by the layer and hidden (they compute a weight; they are not layers)."""
+    names: list[str] = []
+    modules: list[nn.Module] = []
+    owners: list[nn.Module | None] = []
+    hidden: set[int] = set()
+    # An explicit stack, not recursive generators: each yield through nested generators costs per level.
+    stack: list[tuple[str, nn.Module, nn.Module | None, bool]] = [("", root, None, False)]
+    while stack:
+        name, module, owner, inside = stack.pop()
+        names.append(name)
+        modules.append(module)
+        owners.append(owner)
+        if inside:
+            hidden.add(id(module))
+        children = module._modules
+        if not children:
             continue
-        if child_name in _WRAPPER_SEGMENTS:
-            yield from _walk(child, name, None, hidden)
-        elif child_name == "parametrizations" and parametrize.is_parametrized(module):
-            for tensor, chain in child.items():
-                yield from _walk(chain, f"{name}.{tensor}" if name else tensor, module, True)
-        else:
-            yield from _walk(child, f"{name}.{child_name}" if name else child_name, None, hidden)
+        prefix = f"{name}." if name else ""
+        found = []
+        for child_name, child in children.items():
+            if child is None:
+                continue
+            if child_name in _WRAPPER_SEGMENTS:
+                found.append((name, child, None, inside))
+            elif child_name == "parametrizations" and parametrize.is_parametrized(module):
+                found += [(prefix + tensor, chain, module, True) for tensor, chain in child.items()]
+            else:
+                found.append((prefix + child_name, child, None, inside))
+        found.reverse()
+        stack += found
+    return names, modules, owners, hidden
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -293,53 +247,110 @@ class ParamTable:
     def __init__(self, model: nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        root = unwrap(model)
-        by_tensor: dict[int, tuple[torch.nn.Parameter, list[str], list[nn.Module]]] = {}
-        module_names: dict[str, nn.Module] = {}
-        outermost: dict[str, nn.Module] = {}
-        hidden: set[int] = set()
-        for module_name, module, owner, inside in _walk(root):
-            # A wrapper comes before the module it wraps, under the same name: the wrapped one,
-            # the user's layer, is what the name means (its class is what 'type' sees).
-            module_names[module_name] = module
-            outermost.setdefault(module_name, module)
-            if inside:
-                hidden.add(id(module))
-            for param_name, param in module._parameters.items():
+        self._names, self._modules, owners_of, self._hidden = _walk(unwrap(model))
+        entries: list[ParamEntry] = []
+        by_tensor: dict[int, ParamEntry] = {}
+        # Entries by owner class, then attribute name: what every atom but 'layer' and 'all' reads.
+        by_class: dict[type, dict[str, list[int]]] = {}
+        retold: list[ParamEntry] = []  # tied or parametrized: their kind is more than their first name says
+        new, Entry = object.__new__, ParamEntry
+        for module_name, module, owner in zip(self._names, self._modules, owners_of):
+            params = module._parameters
+            if not params:
+                continue
+            owner = owner or module
+            plain = not computes_tensors(owner)
+            attributes = by_class.get(type(owner))
+            if attributes is None:
+                attributes = by_class[type(owner)] = {}
+            prefix = f"{module_name}." if module_name else ""
+            for attribute, param in params.items():
                 if param is None:
                     continue
-                full = f"{module_name}.{param_name}" if module_name else param_name
-                _, names, owners = by_tensor.setdefault(id(param), (param, [], []))
-                if full not in names:
-                    names.append(full)
-                    owners.append(owner)
-        self.entries: list[ParamEntry] = [
-            ParamEntry(index=i, param=param, names=tuple(names), owners=tuple(owners))
-            for i, (param, names, owners) in enumerate(by_tensor.values())
-        ]
-        self.module_names = module_names
-        # Each module object once, under its first name; the root is "" (the model's own output).
-        # A parametrization's modules are no layer whose output an activity term could mean.
-        seen: set[int] = set(hidden)
-        self.modules: list[tuple[str, nn.Module]] = []
-        for name, module in module_names.items():
-            if id(module) not in seen:
-                seen.add(id(module))
-                self.modules.append((name, module))
-        # What an activity term hooks: the outermost object under the name. Its output is the
-        # layer's, and its hook runs once per call; a checkpoint wrapper runs the wrapped
-        # forward again during backward, which would collect the activity twice.
-        self.modules_by_name = {name: outermost[name] for name, _ in self.modules}
+                full = prefix + attribute
+                seen = by_tensor.get(id(param))
+                if seen is None:
+                    # Slots set here rather than through __init__: this loop runs once per tensor.
+                    entry = by_tensor[id(param)] = new(Entry)
+                    entry.index, entry.param, entry.name, entry.owner = len(entries), param, full, owner
+                    entry.trainable, entry.plain, entry._names, entry._owners = param.requires_grad, plain, None, None
+                    members = attributes.get(attribute)
+                    if members is None:
+                        members = attributes[attribute] = []
+                    members.append(entry.index)
+                    entries.append(entry)
+                    if not plain:
+                        retold.append(entry)
+                elif full not in seen.names:
+                    if seen._names is None and seen.plain:
+                        retold.append(seen)
+                    seen.add_name(full, owner, plain)
+        self.entries = entries
+        self.tied: list[int] = []  # indices of the entries with more than one name
+        self.kinds: dict[tuple[Any, ...], list[int]] = {
+            ((cls,), (attribute,)): members for cls, attributes in by_class.items() for attribute, members in attributes.items()
+        }
+        if retold:
+            self._retell(retold)
+
+    def _retell(self, retold: list[ParamEntry]) -> None:
+        """Move tied and parametrized entries to the kind all their names and owners make."""
+        moved = {e.index for e in retold}
+        kinds: dict[tuple[Any, ...], list[int]] = {}
+        for key, members in self.kinds.items():
+            kept = [i for i in members if i not in moved]
+            if kept:
+                kinds[key] = kept
+        self.tied = [e.index for e in sorted(retold, key=lambda e: e.index) if e._names is not None]
+        for entry in retold:
+            kinds.setdefault((entry.types, entry.attributes), []).append(entry.index)
+        self.kinds = {key: sorted(members) for key, members in kinds.items()}
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    @functools.cached_property
+    def module_names(self) -> dict[str, nn.Module]:
+        # A wrapper comes before the module it wraps, under the same name: the wrapped one,
+        # the user's layer, is what the name means (its class is what 'type' sees).
+        return dict(zip(self._names, self._modules))
+
+    @functools.cached_property
+    def modules(self) -> list[tuple[str, nn.Module]]:
+        # Each module object once, under its first name; the root is "" (the model's own output).
+        # A parametrization's modules are no layer whose output an activity term could mean.
+        seen = set(self._hidden)
+        out = []
+        for name, module in self.module_names.items():
+            if id(module) not in seen:
+                seen.add(id(module))
+                out.append((name, module))
+        return out
+
+    @functools.cached_property
+    def modules_by_name(self) -> dict[str, nn.Module]:
+        # What an activity term hooks: the outermost object under the name. Its output is the
+        # layer's, and its hook runs once per call; a checkpoint wrapper runs the wrapped
+        # forward again during backward, which would collect the activity twice.
+        outermost: dict[str, nn.Module] = {}
+        for name, module in zip(self._names, self._modules):
+            outermost.setdefault(name, module)
+        return {name: outermost[name] for name, _ in self.modules}
+
+    @functools.cached_property
+    def matcher(self) -> Any:
+        """Selectors judged against the whole table, each distinct one once (:mod:`regdsl.matching`)."""
+        from .matching import Matcher
+
+        return Matcher(self)
+
     def select(self, selector: Selector) -> list[ParamEntry]:
         """Entries that every atom of ``selector`` matches, in table order."""
-        return [e for e in self.entries if all(atom_matches(atom, e) for atom in selector.atoms)]
+        return [self.entries[i] for i in self.matcher.params(selector)]
 
 
 def atom_matches(atom: Atom, entry: ParamEntry) -> bool:
+    """One atom on one entry; :mod:`regdsl.matching` gives the same answers for a whole table at once."""
     if isinstance(atom, AllAtom):
         return True
     if isinstance(atom, LayerAtom):
@@ -379,3 +390,4 @@ def module_matches(atom: Atom, name: str, module: nn.Module) -> bool:
 def pattern_matches_any(pattern: Pattern, names: frozenset[str]) -> bool:
     regex = glob_regex(pattern.text)
     return any(regex.fullmatch(name) for name in names)
+

@@ -1,0 +1,339 @@
+"""Selectors against a whole :class:`~regdsl.select.ParamTable` at once.
+
+What :func:`regdsl.select.atom_matches` says of one entry, this says of all of
+them, with each distinct question asked once: a glob against each name (never
+against each of a name's prefixes), a class pattern against each class, ``bias``
+against each attribute name, and a selector written on many lines of a file
+only the first time. Answers are tuples of entry indices in table order, and the
+same selector always gets the very same tuple, so later passes can cache on it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import re
+import weakref
+from itertools import compress
+from typing import Any
+
+from torch.nn.utils import parametrize
+
+from .classes import class_of, is_bias_name, is_embedding_class, is_norm_class, type_names
+from .glob import glob_regex, glob_source
+
+Indices = tuple[int, ...]
+
+
+def atom_key(atom: Any) -> tuple[Any, ...]:
+    """What an atom means, cheap to hash: positions and Pydantic's machinery left out."""
+    patterns = getattr(atom, "patterns", None)
+    return (atom.kind, tuple(p.text for p in patterns)) if patterns else (atom.kind,)
+
+
+def selector_key(selector: Any) -> tuple[Any, ...]:
+    return tuple(atom_key(a) for a in selector.atoms)
+
+
+@functools.lru_cache(maxsize=4096)
+def prefix_regex(text: str) -> re.Pattern[str]:
+    """Matches a name when the glob matches the name or one of its dotted prefixes (a module holding it):
+    one match per name instead of one per prefix."""
+    return re.compile(f"(?:{glob_source(text)})(?:\\..*)?", re.DOTALL)
+
+
+def literal_prefix(text: str) -> str:
+    """The glob up to its first wildcard: every name it matches starts with this. A ``**`` segment
+    may stand for no segment at all, taking its dot with it: ``a.**`` matches ``a``, so its prefix is ``a``."""
+    for k, c in enumerate(text):
+        if c in "*?[":
+            if text.startswith("**", k) and k > 0 and text[k - 1] == ".":
+                return text[: k - 1]
+            return text[:k]
+    return text
+
+
+class Sorted:
+    """Strings and a number for each, sorted, to find those that start with a given text without a scan."""
+
+    def __init__(self, keys: list[str], values: list[int]):
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        self.keys = [keys[k] for k in order]
+        self.values = [values[k] for k in order]
+
+    def starting(self, prefix: str) -> zip[tuple[str, int]]:
+        keys = self.keys
+        lo = hi = bisect.bisect_left(keys, prefix)
+        while hi < len(keys) and keys[hi].startswith(prefix):
+            hi += 1
+        return zip(keys[lo:hi], self.values[lo:hi])
+
+
+# A sorted index costs a sort of every name; a scan, one regex call per name. The first few
+# patterns of a file are scanned, the rest looked up: small files never build the index, and a
+# file of 50,000 distinct patterns pays for one sort instead of 50,000 scans.
+_SCANS_BEFORE_INDEX = 16
+
+
+def _union(parts: list[Indices]) -> Indices:
+    parts = [p for p in parts if p]
+    if len(parts) <= 1:
+        return parts[0] if parts else ()
+    return tuple(sorted(set().union(*parts)))
+
+
+def _intersection(parts: list[Indices], every: Indices) -> Indices:
+    parts = [p for p in parts if p is not every]  # 'all' narrows nothing
+    if len(parts) <= 1:
+        return parts[0] if parts else every
+    parts.sort(key=len)
+    kept = set(parts[0]).intersection(*parts[1:])
+    return tuple(i for i in parts[0] if i in kept)
+
+
+class Matcher:
+    """The cached selection of one table: parameters by selector, modules by selector (activity terms)."""
+
+    def __init__(self, table: Any):
+        # The table holds its matcher: a strong reference back would make every table a cycle, which
+        # only the garbage collector can free, and it then walks all of a big model's objects.
+        self._table = weakref.ref(table)
+        self.every: Indices = tuple(range(len(table.entries)))
+        self.trainable_flags = [e.trainable for e in table.entries]
+        self._selectors: dict[tuple[Any, ...], Indices] = {}
+        self._trainable: dict[tuple[Any, ...], Indices] = {}
+        self._atoms: dict[tuple[Any, ...], Indices] = {}
+        self._layers: dict[str, Indices] = {}
+        self._module_selectors: dict[tuple[Any, ...], Indices] = {}
+        self._module_atoms: dict[tuple[Any, ...], Indices] = {}
+        self._type_hits: dict[tuple[str, str], bool] = {}
+
+    @property
+    def table(self) -> Any:
+        return self._table()
+
+    # ------------------------------------------------------------ parameters
+
+    def params(self, selector: Any, key: tuple[Any, ...] | None = None) -> Indices:
+        """Entries every atom of ``selector`` matches, frozen ones too."""
+        key = key or selector_key(selector)
+        hit = self._selectors.get(key)
+        if hit is None:
+            hit = self._selectors[key] = _intersection([self.atom(a) for a in selector.atoms], self.every)
+        return hit
+
+    def trainable(self, selector: Any, key: tuple[Any, ...] | None = None) -> Indices:
+        """:meth:`params`, trainable entries only."""
+        key = key or selector_key(selector)
+        hit = self._trainable.get(key)
+        if hit is None:
+            matched = self.params(selector, key)
+            flags = self.trainable_flags
+            kept = tuple(compress(matched, map(flags.__getitem__, matched)))
+            hit = self._trainable[key] = matched if len(kept) == len(matched) else kept
+        return hit
+
+    def atom(self, atom: Any) -> Indices:
+        key = atom_key(atom)
+        hit = self._atoms.get(key)
+        if hit is None:
+            hit = self._atoms[key] = self._atom(atom)
+        return hit
+
+    def _atom(self, atom: Any) -> Indices:
+        kind = atom.kind
+        if kind == "all":
+            return self.every
+        if kind == "layer":
+            return _union([self.layer(p.text) for p in atom.patterns])
+        if kind == "type":
+            regexes = [glob_regex(p.text) for p in atom.patterns]
+            holds = lambda types, _: any(  # noqa: E731
+                r.fullmatch(n) for t in types for n in type_names(class_of(t)) for r in regexes
+            )
+        elif kind == "bias":
+            holds = lambda _, attributes: any(is_bias_name(a) for a in attributes)  # noqa: E731
+        elif kind == "norm":
+            holds = lambda types, _: any(is_norm_class(t) for t in types)  # noqa: E731
+        elif kind == "embedding":
+            holds = lambda types, _: any(is_embedding_class(t) for t in types)  # noqa: E731
+        else:  # pragma: no cover - the spec admits no other atom
+            raise AssertionError(f"unhandled atom {atom!r}")
+        groups = [members for (types, attributes), members in self.table.kinds.items() if holds(types, attributes)]
+        if len(groups) == 1:
+            return tuple(groups[0])
+        # Each group is in table order and they are disjoint: sorting their runs is a merge.
+        return tuple(sorted(i for members in groups for i in members))
+
+    def layer(self, text: str) -> Indices:
+        """Entries with a name (or the tensor it is an original of) under or at a path the glob matches."""
+        hit = self._layers.get(text)
+        if hit is not None:
+            return hit
+        fixed = literal_prefix(text)
+        if fixed and len(self._layers) >= _SCANS_BEFORE_INDEX:
+            # Only names that start with the glob's literal part can match: a range of the sorted names.
+            if fixed == text:  # no wildcard: the name itself, or a name under it; no regex to build
+                size = len(text)
+                found = {i for name, i in self._sorted.starting(text) if len(name) == size or name[size] == "."}
+            else:
+                matches = prefix_regex(text).fullmatch
+                found = {i for name, i in self._sorted.starting(fixed) if matches(name)}
+            hit = tuple(sorted(found))
+        else:
+            matches = prefix_regex(text).fullmatch
+            names, extra = self._subjects
+            scanned = list(compress(self.every, map(matches, names)))
+            more = {i for i, subject in extra if matches(subject)}
+            hit = tuple(sorted(more.union(scanned))) if more else tuple(scanned)
+        self._layers[text] = hit
+        return hit
+
+    @functools.cached_property
+    def _subjects(self) -> tuple[list[str], list[tuple[int, str]]]:
+        # Each entry's first name; then its other names and tensors, for the few tied or parametrized ones.
+        entries = self.table.entries
+        extra = [
+            (e.index, subject)
+            for e in entries
+            if e._names is not None or not e.plain
+            for subject in sorted({*e.names, *e.tensors} - {e.name})
+        ]
+        return [e.name for e in entries], extra
+
+    @property
+    def names(self) -> list[str]:
+        """Each entry's first name, in table order."""
+        return self._subjects[0]
+
+    @functools.cached_property
+    def _sorted(self) -> Sorted:
+        names, extra = self._subjects
+        return Sorted(names + [subject for _, subject in extra], [*self.every, *(i for i, _ in extra)])
+
+    # ------------------------------------------------------------ what the model holds at all
+
+    @functools.cached_property
+    def all_paths(self) -> list[str]:
+        """Every name and module path of a parameter, sorted: what a layer pattern could have meant."""
+        return sorted({p for e in self.table.entries for p in e.paths})
+
+    @functools.cached_property
+    def all_classes(self) -> list[str]:
+        """Every class name of every module, base classes included, sorted."""
+        kinds = {type(m) for m in self.table.module_names.values()}
+        return sorted({n for t in kinds for n in type_names(class_of(t))})
+
+    @functools.cached_property
+    def owner_classes(self) -> frozenset[str]:
+        """Class names of the modules that own parameters directly."""
+        return frozenset(n for types, _ in self.table.kinds for t in types for n in type_names(class_of(t)))
+
+    @functools.cached_property
+    def module_classes(self) -> list[str]:
+        """Class names of the modules activity terms can select, sorted."""
+        kinds = {type(m) for _, m in self.table.modules}
+        return sorted({n for t in kinds for n in type_names(class_of(t))})
+
+    def type_hits(self, text: str, where: str) -> bool:
+        """Whether a type pattern matches some class of the model (``where="all"``), some owner's
+        (``"owners"``) or some class activity terms can select (``"modules"``)."""
+        key = (text, where)
+        hit = self._type_hits.get(key)
+        if hit is None:
+            regex = glob_regex(text)
+            names = {"all": self.all_classes, "owners": self.owner_classes, "modules": self.module_classes}[where]
+            hit = self._type_hits[key] = any(regex.fullmatch(n) for n in names)
+        return hit
+
+    def module_layer_hits(self, text: str) -> bool:
+        """Whether a layer pattern names some module activity terms can select."""
+        return bool(self._module_atom_of("layer", (text,)))
+
+    # ------------------------------------------------------------ modules (activity terms)
+
+    def modules(self, selector: Any, key: tuple[Any, ...] | None = None) -> Indices:
+        """Indices into ``table.modules`` of the modules every atom holds for, read as in
+        :func:`regdsl.select.module_matches`."""
+        key = key or selector_key(selector)
+        hit = self._module_selectors.get(key)
+        if hit is None:
+            parts = [self._module_atom(a) for a in selector.atoms]
+            hit = self._module_selectors[key] = _intersection(parts, self._every_module)
+        return hit
+
+    @functools.cached_property
+    def _every_module(self) -> Indices:
+        return tuple(range(len(self.table.modules)))
+
+    @functools.cached_property
+    def module_names(self) -> list[str]:
+        """Names of the modules activity terms can select, in table order."""
+        return [name for name, _ in self.table.modules]
+
+    def _module_atom(self, atom: Any) -> Indices:
+        key = atom_key(atom)
+        return self._module_atom_of(key[0], key[1] if len(key) > 1 else ())
+
+    def _module_atom_of(self, kind: str, texts: tuple[str, ...]) -> Indices:
+        key = (kind, texts)
+        hit = self._module_atoms.get(key)
+        if hit is not None:
+            return hit
+        modules = self.table.modules
+        if kind == "all":
+            hit = tuple(i for i, (_, m) in enumerate(modules) if _is_leaf(m))
+        elif kind == "layer":
+            hit = _union([self._module_layer(text) for text in texts])
+        elif kind == "bias":
+            hit = ()  # bias names a parameter, never a module
+        else:
+            holds = functools.cache(lambda cls: _module_class_holds(kind, texts, cls))
+            hit = tuple(i for i, (_, m) in enumerate(modules) if holds(type(m)))
+        self._module_atoms[key] = hit
+        return hit
+
+
+    def _module_layer(self, text: str) -> Indices:
+        fixed = literal_prefix(text)
+        if fixed == text:
+            return tuple(sorted(i for name, i in self._sorted_modules.starting(text) if len(name) == len(text)))
+        matches = glob_regex(text).fullmatch
+        if fixed:
+            return tuple(sorted(i for name, i in self._sorted_modules.starting(fixed) if matches(name)))
+        return tuple(compress(self._every_module, map(matches, self.module_names)))
+
+    @functools.cached_property
+    def _sorted_modules(self) -> Sorted:
+        # Activity terms are few next to the parameters; their modules are indexed at once.
+        return Sorted(self.module_names, list(self._every_module))
+
+    def modules_named(self, text: str) -> list[str]:
+        """Every module name (wrapped ones as themselves, the root left out) the glob matches."""
+        matches = glob_regex(text).fullmatch
+        fixed = literal_prefix(text)
+        index = self._sorted_all_modules
+        found = index.starting(fixed) if fixed else zip(index.keys, index.values)
+        return [name for _, name in sorted((i, name) for name, i in found if name and matches(name))]
+
+    @functools.cached_property
+    def _sorted_all_modules(self) -> Sorted:
+        names = list(self.table.module_names)
+        return Sorted(names, list(range(len(names))))
+
+
+def _is_leaf(module: Any) -> bool:
+    """``all`` as activity terms read it: no submodules, a parametrized tensor's machinery aside."""
+    names = {name for name, child in module._modules.items() if child is not None}
+    if not names:
+        return True
+    return names == {"parametrizations"} and parametrize.is_parametrized(module)
+
+
+def _module_class_holds(kind: str, texts: tuple[str, ...], cls: type) -> bool:
+    if kind == "type":
+        regexes = [glob_regex(text) for text in texts]
+        return any(r.fullmatch(n) for n in type_names(class_of(cls)) for r in regexes)
+    if kind == "norm":
+        return is_norm_class(cls)
+    return is_embedding_class(cls)
