@@ -6,7 +6,8 @@
 forward pass contributes once per call. Values are collected only while
 autograd records (not under ``torch.no_grad()``/``inference_mode``, so
 evaluation passes cost nothing and leave nothing behind) and are consumed by the
-next ``penalty()``.
+next ``penalty()``. Each value is also kept, detached, until the next forward pass after
+that ``penalty()`` starts collecting: ``reg.values()`` reports it.
 
 The hooks run inside the caller's ``torch.autocast``, so an output may be
 bfloat16 or float16. Each value is still reduced in float32 (float64 for a
@@ -46,6 +47,9 @@ class ActivityPlan:
     def __init__(self, targets: Sequence[ActivityTarget], step: int = 0):
         self.targets = list(targets)
         self._pending: list[torch.Tensor] = []
+        # (target index, detached value) of the latest forward pass(es), for reg.values().
+        self._recent: list[tuple[int, torch.Tensor]] = []
+        self._taken = False  # a take() since the last collect: the next collect starts afresh
         self._strengths = [torch.tensor(strength_at(t.term, step), dtype=torch.float64) for t in self.targets]
         self._on_device: list[dict[tuple[torch.device, torch.dtype], torch.Tensor]] = [{} for _ in self.targets]
         self._scheduled = [i for i, t in enumerate(self.targets) if is_scheduled(t.term)]
@@ -94,6 +98,9 @@ class ActivityPlan:
         # Computed anyway: a checkpoint's recomputation must save the same tensors as its forward did.
         if not _in_backward():
             self._pending.append(value)
+            if self._taken:
+                self._recent, self._taken = [], False
+            self._recent.append((index, value.detach()))
 
     def _value(self, index: int, output: torch.Tensor) -> torch.Tensor:
         acc = torch.float64 if output.dtype == torch.float64 else torch.float32
@@ -109,11 +116,17 @@ class ActivityPlan:
     def take(self) -> list[torch.Tensor]:
         """The values collected since the last call."""
         pending, self._pending = self._pending, []
+        self._taken = True
         return pending
+
+    def recent(self) -> list[tuple[ActivityTarget, torch.Tensor]]:
+        """Detached values of the latest forward pass(es): those the last :meth:`take` returned,
+        or those collected since it."""
+        return [(self.targets[i], value) for i, value in self._recent]
 
     def remove(self) -> None:
         _remove(self._handles)
-        self._pending = []
+        self._pending, self._recent = [], []
 
 
 def _hook(plan_ref: weakref.ref[ActivityPlan], index: int, module: nn.Module, args: Any, output: Any) -> None:

@@ -336,6 +336,13 @@ class Regularizer:
             total = total.to(dtype) + value.to(device=total.device, dtype=dtype)
         return total
 
+    def values(self) -> dict[str, torch.Tensor]:
+        """Each loss term's value now, ``{"l1:6": tensor, ...}`` by term kind and rule line, folded
+        terms included; computed on demand without a host sync (see :mod:`regdsl.values`)."""
+        from .values import term_values
+
+        return term_values(self)
+
     def explain(self) -> list[ParamRow]:
         """One row per parameter tensor (frozen ones too), in registration order."""
         return list(self._rows)

@@ -1,4 +1,4 @@
-"""The loss penalties, vectorized where the math allows.
+"""The loss penalties, at the cost of reading the weights and writing one gradient each.
 
 Formulas (the contract; docs/language.md repeats them), for one parameter ``w``:
 
@@ -10,17 +10,21 @@ Formulas (the contract; docs/language.md repeats them), for one parameter ``w``:
 * ``orthogonal λ``: ``λ · ‖G − I‖²_F`` with ``W = w.reshape(out, −1)`` and G the
   smaller of ``W Wᵀ`` and ``Wᵀ W``
 
-Parameters are bucketed once, at compile time, by (term, device, dtype). For
-``l1``, ``l2`` and ``l2 to ...`` a call costs one ``torch._foreach_norm`` per
-bucket (one fused kernel on CUDA) and a dot product with the strengths, with a
-closed-form backward; ``group_lasso`` and ``orthogonal`` need per-tensor
-reductions and loop over their (usually few) tensors. Sums are accumulated in
-float32, or float64 for float64 parameters, so half-precision weights cannot
-overflow. That holds inside the caller's ``torch.autocast`` too: autocast is
-switched off, for each bucket's device type, while the bucket is computed (else
-``orthogonal``'s Gram matrix would be formed in bfloat16 or float16). Strengths
-live in tensors that a schedule updates in place, so a changing strength never
-becomes a constant baked into a ``torch.compile`` graph.
+Parameters are bucketed once, at compile time, by device and dtype. ``l1``, ``l2`` and
+``l2 ... to`` of a bucket are one autograd Function whose closed-form backward allocates
+one tensor per parameter, the gradient autograd must be handed (elastic net on one
+tensor is one output). No full-size temporaries: memory freed after a step goes back to
+the OS, so each one page-faults in again at every step, and a ``_foreach`` op (one kernel
+per tensor on CPU anyway) holds all its results at once. The forward reads each weight
+once per term (``abs().sum()``, a dot product; ``vector_norm`` is several times slower on
+CPU), in 1 MiB slices on CPU, so that temporaries stay in cache and a long float32 dot
+product stays accurate. ``group_lasso`` and ``orthogonal`` loop over their tensors.
+
+Sums are accumulated in float32, or float64 for float64 parameters, so half-precision
+weights cannot overflow, inside the caller's ``torch.autocast`` too: autocast is switched
+off while a bucket is computed (else ``orthogonal``'s Gram matrix would be formed in
+bfloat16 or float16). Strengths live in tensors that a schedule updates in place, so a
+changing strength never becomes a constant baked into a ``torch.compile`` graph.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ from torch.autograd.function import once_differentiable
 
 from .schedule import always_zero, is_scheduled, strength_at
 
-# term -> (order of the vector norm, power applied to it, constant factor)
-# l2: λ/2 · ‖w‖₂²   l1: λ · ‖w‖₁
-FORMULAS: dict[str, tuple[int, int, float]] = {"l2": (2, 2, 0.5), "l1": (1, 1, 1.0)}
+# Elements per slice of a CPU forward: 1 MiB of float32, which stays in cache, and short
+# enough that a float32 dot product keeps about 1e-7 relative precision.
+_SLICE = 1 << 18
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,12 +58,11 @@ def autocast_device_type(device: torch.device) -> str | None:
     return device.type if device.type in ("cpu", "cuda") else None
 
 
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    # vector_norm wants a complex dtype for complex inputs; its result is real either way.
-    real = accumulation_dtype(dtype)
-    if dtype.is_complex:
-        return torch.complex128 if real == torch.float64 else torch.complex64
-    return real
+def _autocast_enabled(kind: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(kind)
+    except TypeError:  # a torch whose is_autocast_enabled() takes no device type
+        return True
 
 
 @dataclass
@@ -89,7 +93,58 @@ class LossItem:
         return "l2_to" if self.reference is not None else self.kind
 
 
-def _group_lasso(w: torch.Tensor, term: Any, acc: torch.dtype) -> torch.Tensor:
+# ---------------------------------------------------------------- per-term math, shared with values.py
+
+
+def _flat(w: torch.Tensor) -> torch.Tensor | None:
+    """``w``'s elements as a 1-D view in memory order (channels_last and transposed weights
+    too: sums do not care about order), or None when its storage has gaps."""
+    if w.is_contiguous():
+        return w.view(-1)
+    permuted = w.permute(sorted(range(w.ndim), key=w.stride, reverse=True))
+    return permuted.view(-1) if permuted.is_contiguous() else None
+
+
+def _slices(w: torch.Tensor) -> list[torch.Tensor]:
+    flat = _flat(w)
+    if flat is None:
+        return [w]
+    if w.device.type != "cpu" or flat.numel() <= _SLICE:
+        return [flat]  # one kernel on an accelerator, whose allocator keeps its memory
+    return list(flat.split(_SLICE))
+
+
+def _total(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
+def _abs_sum(pieces: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+    """``Σ|w|`` in ``acc`` over the pieces of ``w`` (the modulus for complex ``w``)."""
+    return _total([p.abs().sum(dtype=acc) for p in pieces])
+
+
+def _square_sum(pieces: list[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+    sums = []
+    for p in pieces:
+        if p.is_complex():
+            p = torch.view_as_real(p)
+        if p.dtype != acc:
+            p = p.to(acc)
+        if p.ndim != 1:
+            p = p.reshape(-1)  # copies only a weight whose storage has gaps
+        sums.append(torch.dot(p, p))
+    return _total(sums)
+
+
+def sum_squared_distance(w: torch.Tensor, ref: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``Σ|w − w₀|²`` in ``acc``; ``w − w₀`` one slice at a time when both share a layout."""
+    if w.stride() != ref.stride():  # a contiguous saved reference for a channels_last weight
+        return _square_sum(_slices(w - ref), acc)
+    return _total([_square_sum([a - b], acc) for a, b in zip(_slices(w), _slices(ref), strict=True)])
+
+
+def group_lasso_value(w: torch.Tensor, term: Any, acc: torch.dtype) -> torch.Tensor:
+    """``Σ_i ‖w_i‖₂`` over the slices along ``term.dim``."""
     keep = term.dim % w.ndim
     if w.ndim == 1:
         return torch.linalg.vector_norm(w, 1, dtype=acc)  # each element is its own group
@@ -98,29 +153,56 @@ def _group_lasso(w: torch.Tensor, term: Any, acc: torch.dtype) -> torch.Tensor:
     return torch.linalg.vector_norm(w, 2, dim=others, dtype=acc).sum()
 
 
-def _orthogonal(w: torch.Tensor, term: Any, acc: torch.dtype) -> torch.Tensor:
-    return _Orthogonal.apply(w, acc, autocast_device_type(w.device))
+def _gram_minus_identity(w: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, bool]:
+    m = w.reshape(w.shape[0], -1).to(acc)
+    wide = m.shape[0] <= m.shape[1]
+    gram = m @ m.T if wide else m.T @ m
+    gram.diagonal().sub_(1)
+    return gram, wide
 
 
-# Terms without a foreach form: a reduction per tensor, summed with the strengths.
-_PER_TENSOR = {"group_lasso": _group_lasso, "orthogonal": _orthogonal}
+def unit_value(item: LossItem, acc: torch.dtype) -> torch.Tensor:
+    """``item``'s term at strength 1 (what ``λ`` multiplies), without autograd's help."""
+    w = item.param.detach()
+    if item.kind == "l1":
+        return _abs_sum(_slices(w), acc)
+    if item.kind == "l2":
+        return 0.5 * (_square_sum(_slices(w), acc) if item.ref is None else sum_squared_distance(w, item.ref, acc))
+    if item.kind == "group_lasso":
+        return group_lasso_value(w, item.term, acc)
+    return _gram_minus_identity(w, acc)[0].square().sum()
+
+
+def _gradient(w: torch.Tensor, ref: torch.Tensor | None, l1: torch.Tensor | None, l2: torch.Tensor | None) -> torch.Tensor:
+    """``l1·sign(w) + l2·(w − w₀)``; only the tensor it returns is allocated, except for ``l1``
+    with ``l2 ... to`` or with ``l2`` on 16-bit weights (one more temporary)."""
+    if l1 is None:
+        assert l2 is not None
+        return w.mul(l2) if ref is None else torch.sub(w, ref).mul_(l2)
+    g = (torch.sgn(w) if w.is_complex() else torch.sign(w)).mul_(l1)
+    if l2 is None:
+        return g
+    if ref is None and w.dtype not in _LOW_PRECISION:
+        return g.addcmul_(w, l2)  # (addcmul_ would round l2 to a 16-bit w's dtype; mul keeps it)
+    # w − w₀ before scaling, not l2·w − l2·w₀: exact (0) while w is still at w₀.
+    return g.add_(w.mul(l2) if ref is None else torch.sub(w, ref).mul_(l2))
+
+
+# ---------------------------------------------------------------- buckets
 
 
 class _Bucket:
-    def __init__(self, family: str, items: list[LossItem], step: int):
-        self.family = family
+    """Items of one device and dtype, and their strengths as a tensor a schedule updates in place."""
+
+    def __init__(self, items: list[LossItem], step: int):
         self.items = items
         self.params = [i.param for i in items]
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.acc = accumulation_dtype(self.dtype)
         self.autocast = autocast_device_type(self.device)
-        self.factor = FORMULAS[family][2] if family in FORMULAS else (0.5 if family == "l2_to" else 1.0)
         self.scheduled = any(is_scheduled(i.term) for i in items)
         self.weights = torch.tensor(self._values(step), dtype=self.acc, device=self.device)
-
-    def _values(self, step: int) -> list[float]:
-        return [self.factor * strength_at(i.term, step) for i in self.items]
 
     def set_step(self, step: int) -> None:
         if self.scheduled:
@@ -132,28 +214,68 @@ class _Bucket:
         return p.dtype != self.dtype or p.device != self.device
 
     def evaluate(self) -> torch.Tensor:
-        # The caller's autocast would run the Gram matrices (and their backward) in its low
-        # precision; the terms have their own, documented precision. One device per bucket, so
-        # one context. torch.autocast itself, not a helper, so that torch.compile traces it.
-        if self.autocast is None:
+        # The caller's autocast would form Gram matrices in its low precision. torch.autocast
+        # itself, so that torch.compile traces it; only when on: entering costs a small kernel.
+        if self.autocast is None or not _autocast_enabled(self.autocast):
             return self._evaluate()
         with torch.autocast(device_type=self.autocast, enabled=False):
             return self._evaluate()
 
+
+class _ClosedFormBucket(_Bucket):
+    """``l1``, ``l2`` and ``l2 ... to``: one :class:`_ClosedForm` call per bucket.
+
+    ``layout`` says, per parameter, which items are its ``l1`` and its ``l2`` and which
+    reference (if any) its ``l2`` pulls toward; -1 for none. It is a tuple of ints so that
+    ``torch.compile`` treats it as a constant.
+    """
+
+    def __init__(self, items: list[LossItem], step: int):
+        slots: dict[int, list[int]] = {}
+        self.anchored: list[int] = []  # items with a reference, in the order of the refs
+        for j, item in enumerate(items):
+            slot = slots.setdefault(id(item.param), [-1, -1, -1, j])
+            if item.kind == "l1":
+                slot[0] = j
+            else:
+                slot[1] = j
+                if item.reference is not None:
+                    slot[2] = len(self.anchored)
+                    self.anchored.append(j)
+        super().__init__(items, step)
+        self.params = [items[s[3]].param for s in slots.values()]
+        self.layout = tuple((s[0], s[1], s[2]) for s in slots.values())
+
+    def _values(self, step: int) -> list[list[float]]:
+        # Row 0 multiplies the forward's sums (λ·Σ|w|, λ/2·Σw²); row 1 is each gradient's λ.
+        strengths = [strength_at(i.term, step) for i in self.items]
+        return [[s * (0.5 if i.kind == "l2" else 1.0) for s, i in zip(strengths, self.items)], strengths]
+
     def _evaluate(self) -> torch.Tensor:
-        if self.family in FORMULAS:
-            order, power, _ = FORMULAS[self.family]
-            return _BucketPenalty.apply(self.weights, order, power, _norm_dtype(self.dtype), *self.params)
-        if self.family == "l2_to":
-            refs = [i.ref for i in self.items]
-            return _AnchoredL2.apply(self.weights, _norm_dtype(self.dtype), len(refs), *refs, *self.params)
-        per_tensor = _PER_TENSOR[self.family]
-        values = torch.stack([per_tensor(i.param, i.term, self.acc) for i in self.items])
-        return torch.dot(self.weights, values)
+        # References are read at each call: load_state_dict() replaces them.
+        refs = [self.items[j].ref for j in self.anchored]
+        return _ClosedForm.apply(self.weights, self.layout, self.acc, len(self.params), *self.params, *refs)
+
+
+class _PerTensorBucket(_Bucket):
+    """``group_lasso`` or ``orthogonal``: a reduction per tensor, summed with the strengths."""
+
+    def _values(self, step: int) -> list[float]:
+        return [strength_at(i.term, step) for i in self.items]
+
+    def _evaluate(self) -> torch.Tensor:
+        values = [
+            group_lasso_value(i.param, i.term, self.acc)
+            if i.kind == "group_lasso"
+            else _Orthogonal.apply(i.param, self.acc, self.autocast)
+            for i in self.items
+        ]
+        return torch.dot(self.weights, torch.stack(values))
 
 
 class PenaltyPlan:
-    """Evaluates every loss term with a handful of kernels per (term, device, dtype).
+    """Evaluates every loss term with one autograd node per (device, dtype), plus per-tensor
+    nodes for ``group_lasso`` and ``orthogonal``.
 
     Buckets are keyed by each parameter's dtype and device at build time. A
     ``model.to(...)`` after compiling changes them in place (the Parameter
@@ -170,10 +292,14 @@ class PenaltyPlan:
     def _build(self) -> None:
         for item in self.items:
             item.follow()
-        grouped: dict[tuple[str, torch.device, torch.dtype], list[LossItem]] = {}
+        grouped: dict[tuple[bool, torch.device, torch.dtype], list[LossItem]] = {}
         for item in self.items:
-            grouped.setdefault((item.family, item.param.device, item.param.dtype), []).append(item)
-        self._buckets = [_Bucket(family, items, self._step) for (family, _, _), items in grouped.items()]
+            closed = item.kind in ("l1", "l2")
+            grouped.setdefault((closed, item.param.device, item.param.dtype), []).append(item)
+        self._buckets: list[_Bucket] = [
+            (_ClosedFormBucket if closed else _PerTensorBucket)(items, self._step)
+            for (closed, _, _), items in grouped.items()
+        ]
         self._device = self._buckets[0].device if self._buckets else None
         self._dtype = torch.float64 if any(b.acc == torch.float64 for b in self._buckets) else torch.float32
 
@@ -200,60 +326,50 @@ class PenaltyPlan:
     def _evaluate(self) -> torch.Tensor:
         total: torch.Tensor | None = None
         for b in self._buckets:
-            value = b.evaluate().to(device=self._device, dtype=self._dtype)
+            value = b.evaluate()
+            if value.dtype != self._dtype or value.device != self._device:
+                value = value.to(device=self._device, dtype=self._dtype)
             total = value if total is None else total + value
         assert total is not None
         return total
 
 
-class _BucketPenalty(torch.autograd.Function):
-    """``Σ_i weights_i · ‖p_i‖_order^power`` with a hand-written backward.
+# ---------------------------------------------------------------- autograd Functions
 
-    Autograd through ``_foreach_norm`` and ``square`` costs several passes per
-    tensor (the norm's backward divides by the norm and masks zeros); the closed
-    forms need one: ``2·weights_i·p_i`` for the squared L2 norm and
-    ``weights_i·sign(p_i)`` for the L1 norm (0 at 0). Not twice differentiable.
+
+class _ClosedForm(torch.autograd.Function):
+    """``Σ_j weights[0, j] · s_j`` over the sums ``s_j`` (``Σ|w|``, ``Σw²``, ``Σ(w − w₀)²``) that
+    ``layout`` assigns, with a closed-form backward: each parameter's gradient is one fresh
+    tensor, computed with two or three kernels and never through ``_foreach`` (which would keep
+    every intermediate of the bucket alive at once). Not twice differentiable.
     """
 
     @staticmethod
-    def forward(ctx: Any, weights: torch.Tensor, order: int, power: int, norm_dtype: torch.dtype, *params: torch.Tensor):
-        ctx.order = order
-        ctx.save_for_backward(weights, *params)
-        norms = torch.stack(torch._foreach_norm(params, order, dtype=norm_dtype))
-        return torch.dot(weights, norms.square() if power == 2 else norms)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor):
-        weights, *params = ctx.saved_tensors
-        if ctx.order == 2:
-            scales = (2 * weights * grad).unbind()
-            grads = torch._foreach_mul(params, list(scales))
-        else:
-            scales = (weights * grad).unbind()
-            signs = [torch.sgn(p) for p in params] if params[0].is_complex() else torch._foreach_sign(params)
-            grads = torch._foreach_mul(signs, list(scales))
-        return (None, None, None, None, *grads)
-
-
-class _AnchoredL2(torch.autograd.Function):
-    """``Σ_i weights_i · ‖p_i − r_i‖₂²``; backward ``2·weights_i·(p_i − r_i)``, one pass per bucket."""
-
-    @staticmethod
-    def forward(ctx: Any, weights: torch.Tensor, norm_dtype: torch.dtype, n: int, *tensors: torch.Tensor):
-        refs, params = tensors[:n], tensors[n:]
-        ctx.n = n
+    def forward(ctx: Any, weights: torch.Tensor, layout: tuple, acc: torch.dtype, n: int, *tensors: torch.Tensor):
+        params, refs = tensors[:n], tensors[n:]
+        sums: list[torch.Tensor | None] = [None] * weights.shape[1]
+        for w, (l1, l2, r) in zip(params, layout):
+            pieces = _slices(w)
+            if l1 >= 0:
+                sums[l1] = _abs_sum(pieces, acc)
+            if l2 >= 0:
+                sums[l2] = _square_sum(pieces, acc) if r < 0 else sum_squared_distance(w, refs[r], acc)
+        ctx.layout, ctx.n = layout, n
         ctx.save_for_backward(weights, *tensors)
-        norms = torch.stack(torch._foreach_norm(torch._foreach_sub(params, refs), 2, dtype=norm_dtype))
-        return torch.dot(weights, norms.square())
+        return torch.dot(weights[0], torch.stack(sums))  # type: ignore[arg-type]
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor):
         weights, *tensors = ctx.saved_tensors
-        refs, params = tensors[: ctx.n], tensors[ctx.n :]
-        grads = torch._foreach_mul(torch._foreach_sub(params, refs), list((2 * weights * grad).unbind()))
-        return (None, None, None, *([None] * ctx.n), *grads)
+        n, needed = ctx.n, ctx.needs_input_grad
+        scales = (weights[1] * grad).unbind()
+        grads: list[torch.Tensor | None] = [None] * len(tensors)  # references get none
+        for i, (l1, l2, r) in enumerate(ctx.layout):
+            if needed[4 + i]:  # a parameter frozen since compile() needs no gradient
+                ref = tensors[n + r] if r >= 0 else None
+                grads[i] = _gradient(tensors[i], ref, scales[l1] if l1 >= 0 else None, scales[l2] if l2 >= 0 else None)
+        return (None, None, None, None, *grads)
 
 
 class _Orthogonal(torch.autograd.Function):
@@ -268,10 +384,7 @@ class _Orthogonal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, acc: torch.dtype, autocast: str | None) -> torch.Tensor:
-        m = w.reshape(w.shape[0], -1).to(acc)
-        wide = m.shape[0] <= m.shape[1]
-        gram = m @ m.T if wide else m.T @ m
-        gram.diagonal().sub_(1)
+        gram, wide = _gram_minus_identity(w, acc)
         ctx.wide, ctx.acc, ctx.autocast = wide, acc, autocast
         ctx.save_for_backward(w, gram)
         return gram.square().sum()
