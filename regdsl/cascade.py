@@ -12,11 +12,8 @@ statement and term, never per tensor.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
-
-from torch import nn
 
 from .classes import base_class_match_of
 from .matching import selector_key
@@ -60,6 +57,7 @@ class Cascade:
         self.statements = spec.statements
         self.outcomes = [Outcome({}, None, None, False)]
         self.of = [0] * size  # per target, its outcome's index
+        self._notes: dict[tuple[int, tuple[type, ...]], tuple[str, ...]] = {}
 
     def outcome(self, i: int) -> Outcome:
         return self.outcomes[self.of[i]]
@@ -108,60 +106,68 @@ class Cascade:
         self.outcomes.append(Outcome(assigned, excluded, cleared, touched))
         return len(self.outcomes) - 1
 
-    def notes(self, i: int, types: tuple[type, ...], owners: Sequence[nn.Module] | None = None) -> tuple[str, ...]:
-        """For each rule that shows in target ``i``'s row (a term it set, its exclude, its 'none'):
-        a 'type' that matched only through a base class, so explain() can say which class it was."""
-        outcome = self.outcome(i)
-        typed = outcome._typed
-        if typed is None:
+    def may_note(self, k: int) -> bool:
+        """Whether a rule that shows in outcome ``k``'s rows has a 'type' atom: then :meth:`notes` may say something."""
+        outcome = self.outcomes[k]
+        if outcome._typed is None:
             shown = [*outcome.result.values(), outcome.excluded, outcome.cleared]
             indices = sorted({s.statement for s in shown if s is not None and s.statement is not None})
-            typed = outcome._typed = [
+            outcome._typed = [
                 (j, atom) for j in indices for atom in self.statements[j].selector.atoms if isinstance(atom, TypeAtom)
             ]
-        if not typed:
+        return bool(outcome._typed)
+
+    def notes(self, i: int, types: tuple[type, ...]) -> tuple[str, ...]:
+        """For each rule that shows in target ``i``'s row (a term it set, its exclude, its 'none'):
+        a 'type' that matched only through a base class, so explain() can say which class it was."""
+        if not self.may_note(k := self.of[i]):
             return ()
-        notes = []
-        for j, atom in typed:
-            if match := base_class_match_of(atom, types):
-                pattern, cls, base = match
-                line = self.statements[j].pos.line if self.statements[j].pos else "?"
-                notes.append(f"line {line}: 'type {pattern}' matched {cls.__name__} through its base class {base.__name__}")
-        return tuple(notes)
+        found = self._notes.get((k, types))  # a 'type' rule over a whole model: one answer per class
+        if found is None:
+            notes = []
+            for j, atom in self.outcomes[k]._typed:
+                if match := base_class_match_of(atom, types):
+                    pattern, cls, base = match
+                    line = self.statements[j].pos.line if self.statements[j].pos else "?"
+                    notes.append(
+                        f"line {line}: 'type {pattern}' matched {cls.__name__} through its base class {base.__name__}"
+                    )
+            found = self._notes[k, types] = tuple(notes)
+        return found
 
 
 def param_rows(table: ParamTable, params: Cascade) -> tuple[ParamRow, ...]:
-    """One row per entry, in table order."""
+    """One row per entry, in table order. Shape and numel are read from the tensor when first asked
+    (see ParamRow), but a lazy parameter's are set now: None and 0, as the table saw it."""
     rows = []
     append = rows.append
-    sizes: dict[Any, tuple[tuple[int, ...], int]] = {}  # torch.Size -> (shape, numel): shapes repeat
     lazy: dict[type, bool] = {}
-    outcomes, of = params.outcomes, params.of
+    of, outcomes = params.of, params.outcomes
+    # Per outcome some row ends in, once: what its rows share, and whether a 'type' in it can add notes.
+    shared: dict[int, tuple[Any, ...]] = {}
     new, setattr_ = object.__new__, object.__setattr__
     for entry in table.entries:
-        outcome = outcomes[of[entry.index]]
-        param = entry.param
-        uninitialized = lazy.get(kind := type(param))
-        if uninitialized is None:
-            uninitialized = lazy[kind] = _uninitialized(kind)
-        if uninitialized:
-            shape, numel = None, 0
-        else:
-            known = sizes.get(size := param.shape)
-            if known is None:
-                known = sizes[size] = (tuple(size), math.prod(size))
-            shape, numel = known
-        notes = params.notes(entry.index, entry.types) if outcome._typed is None or outcome._typed else ()
-        if not entry.plain:
+        found = shared.get(k := of[entry.index])
+        if found is None:
+            outcome = outcomes[k]
+            found = shared[k] = (outcome.excluded, outcome.cleared, outcome.result, params.may_note(k))
+        excluded, cleared, terms, may_note = found
+        notes = params.notes(entry.index, entry.types) if may_note else ()
+        if entry.plain is not True:
             notes = _parametrization_note(entry) + notes
         # The frozen dataclass's __init__ sets its fields one object.__setattr__ at a time; on
         # 20,000 tensors that alone cost more than reading the model. Same class, same fields.
         row = new(ParamRow)
         setattr_(row, "__dict__", {
-            "name": entry.name, "aliases": entry._names[1:] if entry._names else (), "shape": shape, "numel": numel,
-            "trainable": entry.trainable, "excluded_by": outcome.excluded, "cleared_by": outcome.cleared,
-            "terms": outcome.result, "notes": notes,
+            "name": entry.name, "aliases": entry._names[1:] if entry._names else (), "_param": entry.param,
+            "trainable": entry.trainable, "excluded_by": excluded, "cleared_by": cleared, "terms": terms, "notes": notes,
         })  # fmt: skip
+        uninitialized = lazy.get(kind := type(entry.param))
+        if uninitialized is None:
+            uninitialized = lazy[kind] = _uninitialized(kind)
+        if uninitialized:
+            setattr_(row, "shape", None)
+            setattr_(row, "numel", 0)
         append(row)
     return tuple(rows)
 

@@ -156,18 +156,22 @@ def _old_style_hooks() -> dict[type, tuple[str, ...]]:
 def computes_tensors(owner: nn.Module) -> bool:
     """Whether some parameter of ``owner`` may be an original of a parametrized tensor; when not,
     :func:`original_of` is None for all of them, and a table need not ask name by name."""
-    # Asked of every module that holds parameters: the common answer comes from two dict lookups.
-    if not owner._forward_pre_hooks and "parametrizations" not in owner._modules:
-        if "parametrizations" not in owner.__dict__ and not _may_be_parametrized(type(owner)):
-            return False
+    # Asked of every module that holds parameters: the common answer comes from a few dict lookups.
+    if not owner._forward_pre_hooks and "parametrizations" not in owner._modules and not may_be_parametrized(owner):
+        return False
     if parametrize.is_parametrized(owner):
         return True
     hooks = _old_style_hooks()
     return any(type(hook) in hooks for hook in owner._forward_pre_hooks.values())
 
 
+def may_be_parametrized(module: nn.Module) -> bool:
+    """Whether ``module.parametrizations`` could exist other than as a submodule (checked apart)."""
+    return "parametrizations" in module.__dict__ or _class_may_be_parametrized(type(module))
+
+
 @functools.cache
-def _may_be_parametrized(cls: type) -> bool:
+def _class_may_be_parametrized(cls: type) -> bool:
     # is_parametrized() reads the attribute 'parametrizations'; a class may define one itself.
     return hasattr(cls, "parametrizations")
 

@@ -15,6 +15,8 @@ import functools
 import re
 import weakref
 from itertools import compress
+from operator import attrgetter
+from collections.abc import Callable
 from typing import Any
 
 from torch.nn.utils import parametrize
@@ -53,6 +55,60 @@ def literal_prefix(text: str) -> str:
     return text
 
 
+class Glob:
+    """A glob read as a literal head and a wildcard tail, so that a file of thousands of globs that
+    differ only in their literal part (``blocks.7.attn.*``) compiles one regex per distinct tail
+    (``*``), and finds its candidates by the head in a sorted index.
+
+    ``form`` is ``exact`` (no wildcard: the path ``head``), ``tree`` (a literal followed only by
+    ``**``: ``head`` and every path under it), ``split`` (``head`` is the leading literal segments
+    with their dot, ``tail`` the rest, starting with a wildcard segment other than ``**``) or
+    ``whole`` (nothing to split; ``head`` is :func:`literal_prefix`).
+    """
+
+    __slots__ = ("text", "form", "head", "tail")
+
+    def __init__(self, text: str):
+        self.text = text
+        segments = text.split(".")
+        k = 0
+        while k < len(segments) and not any(c in segments[k] for c in "*?["):
+            k += 1
+        rest = segments[k:]
+        if not rest:
+            self.form, self.head, self.tail = "exact", text, ""
+        elif k and all(s == "**" for s in rest):
+            self.form, self.head, self.tail = "tree", ".".join(segments[:k]), ""
+        elif k and rest[0] != "**":
+            # The glob's regex is the head's literal segments, '\.', then the tail's own regex.
+            self.form, self.head, self.tail = "split", ".".join(segments[:k]) + ".", ".".join(rest)
+        else:
+            self.form, self.head, self.tail = "whole", literal_prefix(text), text
+
+    def under(self, name: str) -> bool:
+        """The layer reading: the glob matches the name or a dotted prefix of it (a module holding it)."""
+        head = self.head
+        if self.form == "split":
+            return name.startswith(head) and prefix_regex(self.tail).fullmatch(name, len(head)) is not None
+        if self.form == "whole":
+            return prefix_regex(self.text).fullmatch(name) is not None
+        return name.startswith(head) and (len(name) == len(head) or name[len(head)] == ".")
+
+    def names(self, name: str) -> bool:
+        """The glob matches the name itself (module names, for activity terms)."""
+        head = self.head
+        if self.form == "exact":
+            return name == head
+        if self.form == "tree":
+            return name.startswith(head) and (len(name) == len(head) or name[len(head)] == ".")
+        if self.form == "split":
+            return name.startswith(head) and glob_regex(self.tail).fullmatch(name, len(head)) is not None
+        return glob_regex(self.text).fullmatch(name) is not None
+
+
+glob_of = functools.lru_cache(maxsize=65536)(Glob)
+
+
 class Sorted:
     """Strings and a number for each, sorted, to find those that start with a given text without a scan."""
 
@@ -82,13 +138,15 @@ def _union(parts: list[Indices]) -> Indices:
     return tuple(sorted(set().union(*parts)))
 
 
-def _intersection(parts: list[Indices], every: Indices) -> Indices:
+def _intersection(parts: list[Indices], every: Indices, as_set: Callable[[Indices], frozenset[int]]) -> Indices:
     parts = [p for p in parts if p is not every]  # 'all' narrows nothing
     if len(parts) <= 1:
         return parts[0] if parts else every
     parts.sort(key=len)
-    kept = set(parts[0]).intersection(*parts[1:])
-    return tuple(i for i in parts[0] if i in kept)
+    # The smallest part, filtered by the others as sets: each atom's set is made once per table,
+    # so a 'type Linear' beside a different layer on every line is not rebuilt on every line.
+    others = [as_set(p) for p in parts[1:]]
+    return tuple(i for i in parts[0] if all(i in other for other in others))
 
 
 class Matcher:
@@ -99,7 +157,7 @@ class Matcher:
         # only the garbage collector can free, and it then walks all of a big model's objects.
         self._table = weakref.ref(table)
         self.every: Indices = tuple(range(len(table.entries)))
-        self.trainable_flags = [e.trainable for e in table.entries]
+        self.trainable_flags = list(map(attrgetter("trainable"), table.entries))
         self._selectors: dict[tuple[Any, ...], Indices] = {}
         self._trainable: dict[tuple[Any, ...], Indices] = {}
         self._atoms: dict[tuple[Any, ...], Indices] = {}
@@ -107,10 +165,18 @@ class Matcher:
         self._module_selectors: dict[tuple[Any, ...], Indices] = {}
         self._module_atoms: dict[tuple[Any, ...], Indices] = {}
         self._type_hits: dict[tuple[str, str], bool] = {}
+        self._sets: dict[int, tuple[Indices, frozenset[int]]] = {}
 
     @property
     def table(self) -> Any:
         return self._table()
+
+    def _as_set(self, indices: Indices) -> frozenset[int]:
+        # Keyed by identity: an atom's answer is one tuple, kept alive by the caches that hold it.
+        found = self._sets.get(id(indices))
+        if found is None or found[0] is not indices:
+            found = self._sets[id(indices)] = (indices, frozenset(indices))
+        return found[1]
 
     # ------------------------------------------------------------ parameters
 
@@ -119,7 +185,7 @@ class Matcher:
         key = key or selector_key(selector)
         hit = self._selectors.get(key)
         if hit is None:
-            hit = self._selectors[key] = _intersection([self.atom(a) for a in selector.atoms], self.every)
+            hit = self._selectors[key] = _intersection([self.atom(a) for a in selector.atoms], self.every, self._as_set)
         return hit
 
     def trainable(self, selector: Any, key: tuple[Any, ...] | None = None) -> Indices:
@@ -170,16 +236,11 @@ class Matcher:
         hit = self._layers.get(text)
         if hit is not None:
             return hit
-        fixed = literal_prefix(text)
-        if fixed and len(self._layers) >= _SCANS_BEFORE_INDEX:
+        glob = glob_of(text)
+        if glob.head and len(self._layers) >= _SCANS_BEFORE_INDEX:
             # Only names that start with the glob's literal part can match: a range of the sorted names.
-            if fixed == text:  # no wildcard: the name itself, or a name under it; no regex to build
-                size = len(text)
-                found = {i for name, i in self._sorted.starting(text) if len(name) == size or name[size] == "."}
-            else:
-                matches = prefix_regex(text).fullmatch
-                found = {i for name, i in self._sorted.starting(fixed) if matches(name)}
-            hit = tuple(sorted(found))
+            under = glob.under
+            hit = tuple(sorted({i for name, i in self._sorted.starting(glob.head) if under(name)}))
         else:
             matches = prefix_regex(text).fullmatch
             names, extra = self._subjects
@@ -199,7 +260,7 @@ class Matcher:
             if e._names is not None or not e.plain
             for subject in sorted({*e.names, *e.tensors} - {e.name})
         ]
-        return [e.name for e in entries], extra
+        return list(map(attrgetter("name"), entries)), extra
 
     @property
     def names(self) -> list[str]:
@@ -259,7 +320,7 @@ class Matcher:
         hit = self._module_selectors.get(key)
         if hit is None:
             parts = [self._module_atom(a) for a in selector.atoms]
-            hit = self._module_selectors[key] = _intersection(parts, self._every_module)
+            hit = self._module_selectors[key] = _intersection(parts, self._every_module, self._as_set)
         return hit
 
     @functools.cached_property
@@ -295,13 +356,10 @@ class Matcher:
 
 
     def _module_layer(self, text: str) -> Indices:
-        fixed = literal_prefix(text)
-        if fixed == text:
-            return tuple(sorted(i for name, i in self._sorted_modules.starting(text) if len(name) == len(text)))
-        matches = glob_regex(text).fullmatch
-        if fixed:
-            return tuple(sorted(i for name, i in self._sorted_modules.starting(fixed) if matches(name)))
-        return tuple(compress(self._every_module, map(matches, self.module_names)))
+        glob = glob_of(text)
+        index = self._sorted_modules
+        found = index.starting(glob.head) if glob.head else zip(index.keys, index.values)
+        return tuple(sorted(i for name, i in found if glob.names(name)))
 
     @functools.cached_property
     def _sorted_modules(self) -> Sorted:
@@ -310,11 +368,10 @@ class Matcher:
 
     def modules_named(self, text: str) -> list[str]:
         """Every module name (wrapped ones as themselves, the root left out) the glob matches."""
-        matches = glob_regex(text).fullmatch
-        fixed = literal_prefix(text)
+        glob = glob_of(text)
         index = self._sorted_all_modules
-        found = index.starting(fixed) if fixed else zip(index.keys, index.values)
-        return [name for _, name in sorted((i, name) for name, i in found if name and matches(name))]
+        found = index.starting(glob.head) if glob.head else zip(index.keys, index.values)
+        return [name for _, name in sorted((i, name) for name, i in found if name and glob.names(name))]
 
     @functools.cached_property
     def _sorted_all_modules(self) -> Sorted:

@@ -8,11 +8,11 @@ from typing import Any
 
 from .errors import Diagnostic, name_list
 from .findings import model_diagnostic
-from .matching import selector_key
+from .matching import glob_of, selector_key
 from .resolution import Resolution
 from .schedule import always_zero
 from .select import ParamEntry, atom_matches
-from .spec import NOT_REGULARIZERS, PARAM_TERMS, Exclude, NoneTerm, Rule, Selector
+from .spec import NOT_REGULARIZERS, PARAM_TERMS, Exclude, LayerAtom, NoneTerm, Rule, Selector
 from .unmatched import acts_on_modules, acts_on_params
 
 
@@ -124,8 +124,17 @@ def _alias_view(entry: ParamEntry, k: int) -> ParamEntry:
     return ParamEntry(index=entry.index, param=entry.param, names=(entry.names[k],), owners=(entry.owners[k],))
 
 
-def _selector_matches(selector: Selector, entry: ParamEntry) -> bool:
-    return all(atom_matches(atom, entry) for atom in selector.atoms)
+def _selector_matches(selector: Selector, view: ParamEntry) -> bool:
+    return all(_view_matches(atom, view) for atom in selector.atoms)
+
+
+def _view_matches(atom: Any, view: ParamEntry) -> bool:
+    """:func:`atom_matches` on one alias; a layer glob as the table's matcher reads it (a literal one
+    needs no regex, a wildcard one shares its tail's), so a long file compiles next to nothing here."""
+    if not isinstance(atom, LayerAtom):
+        return atom_matches(atom, view)
+    subjects = {*view.names, *view.tensors}
+    return any(glob_of(p.text).under(s) for p in atom.patterns for s in subjects)
 
 
 def _selected_by(statements: Sequence[Rule | Exclude], keys: list[tuple[Any, ...]], view: ParamEntry) -> set[int]:

@@ -15,6 +15,7 @@ result is lives here; how it is computed for tens of thousands of tensors, in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import compress
@@ -63,6 +64,17 @@ class ParamRow:
     # What the row's name alone does not say: a 'type' that matched through a base class,
     # a tensor that is the original of a parametrized one. explain() prints them.
     notes: tuple[str, ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        # resolve() leaves shape and numel to be read from the tensor when first asked: through
+        # torch, each costs more than all the rest of a row, and compile() never asks.
+        param = self.__dict__.get("_param") if name in ("shape", "numel") else None
+        if param is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        shape = tuple(param.shape)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "numel", math.prod(shape))
+        return self.__dict__[name]
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 # What the class of a module says lives in classes.py; importable from here as it always was.
 from .classes import (
     base_class_match,
+    may_be_parametrized,
     class_names,
     computes_tensors,
     is_bias_name,
@@ -78,8 +79,12 @@ class ParamEntry:
     """
 
     # A tensor with one name (nearly all) keeps no tuples of its own: ``names`` and ``owners`` are
-    # made when asked. Fewer objects per tensor is less for the garbage collector to walk.
-    __slots__ = ("index", "param", "name", "owner", "trainable", "plain", "_names", "_owners", "__dict__")
+    # made when asked. Fewer objects per tensor is less for the garbage collector to walk. What
+    # most entries share is a class default, set on the few that differ.
+    __slots__ = ("index", "param", "name", "owner", "trainable", "__dict__")
+    plain = True
+    _names: tuple[str, ...] | None = None
+    _owners: tuple[nn.Module, ...] | None = None
 
     def __init__(
         self,
@@ -93,10 +98,12 @@ class ParamEntry:
         self.index = index
         self.param = param
         self.name, self.owner = names[0], owners[0]
-        self._names, self._owners = (tuple(names), tuple(owners)) if len(names) > 1 else (None, None)
+        if len(names) > 1:
+            self._names, self._owners = tuple(names), tuple(owners)
         self.trainable = param.requires_grad if trainable is None else trainable
         # True when no owner computes a tensor from this one: then each name is the tensor users write.
-        self.plain = not any(computes_tensors(o) for o in owners) if plain is None else plain
+        if not (not any(computes_tensors(o) for o in owners) if plain is None else plain):
+            self.plain = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -109,7 +116,8 @@ class ParamEntry:
     def add_name(self, name: str, owner: nn.Module, plain: bool) -> None:
         """Another name of the same tensor (tied weights, a shared module), while the table is read."""
         self._names, self._owners = (*self.names, name), (*self.owners, owner)
-        self.plain = self.plain and plain
+        if not plain:
+            self.plain = False
         self.__dict__.pop("originals", None)  # read before this name was known
 
     def __repr__(self) -> str:
@@ -259,27 +267,33 @@ class ParamTable:
             if not params:
                 continue
             owner = owner or module
-            plain = not computes_tensors(owner)
             attributes = by_class.get(type(owner))
             if attributes is None:
                 attributes = by_class[type(owner)] = {}
+            # computes_tensors() in full only where a hook or a 'parametrizations' could be.
+            plain = not (
+                (owner._forward_pre_hooks or "parametrizations" in owner._modules or may_be_parametrized(owner))
+                and computes_tensors(owner)
+            )
             prefix = f"{module_name}." if module_name else ""
             for attribute, param in params.items():
                 if param is None:
                     continue
                 full = prefix + attribute
-                seen = by_tensor.get(id(param))
+                seen = by_tensor.get(key := id(param))
                 if seen is None:
                     # Slots set here rather than through __init__: this loop runs once per tensor.
-                    entry = by_tensor[id(param)] = new(Entry)
-                    entry.index, entry.param, entry.name, entry.owner = len(entries), param, full, owner
-                    entry.trainable, entry.plain, entry._names, entry._owners = param.requires_grad, plain, None, None
+                    entry = by_tensor[key] = new(Entry)
+                    index = len(entries)
+                    entry.index, entry.param, entry.name, entry.owner = index, param, full, owner
+                    entry.trainable = param.requires_grad
                     members = attributes.get(attribute)
                     if members is None:
                         members = attributes[attribute] = []
-                    members.append(entry.index)
+                    members.append(index)
                     entries.append(entry)
                     if not plain:
+                        entry.plain = False
                         retold.append(entry)
                 elif full not in seen.names:
                     if seen._names is None and seen.plain:
