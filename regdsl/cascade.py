@@ -25,7 +25,7 @@ from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, Exclude, NoneTerm
 class Outcome:
     """What the statements read so far leave a target with."""
 
-    __slots__ = ("assigned", "excluded", "cleared", "touched", "_result", "_typed")
+    __slots__ = ("_result", "_typed", "assigned", "cleared", "excluded", "touched")
 
     def __init__(self, assigned: dict[str, Setting], excluded: Setting | None, cleared: Setting | None, touched: bool):
         self.assigned = assigned

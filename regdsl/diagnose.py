@@ -15,6 +15,7 @@ from itertools import compress, repeat
 from operator import attrgetter, contains
 from typing import Any
 
+from .classes import is_embedding_class
 from .errors import Diagnostic, RegCompileError, RegDslWarning, caller_stacklevel, name_list, shape_text
 from .findings import model_diagnostic
 from .gcpause import paused_gc
@@ -22,7 +23,6 @@ from .overrides import dead_rules, decay_and_l2, tied_aliases
 from .references import reference_problems
 from .resolution import Resolution, Setting
 from .schedule import always_zero
-from .classes import is_embedding_class
 from .select import ParamEntry, _uninitialized, is_embedding_module
 from .spec import NOT_REGULARIZERS, Span
 from .unmatched import only_frozen, unmatched
@@ -112,10 +112,10 @@ def _odd_entries(table: Any) -> set[int]:
     a lazy parameter, a parameter of an embedding (sparse gradients). Found a whole column at a time."""
     entries = table.entries
     odd = {i for (types, _), members in table.kinds.items() if any(map(is_embedding_class, types)) for i in members}
-    params = list(map(attrgetter("param"), entries))
-    lazy = {t for t in set(map(type, params)) if _uninitialized(t)}
+    param_types = set(map(type, map(attrgetter("param"), entries)))
+    lazy = {t for t in param_types if _uninitialized(t)}
     if lazy:
-        odd.update(compress(range(len(entries)), map(lazy.__contains__, map(type, params))))
+        odd.update(compress(range(len(entries)), map(lazy.__contains__, map(type, map(attrgetter("param"), entries)))))
     odd.update(compress(range(len(entries)), map(contains, table.matcher.names, repeat("_flat_param"))))
     odd.update(i for i in table.tied if any("_flat_param" in name for name in entries[i].names))
     return odd

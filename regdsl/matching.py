@@ -14,9 +14,9 @@ import bisect
 import functools
 import re
 import weakref
+from collections.abc import Callable
 from itertools import compress
 from operator import attrgetter
-from collections.abc import Callable
 from typing import Any
 
 from torch.nn.utils import parametrize
@@ -66,7 +66,7 @@ class Glob:
     ``whole`` (nothing to split; ``head`` is :func:`literal_prefix`).
     """
 
-    __slots__ = ("text", "form", "head", "tail")
+    __slots__ = ("form", "head", "tail", "text")
 
     def __init__(self, text: str):
         self.text = text
@@ -214,15 +214,15 @@ class Matcher:
             return _union([self.layer(p.text) for p in atom.patterns])
         if kind == "type":
             regexes = [glob_regex(p.text) for p in atom.patterns]
-            holds = lambda types, _: any(  # noqa: E731
+            holds = lambda types, _: any(
                 r.fullmatch(n) for t in types for n in type_names(class_of(t)) for r in regexes
             )
         elif kind == "bias":
-            holds = lambda _, attributes: any(is_bias_name(a) for a in attributes)  # noqa: E731
+            holds = lambda _, attributes: any(is_bias_name(a) for a in attributes)
         elif kind == "norm":
-            holds = lambda types, _: any(is_norm_class(t) for t in types)  # noqa: E731
+            holds = lambda types, _: any(is_norm_class(t) for t in types)
         elif kind == "embedding":
-            holds = lambda types, _: any(is_embedding_class(t) for t in types)  # noqa: E731
+            holds = lambda types, _: any(is_embedding_class(t) for t in types)
         else:  # pragma: no cover - the spec admits no other atom
             raise AssertionError(f"unhandled atom {atom!r}")
         groups = [members for (types, attributes), members in self.table.kinds.items() if holds(types, attributes)]
@@ -254,12 +254,8 @@ class Matcher:
     def _subjects(self) -> tuple[list[str], list[tuple[int, str]]]:
         # Each entry's first name; then its other names and tensors, for the few tied or parametrized ones.
         entries = self.table.entries
-        extra = [
-            (e.index, subject)
-            for e in entries
-            if e._names is not None or not e.plain
-            for subject in sorted({*e.names, *e.tensors} - {e.name})
-        ]
+        unusual = map(entries.__getitem__, self.table.unusual)
+        extra = [(e.index, subject) for e in unusual for subject in sorted({*e.names, *e.tensors} - {e.name})]
         return list(map(attrgetter("name"), entries)), extra
 
     @property
@@ -353,7 +349,6 @@ class Matcher:
             hit = tuple(i for i, (_, m) in enumerate(modules) if holds(type(m)))
         self._module_atoms[key] = hit
         return hit
-
 
     def _module_layer(self, text: str) -> Indices:
         glob = glob_of(text)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from itertools import filterfalse, repeat
 from typing import Any
 
 from .errors import Diagnostic, name_list
@@ -26,11 +28,18 @@ def dead_rules(res: Resolution) -> Iterable[Diagnostic]:
     """
     statements = res.spec.statements
     trainable = res.trainable_of()
-    excluded_by: dict[int, list[int]] = {}
-    for index, statement in enumerate(statements):
-        if isinstance(statement, Exclude):
-            for i in trainable[index]:
-                excluded_by.setdefault(i, []).append(index)
+    excludes = [index for index, statement in enumerate(statements) if isinstance(statement, Exclude)]
+    excluded = set().union(*(trainable[index] for index in excludes))
+    by_entry: dict[int, list[int]] = {}
+
+    def excluded_by(i: int) -> list[int]:
+        # Which excludes remove a parameter: asked only to word a dead rule's message, so made then.
+        if not by_entry and excluded:
+            for index in excludes:
+                for j in trainable[index]:
+                    by_entry.setdefault(j, []).append(index)
+        return by_entry.get(i, [])
+
     last = _last_setters(statements, trainable, len(res.table.entries))
     earliest: dict[tuple[int, str], float] = {}  # (selection, kind) -> the first of its last setters
     causes: dict[tuple[int, frozenset[str]], str] = {}
@@ -51,15 +60,15 @@ def dead_rules(res: Resolution) -> Iterable[Diagnostic]:
             key = (id(selected), kind)
             if key not in earliest:
                 # An excluded parameter has no regularizer left to override; lr_mult survives excludes.
-                unexcluded = selected if kind in NOT_REGULARIZERS else [i for i in selected if i not in excluded_by]
-                earliest[key] = min((last[kind][i] for i in unexcluded), default=math.inf)
+                unexcluded = selected if kind in NOT_REGULARIZERS else filterfalse(excluded.__contains__, selected)
+                earliest[key] = min(map(last[kind].__getitem__, unexcluded), default=math.inf)
             if earliest[key] <= index:
                 dead = False
                 break
         if dead:
             key2 = (id(selected), kinds)
             if key2 not in causes:
-                causes[key2] = _causes(statements, selected, kinds, last, excluded_by)
+                causes[key2] = _causes(statements, selected, kinds, last, excluded, excluded_by)
             yield model_diagnostic(
                 res.spec, statement.pos, "RD103", f"rule has no effect: every parameter it selects is {causes[key2]}"
             )
@@ -85,11 +94,9 @@ def _last_setters(
         for kind in kinds:
             newest[id(trainable[index]), kind] = index
     last = {kind: [-1] * size for kind in PARAM_TERMS}
-    for (selection, kind), index in newest.items():
-        column = last[kind]
-        for i in selections[selection]:
-            if column[i] < index:
-                column[i] = index
+    # In file order, so a later rule's index simply overwrites: one C-level pass per selection.
+    for (selection, kind), index in sorted(newest.items(), key=lambda item: item[1]):
+        deque(map(last[kind].__setitem__, selections[selection], repeat(index)), maxlen=0)
     return last
 
 
@@ -98,16 +105,18 @@ def _causes(
     selected: tuple[int, ...],
     kinds: frozenset[str],
     last: dict[str, list[int]],
-    excluded_by: dict[int, list[int]],
+    excluded: set[int],
+    excluded_by: Callable[[int], list[int]],
 ) -> str:
     overriders: set[int] = set()
-    excluders: set[int] = set()
+    hidden = False  # some parameter's regularizers are removed by an exclude
     for i in selected:
         for kind in kinds:
-            if i in excluded_by and kind not in NOT_REGULARIZERS:
-                excluders.update(excluded_by[i])
+            if i in excluded and kind not in NOT_REGULARIZERS:
+                hidden = True
             else:
                 overriders.add(last[kind][i])
+    excluders = {j for i in selected for j in excluded_by(i)} if hidden else set()
     found = [
         f"{verb} by {_lines(statements, which)}" for verb, which in (("overridden", overriders), ("excluded", excluders)) if which
     ]

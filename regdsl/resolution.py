@@ -15,6 +15,7 @@ result is lives here; how it is computed for tens of thousands of tensors, in
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -151,12 +152,18 @@ class Resolution:
         """:attr:`outcomes`, or every row on its own for a resolution built without them."""
         return self.outcomes or range(len(self.rows))
 
+    @functools.cached_property
+    def _representatives(self) -> dict[int, int]:
+        return dict(zip(self.outcome_of(), range(len(self.rows))))
+
     def representatives(self) -> dict[int, int]:
         """Each outcome and the index of one entry that has it (its row says what all of theirs say)."""
-        return dict(zip(self.outcome_of(), range(len(self.rows))))
+        return self._representatives
 
     def entries_with(self, outcomes: set[int]) -> Iterator[int]:
         """Indices of the entries whose outcome is one of ``outcomes``, in table order."""
+        if not outcomes:
+            return iter(())
         return compress(range(len(self.rows)), map(outcomes.__contains__, self.outcome_of()))
 
     def trainable_of(self) -> tuple[tuple[int, ...], ...]:

@@ -32,13 +32,13 @@ from torch.nn.utils import parametrize
 # What the class of a module says lives in classes.py; importable from here as it always was.
 from .classes import (
     base_class_match,
-    may_be_parametrized,
     class_names,
     computes_tensors,
     is_bias_name,
     is_embedding_module,
     is_norm_module,
     is_original,
+    may_be_parametrized,
     module_bases,
     module_class,
     original_of,
@@ -81,7 +81,7 @@ class ParamEntry:
     # A tensor with one name (nearly all) keeps no tuples of its own: ``names`` and ``owners`` are
     # made when asked. Fewer objects per tensor is less for the garbage collector to walk. What
     # most entries share is a class default, set on the few that differ.
-    __slots__ = ("index", "param", "name", "owner", "trainable", "__dict__")
+    __slots__ = ("__dict__", "index", "name", "owner", "param", "trainable")
     plain = True
     _names: tuple[str, ...] | None = None
     _owners: tuple[nn.Module, ...] | None = None
@@ -301,6 +301,7 @@ class ParamTable:
                     seen.add_name(full, owner, plain)
         self.entries = entries
         self.tied: list[int] = []  # indices of the entries with more than one name
+        self.unusual: list[int] = []  # ... or with a name that is not the tensor users write (parametrizations)
         self.kinds: dict[tuple[Any, ...], list[int]] = {
             ((cls,), (attribute,)): members for cls, attributes in by_class.items() for attribute, members in attributes.items()
         }
@@ -315,7 +316,8 @@ class ParamTable:
             kept = [i for i in members if i not in moved]
             if kept:
                 kinds[key] = kept
-        self.tied = [e.index for e in sorted(retold, key=lambda e: e.index) if e._names is not None]
+        self.unusual = sorted(e.index for e in retold)
+        self.tied = [i for i in self.unusual if self.entries[i]._names is not None]
         for entry in retold:
             kinds.setdefault((entry.types, entry.attributes), []).append(entry.index)
         self.kinds = {key: sorted(members) for key, members in kinds.items()}

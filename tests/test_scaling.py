@@ -350,7 +350,7 @@ def _dead_rules_by_definition(resolution: Any) -> list[tuple[int, str]]:
             if not dead:
                 break
         if dead:
-            lines = lambda which: sorted({statements[j].pos.line for j in which})  # noqa: E731
+            lines = lambda which: sorted({statements[j].pos.line for j in which})
             out.append((statement.pos.line, f"{lines(overriders)} {lines(excluders)}"))
     return out
 
