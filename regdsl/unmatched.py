@@ -9,7 +9,9 @@ part that matches nothing pays for the names it could have meant.
 from __future__ import annotations
 
 import difflib
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from .errors import Diagnostic, name_list
 from .findings import model_diagnostic
@@ -113,31 +115,67 @@ def _unmatched_modules(spec: Spec, statement: Rule, res: Resolution, nearest: _N
 
 
 class _Nearest:
-    """The names a pattern that matches nothing could have meant, each pattern worked out once."""
+    """The names a pattern that matches nothing could have meant: difflib's ranking (``ratio()`` of a
+    SequenceMatcher, at least 0.5, ties alphabetical), each pattern worked out once.
+
+    A file written for another version of a model can miss with thousands of distinct patterns, and
+    a SequenceMatcher per pattern and name made that hours. ``quick_ratio()`` bounds ``ratio()`` from
+    above and needs only character counts, so it is computed for all names at once (a count matrix);
+    exact ratios are then taken best bound first, only until no remaining bound can reach the third best.
+    """
 
     def __init__(self) -> None:
         self._done: dict[tuple[str, int], str] = {}
+        self._counts: dict[int, tuple[Sequence[str], dict[str, int], Any, Any]] = {}
 
     def __call__(self, text: str, names: Sequence[str], limit: int = 3) -> str:
         key = (text, id(names))
         if key not in self._done:
-            self._done[key] = _nearest(text, names, limit)
+            self._done[key] = self._nearest(text, names, limit)
         return self._done[key]
 
+    def _matrix(self, names: Sequence[str]) -> tuple[Sequence[str], dict[str, int], Any, Any]:
+        found = self._counts.get(id(names))
+        if found is None or found[0] is not names:
+            import torch
 
-def _nearest(text: str, names: Iterable[str], limit: int = 3) -> str:
-    # difflib's ranking, with ties broken alphabetically (get_close_matches reverses them).
-    scored = []
-    size = len(text)
-    for name in names:
-        # real_quick_ratio() from the lengths alone, before a SequenceMatcher is built for the name.
-        if 2 * min(size, len(name)) < 0.5 * (size + len(name)):
-            continue
-        matcher = difflib.SequenceMatcher(None, text, name)
-        if matcher.real_quick_ratio() >= 0.5 and matcher.quick_ratio() >= 0.5 and (ratio := matcher.ratio()) >= 0.5:
-            scored.append((-ratio, name))
-    close = [name for _, name in sorted(scored)[:limit]]
-    return f"; nearest: {', '.join(repr(c) for c in close)}" if close else ""
+            alphabet = {c: k for k, c in enumerate(sorted({c for name in names for c in name}))}
+            width = max(len(alphabet), 1)
+            flat = [0] * (len(names) * width)
+            for row, name in enumerate(names):
+                for c, n in Counter(name).items():
+                    flat[row * width + alphabet[c]] = n
+            counts = torch.tensor(flat, dtype=torch.int32).view(len(names), width)
+            lengths = torch.tensor([len(name) for name in names], dtype=torch.int64)
+            found = self._counts[id(names)] = (names, alphabet, counts, lengths)
+        return found
+
+    def _nearest(self, text: str, names: Sequence[str], limit: int) -> str:
+        if not names:
+            return ""
+        import torch
+
+        _, alphabet, counts, lengths = self._matrix(names)
+        wanted = torch.zeros(counts.shape[1], dtype=torch.int32)
+        for c, n in Counter(text).items():
+            if c in alphabet:
+                wanted[alphabet[c]] = n
+        # quick_ratio(): twice the characters the two have in common, over both lengths; in float64,
+        # as difflib computes it (no name and a non-empty pattern leave no length at zero).
+        common = torch.minimum(counts, wanted).sum(dim=1).to(torch.float64)
+        bounds = 2.0 * common / (lengths + len(text)).to(torch.float64)
+        order = torch.sort(bounds, descending=True, stable=True).indices
+        order = order[bounds[order] >= 0.5]
+        best: list[tuple[float, str]] = []  # (-ratio, name), the closest first
+        for bound, k in zip(bounds[order].tolist(), order.tolist()):
+            if len(best) == limit and bound < -best[-1][0]:
+                break  # every name left is bounded below the third best
+            name = names[k]
+            matcher = difflib.SequenceMatcher(None, text, name)
+            if matcher.real_quick_ratio() >= 0.5 and (ratio := matcher.ratio()) >= 0.5:
+                best = sorted([*best, (-ratio, name)])[:limit]
+        close = [name for _, name in best]
+        return f"; nearest: {', '.join(repr(c) for c in close)}" if close else ""
 
 
 def only_frozen(res: Resolution) -> Iterable[Diagnostic]:

@@ -12,6 +12,7 @@ the quadratic definition it replaced.
 
 from __future__ import annotations
 
+import difflib
 import os
 import random
 import sys
@@ -27,10 +28,12 @@ from torch import nn
 
 import regdsl
 from regdsl import matching
+from regdsl import unmatched as unmatched_module
 from regdsl.diagnose import diagnose
 from regdsl.glob import GlobError, glob_regex, glob_source
 from regdsl.resolution import resolve
 from regdsl.select import ParamTable, atom_matches, module_matches
+from regdsl.unmatched import _Nearest
 
 PACKAGE = os.path.dirname(regdsl.__file__)
 LINEAR = 2.2  # the most a count may grow when the size doubles
@@ -395,3 +398,56 @@ def test_a_glob_split_into_head_and_tail_means_the_whole_glob(text: str, name: s
     assert glob.names(name) == bool(regex.fullmatch(name)), glob.form
     assert glob.under(name) == any(regex.fullmatch(p) for p in prefixes), glob.form
     assert name.startswith(glob.head) or not glob.under(name)
+
+
+def test_patterns_that_match_nothing_grow_linearly() -> None:
+    """A file written for another version of a model misses with every line; each pattern's
+    suggestions must not cost a SequenceMatcher per name of the model."""
+    model = Blocks(40)
+    lines = [f"layer block.{i}.mlp.{i % 3} decay 0.1" for i in range(400)]  # 'blocks', not 'block'
+    specs = {n: regdsl.parse("\n".join(lines[:n]) + "\n") for n in (200, 400)}
+
+    def measure(n: int) -> int:
+        resolution = resolve(specs[n], model)
+        return lines_run(lambda: diagnose(resolution))
+
+    found = diagnose(resolve(specs[200], model))
+    assert all("nearest: 'blocks." in d.message for d in found if d.code == "RD101")
+    assert growth(measure, 200) <= LINEAR
+
+
+def test_suggestions_compare_few_names_in_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact ratios are taken only while a name's bound can still reach the third best."""
+    made = []
+    original = difflib.SequenceMatcher
+
+    def counting(*args: Any) -> difflib.SequenceMatcher:
+        made.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(unmatched_module.difflib, "SequenceMatcher", counting)
+    resolution = resolve(regdsl.parse("layer block.7.mlp.2 decay 0.1\n"), Blocks(40))
+    paths = len(resolution.table.matcher.all_paths)
+    assert "nearest: 'blocks.7.mlp.2'" in diagnose(resolution)[0].message
+    assert len(made) < paths / 10
+
+
+def _nearest_by_definition(text: str, names: list[str], limit: int = 3) -> str:
+    scored = []
+    for name in names:
+        matcher = difflib.SequenceMatcher(None, text, name)
+        if matcher.real_quick_ratio() >= 0.5 and matcher.quick_ratio() >= 0.5 and (ratio := matcher.ratio()) >= 0.5:
+            scored.append((-ratio, name))
+    close = [name for _, name in sorted(scored)[:limit]]
+    return f"; nearest: {', '.join(repr(c) for c in close)}" if close else ""
+
+
+NAME = st.text(alphabet="ab.1_", max_size=10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(NAME, max_size=40, unique=True), st.lists(NAME.filter(bool), min_size=1, max_size=4))
+def test_suggestions_are_difflibs_ranking(names: list[str], texts: list[str]) -> None:
+    nearest = _Nearest()
+    for text in texts:
+        assert nearest(text, names) == _nearest_by_definition(text, names)
