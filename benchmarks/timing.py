@@ -19,7 +19,8 @@ def timed_together(
 ) -> list[float]:
     """Median seconds of each function, measured in interleaved rounds so that a machine
     slowing down or speeding up mid-run shifts all of them alike, after ``warmup`` untimed
-    calls of each.
+    calls of each. A function faster than :data:`MIN_SAMPLE` is called several times in a
+    row per sample, and the sample is their mean.
 
     ``collect=True`` keeps Python's garbage collector out of the timed regions: one
     ``gc.collect()`` before the rounds, and the collector paused while they run (a step that
@@ -37,21 +38,35 @@ def timed_together(
             gc.enable()
 
 
+# A sample lasts at least this long: a sub-millisecond step timed alone is mostly timer and
+# scheduler jitter, so a fast function is called several times per sample and averaged.
+MIN_SAMPLE = 0.01
+
+
 def _rounds(fns: list[Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    calls = []
     for fn in fns:
         for _ in range(warmup):
             fn()
+        once = _sample(fn, device, 1)
+        calls.append(max(1, min(1000, round(MIN_SAMPLE / max(once, 1e-9)))))
     samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, out in zip(fns, samples):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - start)
+        for fn, n, out in zip(fns, calls, samples):
+            out.append(_sample(fn, device, n))
     return [statistics.median(s) for s in samples]
+
+
+def _sample(fn: Callable[[], None], device: torch.device, n: int) -> float:
+    """Seconds per call of ``fn``, averaged over ``n`` calls in a row."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n
 
 
 def machine(device: torch.device) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .classes import base_class_match_of
 from .matching import selector_key
-from .resolution import ModuleRow, ParamRow, Resolution, Setting
+from .resolution import ModuleRow, ParamRow, ParamRows, Resolution, Setting
 from .select import ParamTable, _uninitialized, module_class
 from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, Exclude, NoneTerm, Rule, Spec, TypeAtom
 
@@ -136,31 +136,25 @@ class Cascade:
         return found
 
 
-def param_rows(table: ParamTable, params: Cascade) -> tuple[ParamRow, ...]:
-    """One row per entry, in table order. Shape and numel are read from the tensor when first asked
-    (see ParamRow), but a lazy parameter's are set now: None and 0, as the table saw it."""
-    rows = []
-    append = rows.append
+def param_rows(table: ParamTable, params: Cascade) -> ParamRows:
+    """One row per entry, in table order, each made when first read (see ParamRows). Shape and
+    numel are read from the tensor when first asked (see ParamRow), but a lazy parameter's are
+    set at once: None and 0, as the table saw it."""
+    of, outcomes, entries = params.of, params.outcomes, table.entries
     lazy: dict[type, bool] = {}
-    of, outcomes = params.of, params.outcomes
-    # Per outcome some row ends in, once: what its rows share, and whether a 'type' in it can add notes.
-    shared: dict[int, tuple[Any, ...]] = {}
     new, setattr_ = object.__new__, object.__setattr__
-    for entry in table.entries:
-        found = shared.get(k := of[entry.index])
-        if found is None:
-            outcome = outcomes[k]
-            found = shared[k] = (outcome.excluded, outcome.cleared, outcome.result, params.may_note(k))
-        excluded, cleared, terms, may_note = found
-        notes = params.notes(entry.index, entry.types) if may_note else ()
+
+    def make(i: int) -> ParamRow:
+        entry, outcome = entries[i], outcomes[of[i]]
+        notes = params.notes(i, entry.types) if params.may_note(of[i]) else ()
         if entry.plain is not True:
             notes = _parametrization_note(entry) + notes
-        # The frozen dataclass's __init__ sets its fields one object.__setattr__ at a time; on
-        # 20,000 tensors that alone cost more than reading the model. Same class, same fields.
+        # The frozen dataclass's __init__ sets its fields one object.__setattr__ at a time. Same class, same fields.
         row = new(ParamRow)
         setattr_(row, "__dict__", {
             "name": entry.name, "aliases": entry._names[1:] if entry._names else (), "_param": entry.param,
-            "trainable": entry.trainable, "excluded_by": excluded, "cleared_by": cleared, "terms": terms, "notes": notes,
+            "trainable": entry.trainable, "excluded_by": outcome.excluded, "cleared_by": outcome.cleared,
+            "terms": outcome.result, "notes": notes,
         })  # fmt: skip
         uninitialized = lazy.get(kind := type(entry.param))
         if uninitialized is None:
@@ -168,8 +162,9 @@ def param_rows(table: ParamTable, params: Cascade) -> tuple[ParamRow, ...]:
         if uninitialized:
             setattr_(row, "shape", None)
             setattr_(row, "numel", 0)
-        append(row)
-    return tuple(rows)
+        return row
+
+    return ParamRows(of, [outcome.result for outcome in outcomes], make)
 
 
 def _parametrization_note(entry: Any) -> tuple[str, ...]:

@@ -167,11 +167,11 @@ def computes_tensors(owner: nn.Module) -> bool:
 
 def may_be_parametrized(module: nn.Module) -> bool:
     """Whether ``module.parametrizations`` could exist other than as a submodule (checked apart)."""
-    return "parametrizations" in module.__dict__ or _class_may_be_parametrized(type(module))
+    return "parametrizations" in module.__dict__ or class_may_be_parametrized(type(module))
 
 
 @functools.cache
-def _class_may_be_parametrized(cls: type) -> bool:
+def class_may_be_parametrized(cls: type) -> bool:
     # is_parametrized() reads the attribute 'parametrizations'; a class may define one itself.
     return hasattr(cls, "parametrizations")
 

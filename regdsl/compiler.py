@@ -26,6 +26,7 @@ from .constraints import PostStepItem, PostStepPlan
 from .diagnose import diagnose, enforce
 from .errors import RegCompileError, RegUsageError, model_diagnostic, name_list, shape_text
 from .fold import Folding, step_hooks
+from .gcpause import paused_gc
 from .penalties import LossItem, PenaltyPlan
 from .references import find_reference, reference_index
 from .resolution import (
@@ -38,7 +39,7 @@ from .resolution import (
     Setting,
     resolve,
 )
-from .schedule import always_zero, is_scheduled, strength_at
+from .schedule import always_zero, any_scheduled, is_scheduled, strength_at
 from .select import ParamEntry
 from .spec import Spec, kind_label
 
@@ -56,6 +57,10 @@ class Regularizer:
     """
 
     def __init__(self, spec: Spec, model: nn.Module, reference: Mapping[str, torch.Tensor] | None = None):
+        with paused_gc():  # one collection of what resolving, checking and building made, not one per stage
+            self._build(spec, model, reference)
+
+    def _build(self, spec: Spec, model: nn.Module, reference: Mapping[str, torch.Tensor] | None) -> None:
         self.spec = spec
         self.resolution = resolve(spec, model)
         # Errors raise before anything is built; warnings are RegDslWarnings at the caller's compile().
@@ -74,24 +79,23 @@ class Regularizer:
         index = reference_index(reference) if isinstance(reference, Mapping) else {}
         loss, post = [], []
         self._references: dict[str, LossItem] = {}
-        for entry in self.table.entries:
+        # Per outcome (entries the rules treat alike), what its entries need at each step; then only
+        # the entries with something, found in one C-level pass: most of a large model has nothing.
+        res = self.resolution
+        todo = {k: t for k, i in res.representatives().items() if (t := _per_step_terms(res.terms_of(i)))}
+        outcomes, entries = res.outcome_of(), self.table.entries
+        for i in res.entries_with(set(todo)):
+            entry = entries[i]
             if not entry.trainable:
                 continue
-            terms = self._rows[entry.index].terms
-            for kind in ("l1", "l2", "group_lasso", "orthogonal"):
-                setting = terms.get(kind)
-                if setting is None or always_zero(setting.term):
-                    continue  # a term that is 0 at every step needs nothing, not even a reference
-                term = setting.term
-                if kind == "l1" and term.prox:
-                    post.append(PostStepItem("prox", entry.name, entry.param, term))
+            for kind, term in todo[outcomes[i]]:
+                if kind in ("prox", "max_norm"):
+                    post.append(PostStepItem(kind, entry.name, entry.param, term))
                     continue
-                item = LossItem(kind, entry.param, term, self._reference(entry, term, index))
+                item = LossItem(kind, entry.param, term, self._reference(entry, term, index) if kind == "l2" else None)
                 if item.reference is not None:
                     self._references[entry.name] = item
                 loss.append(item)
-            if "max_norm" in terms:
-                post.append(PostStepItem("max_norm", entry.name, entry.param, terms["max_norm"].term))
         self._loss_items = loss
         self._penalty = PenaltyPlan(loss)
         self._fold: Folding | None = None  # set by attach(fold=True): penalty() then returns only its .rest
@@ -106,9 +110,7 @@ class Regularizer:
         )
         self._first_trainable = next((e.param for e in self.table.entries if e.trainable), None)
         # Whether a step needs more than the counter: post-step terms, pending activity values, schedules.
-        self._busy = bool(self._post or self._activity or self._scheduled_decays) or any(
-            is_scheduled(i.term) for i in loss
-        )
+        self._busy = bool(self._post or self._activity or self._scheduled_decays) or any_scheduled(i.term for i in loss)
 
     @staticmethod
     def _reference(entry: ParamEntry, term: Any, index: dict[str, Any]) -> torch.Tensor | None:
@@ -364,6 +366,19 @@ class Regularizer:
             f"<Regularizer {len(self.spec.statements)} statements, {trainable} trainable tensors, "
             f"{len(self._groups)} groups, step {self._step}>"
         )
+
+
+def _per_step_terms(terms: Mapping[str, Setting]) -> list[tuple[str, Any]]:
+    """What a parameter with these terms needs at each step: loss terms by kind, then 'prox'
+    and 'max_norm' (post-step). A term that is 0 at every step needs nothing, not even a reference."""
+    todo: list[tuple[str, Any]] = []
+    for kind in ("l1", "l2", "group_lasso", "orthogonal"):
+        setting = terms.get(kind)
+        if setting is not None and not always_zero(setting.term):
+            todo.append(("prox" if kind == "l1" and setting.term.prox else kind, setting.term))
+    if "max_norm" in terms:
+        todo.append(("max_norm", terms["max_norm"].term))
+    return todo
 
 
 def _remove_all(handles: list[Any]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import RegUsageError
-from .schedule import always_zero, strength_at
+from .schedule import live, strength_at
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class PostStepItem:
 
 class PostStepPlan:
     def __init__(self, items: Sequence[PostStepItem]):
-        kept = [i for i in items if i.param.numel() > 0 and not always_zero(i.term)]
+        kept = live(items)
         self.prox = [i for i in kept if i.kind == "prox"]
         self.max_norm = [i for i in kept if i.kind == "max_norm"]
         self._groups_key: tuple[tuple[int, int], ...] | None = None

@@ -116,7 +116,9 @@ def _odd_entries(table: Any) -> set[int]:
     lazy = {t for t in param_types if _uninitialized(t)}
     if lazy:
         odd.update(compress(range(len(entries)), map(lazy.__contains__, map(type, map(attrgetter("param"), entries)))))
-    odd.update(compress(range(len(entries)), map(contains, table.matcher.names, repeat("_flat_param"))))
+    names = table.matcher.names
+    if "_flat_param" in "\n".join(names):  # one C-level search first: nearly every model has none
+        odd.update(compress(range(len(entries)), map(contains, names, repeat("_flat_param"))))
     odd.update(i for i in table.tied if any("_flat_param" in name for name in entries[i].names))
     return odd
 

@@ -12,11 +12,12 @@ would have put there (the formulas of :mod:`regdsl.penalties`)::
 
 Nothing goes through autograd and nothing is allocated per step beyond what the math
 needs: ``l2`` is one ``_foreach_add_`` per bucket; ``l1`` and ``l2 ... to`` write
-``sign(w)`` or ``w − w₀`` into a scratch buffer kept across steps (CPU, where a freed
-large block goes back to the OS and every step would fault it in again), or, on
-devices with a caching allocator, into ``_foreach`` temporaries a chunk of at most
-:data:`CHUNK` elements at a time; ``group_lasso`` needs one norm per slice and
-``orthogonal`` its Gram matrix (``addmm_`` straight into the gradient where it can).
+``sign(w)`` or ``w − w₀`` of a large tensor into a scratch buffer kept across steps (CPU,
+where a freed large block goes back to the OS and every step would fault it in again), and
+otherwise into ``_foreach`` temporaries, a batch of at most :data:`SMALL_BATCH` bytes (CPU)
+or :data:`CHUNK` bytes (devices with a caching allocator) at a time; ``group_lasso`` needs
+one norm per slice and ``orthogonal`` its Gram matrix (``addmm_`` straight into the
+gradient where it can).
 
 Strengths are Python floats in eager mode (no host sync). Inside ``torch.compile``
 (an optimizer step compiled with its hooks) the same terms are written with 0-dim
@@ -36,11 +37,16 @@ import torch
 
 from .errors import RegUsageError
 from .penalties import LossItem, PenaltyPlan, accumulation_dtype, autocast_device_type
-from .schedule import always_zero, is_scheduled, strength_at
+from .schedule import is_scheduled, live, strength_at
 
 FAMILIES = ("l1", "l2", "l2_to", "group_lasso", "orthogonal")
-# Elements per _foreach batch off the CPU: bounds the temporaries a step holds at once.
-CHUNK = 1 << 24
+# Bytes per _foreach batch off the CPU: bounds the temporaries a step holds at once.
+CHUNK = 64 << 20
+# On the CPU a tensor this small (bytes) gets its sign(w) or w − w₀ as a _foreach temporary:
+# glibc serves blocks this size from its heap, not from fresh pages, and one _foreach call for
+# many small tensors costs less than two kernels each. Batches stay under SMALL_BATCH bytes.
+SMALL = 64 << 10
+SMALL_BATCH = 1 << 20
 
 
 def can_fold(item: LossItem) -> bool:
@@ -65,10 +71,25 @@ class _Bucket:
         # Per parameter, its view of the plan's scratch buffer (set by the plan): made once, since
         # slicing a view at each step costs as much as the kernels on small tensors.
         self.views: list[torch.Tensor | None] = [None] * len(self.params)
-        self.chunks = _chunks(self.params)
+        self.batch = SMALL_BATCH if self.on_scratch else CHUNK
+        self.loose = list(range(len(self.params)))  # the parameters without a view
+        self.chunks = _chunks(self.params, self.batch)
+        # group_lasso: the dimensions each slice's norm runs over, worked out once.
+        self.others = [_others(p, term.dim) if family == "group_lasso" else () for p in self.params]
+        self.tiny = torch.finfo(self.acc).tiny
 
     def needs_scratch(self, p: torch.Tensor) -> bool:
-        return self.on_scratch and (self.family in ("l1", "l2_to") or (self.family == "group_lasso" and p.ndim == 1))
+        if not self.on_scratch or self.family not in ("l1", "l2_to", "group_lasso"):
+            return False
+        if self.family == "group_lasso":
+            return p.ndim == 1
+        return p.numel() * p.element_size() > SMALL
+
+    def set_views(self, views: list[torch.Tensor | None]) -> None:
+        """Give each parameter its scratch view (None: a _foreach temporary), then batch the rest."""
+        self.views = views
+        self.loose = [k for k, v in enumerate(views) if v is None]
+        self.chunks = _chunks([self.params[k] for k in self.loose], self.batch)
 
     def set_step(self, step: int) -> None:
         if self.scheduled:
@@ -103,23 +124,28 @@ class _Bucket:
         lam, family = self.value, self.family
         if family == "l2":
             torch._foreach_add_(grads, params, alpha=lam)
-        elif family in ("l1", "l2_to") and not self.on_scratch:
-            for a, b in self.chunks if len(params) == len(self.params) else _chunks(params):
+        elif family in ("l1", "l2_to"):
+            whole = len(params) == len(self.params)
+            loose = self.loose if whole else [k for k, v in enumerate(views) if v is None]
+            if len(loose) < len(params):  # the large ones, each through its scratch view
+                for k, out in enumerate(views):
+                    if out is not None:
+                        delta = torch.sign(params[k], out=out) if not refs else torch.sub(params[k], refs[k], out=out)
+                        grads[k].add_(delta, alpha=lam)
+                params, grads = [params[k] for k in loose], [grads[k] for k in loose]
+                refs = [refs[k] for k in loose] if refs else refs
+            chunks = self.chunks if whole else _chunks(params, self.batch)
+            for a, b in chunks:
                 delta = torch._foreach_sign(params[a:b]) if not refs else torch._foreach_sub(params[a:b], refs[a:b])
                 torch._foreach_add_(grads[a:b], delta, alpha=lam)
-        elif family == "l1":
-            for p, g, out in zip(params, grads, views):
-                g.add_(torch.sign(p, out=out), alpha=lam)
-        elif family == "l2_to":
-            for p, g, r, out in zip(params, grads, refs, views):
-                g.add_(torch.sub(p, r, out=out), alpha=lam)
         elif family == "group_lasso":
-            for p, g, out in zip(params, grads, views):
+            others = self.others if len(params) == len(self.params) else None
+            for k, (p, g, out) in enumerate(zip(params, grads, views)):
                 if p.ndim == 1:  # each element its own slice: λ·sign(w)
                     g.add_(torch.sign(p) if out is None else torch.sign(p, out=out), alpha=lam)
                 else:
-                    norms = _slice_norms(p, self.term.dim, self.acc)
-                    g.addcmul_(p, torch.where(norms > 0, lam / norms, 0.0))
+                    dims = others[k] if others is not None else _others(p, self.term.dim)
+                    g.addcdiv_(p, self._norms(p, dims), value=lam)
         else:
             for p, g in zip(params, grads):
                 m, gram, wide = _gram_minus_identity(p, self.acc)
@@ -128,6 +154,12 @@ class _Bucket:
                     rows.addmm_(gram, m, alpha=4 * lam) if wide else rows.addmm_(m, gram, alpha=4 * lam)
                 else:
                     g.add_((gram @ m if wide else m @ gram).reshape(p.shape), alpha=4 * lam)
+
+    def _norms(self, p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """``‖w_i‖₂`` per slice, an all-zero slice's read as the smallest normal number: its
+        ``w_i/‖w_i‖`` is then 0 with no mask (two kernels fewer than a ``where``). A NaN stays NaN."""
+        norms = torch.linalg.vector_norm(p, 2, dim=dims, keepdim=True, dtype=self.acc)
+        return norms.clamp_min_(self.tiny)
 
     def _fold_tensor(
         self, params: list[torch.Tensor], grads: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor
@@ -143,7 +175,8 @@ class _Bucket:
             elif family == "l1" or (family == "group_lasso" and p.ndim == 1):
                 g.addcmul_(torch.sign(p), s)
             elif family == "group_lasso":
-                norms = _slice_norms(p, self.term.dim, self.acc)
+                # A where, not _norms: s/tiny overflows to inf at a GradScaler's scale, and inf·0 is NaN.
+                norms = torch.linalg.vector_norm(p, 2, dim=_others(p, self.term.dim), keepdim=True, dtype=self.acc)
                 g.addcmul_(p, torch.where(norms > 0, s / norms, torch.zeros_like(norms)))
             else:
                 m, gram, wide = _gram_minus_identity(p, self.acc)
@@ -171,10 +204,10 @@ def _gradients(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tor
     return [params[k] for k in kept], out, kept
 
 
-def _slice_norms(p: torch.Tensor, dim: int, acc: torch.dtype) -> torch.Tensor:
-    keep = dim % p.ndim
-    others = [d for d in range(p.ndim) if d != keep]
-    return torch.linalg.vector_norm(p, 2, dim=others, keepdim=True, dtype=acc)
+def _others(p: torch.Tensor, dim: int) -> tuple[int, ...]:
+    """The dimensions of ``p`` other than ``dim``: a slice's norm runs over them."""
+    keep = dim % p.ndim if p.ndim else 0
+    return tuple(d for d in range(p.ndim) if d != keep)
 
 
 def _gram_minus_identity(p: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -185,14 +218,15 @@ def _gram_minus_identity(p: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tenso
     return m, gram, wide
 
 
-def _chunks(params: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    """Consecutive index ranges of at most CHUNK elements (a larger tensor alone)."""
+def _chunks(params: Sequence[torch.Tensor], limit: int | None) -> list[tuple[int, int]]:
+    """Consecutive index ranges of at most ``limit`` bytes (a larger tensor alone; None: one range)."""
     out, start, size = [], 0, 0
     for k, p in enumerate(params):
-        if size and size + p.numel() > CHUNK:
+        nbytes = p.numel() * p.element_size()
+        if limit is not None and size and size + nbytes > limit:
             out.append((start, k))
             start, size = k, 0
-        size += p.numel()
+        size += nbytes
     if start < len(params):
         out.append((start, len(params)))
     return out
@@ -209,7 +243,7 @@ class FoldPlan:
     scratch_devices: tuple[str, ...] = ("cpu",)
 
     def __init__(self, items: Sequence[LossItem], step: int = 0):
-        self.items = [i for i in items if not always_zero(i.term) and i.param.numel() > 0]
+        self.items = live(items)
         self._step = step
         self._build()
 
@@ -232,10 +266,12 @@ class FoldPlan:
                     sizes[b.device, b.dtype] = max(sizes.get((b.device, b.dtype), 0), p.numel())
         self._scratch = {key: torch.empty(n, dtype=key[1], device=key[0]) for key, n in sizes.items()}
         for b in self._buckets:
-            b.views = [
-                self._scratch[b.device, b.dtype][: p.numel()].view(p.shape) if b.needs_scratch(p) else None
-                for p in b.params
-            ]
+            b.set_views(
+                [
+                    self._scratch[b.device, b.dtype][: p.numel()].view(p.shape) if b.needs_scratch(p) else None
+                    for p in b.params
+                ]
+            )
 
     def __bool__(self) -> bool:
         return bool(self._buckets)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from .schedule import always_zero, is_scheduled, strength_at
+from .schedule import any_scheduled, live, strengths_at
 
 # Elements per slice of a CPU forward: 1 MiB of float32, which stays in cache, and short
 # enough that a float32 dot product keeps about 1e-7 relative precision.
@@ -201,7 +201,7 @@ class _Bucket:
         self.device = self.params[0].device
         self.acc = accumulation_dtype(self.dtype)
         self.autocast = autocast_device_type(self.device)
-        self.scheduled = any(is_scheduled(i.term) for i in items)
+        self.scheduled = any_scheduled(i.term for i in items)
         self.weights = torch.tensor(self._values(step), dtype=self.acc, device=self.device)
 
     def set_step(self, step: int) -> None:
@@ -248,7 +248,7 @@ class _ClosedFormBucket(_Bucket):
 
     def _values(self, step: int) -> list[list[float]]:
         # Row 0 multiplies the forward's sums (λ·Σ|w|, λ/2·Σw²); row 1 is each gradient's λ.
-        strengths = [strength_at(i.term, step) for i in self.items]
+        strengths = strengths_at((i.term for i in self.items), step)
         return [[s * (0.5 if i.kind == "l2" else 1.0) for s, i in zip(strengths, self.items)], strengths]
 
     def _evaluate(self) -> torch.Tensor:
@@ -261,7 +261,7 @@ class _PerTensorBucket(_Bucket):
     """``group_lasso`` or ``orthogonal``: a reduction per tensor, summed with the strengths."""
 
     def _values(self, step: int) -> list[float]:
-        return [strength_at(i.term, step) for i in self.items]
+        return strengths_at((i.term for i in self.items), step)
 
     def _evaluate(self) -> torch.Tensor:
         values = [
@@ -285,7 +285,7 @@ class PenaltyPlan:
     """
 
     def __init__(self, items: Sequence[LossItem], step: int = 0):
-        self.items = [i for i in items if not always_zero(i.term) and i.param.numel() > 0]
+        self.items = live(items)
         self._step = step
         self._build()
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
+from operator import attrgetter
 from typing import Any
 
 from torch import nn
@@ -76,6 +78,45 @@ class ParamRow:
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "numel", math.prod(shape))
         return self.__dict__[name]
+
+
+class ParamRows(Sequence[ParamRow]):
+    """One :class:`ParamRow` per table entry, in table order, each made when first read.
+
+    ``compile()`` reads the rows of a few entries (one per outcome, and those a diagnostic
+    names) and every entry's terms through :meth:`terms`; ``explain`` reads them all. Made
+    for every tensor up front, they cost more than the rest of compiling a large model.
+    """
+
+    def __init__(self, of: Sequence[int], outcome_terms: Sequence[dict[str, Setting]], make: Callable[[int], ParamRow]):
+        self._of, self._outcome_terms, self._make = of, outcome_terms, make
+        self._rows: list[ParamRow | None] = [None] * len(of)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(len(self))[i])
+        row = self._rows[i]
+        if row is None:
+            row = self._rows[i] = self._make(range(len(self))[i])
+        return row
+
+    def __iter__(self) -> Iterator[ParamRow]:
+        return map(self.__getitem__, range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def terms(self, i: int) -> dict[str, Setting]:
+        """Entry ``i``'s terms (shared, read-only), without making its row."""
+        return self._outcome_terms[self._of[i]]
+
+    def __repr__(self) -> str:
+        return f"ParamRows({len(self)} rows)"
 
 
 @dataclass(frozen=True)
@@ -138,7 +179,7 @@ class Resolution:
 
     spec: Spec
     table: ParamTable
-    rows: tuple[ParamRow, ...]  # one per table entry, same order
+    rows: Sequence[ParamRow]  # one per table entry, same order (a ParamRows, made as they are read)
     matches: tuple[tuple[int, ...], ...]  # per statement: entries its selector matches, frozen ones too
     modules: tuple[ModuleRow, ...] = ()  # one per module some rule gives an activity term, in registration order
     module_matches: tuple[tuple[str, ...], ...] = ()  # per statement: names of the modules it selects
@@ -166,6 +207,11 @@ class Resolution:
             return iter(())
         return compress(range(len(self.rows)), map(outcomes.__contains__, self.outcome_of()))
 
+    def terms_of(self, i: int) -> dict[str, Setting]:
+        """Entry ``i``'s terms (read-only), without making its row when the rows are lazy."""
+        rows = self.rows
+        return rows.terms(i) if isinstance(rows, ParamRows) else rows[i].terms
+
     def trainable_of(self) -> tuple[tuple[int, ...], ...]:
         if self.trainable_matches or not self.matches:
             return self.trainable_matches
@@ -180,20 +226,19 @@ class Resolution:
         """
         groups: dict[GroupKey, list[ParamEntry]] = {}
         members_of: dict[int, list[ParamEntry]] = {}  # by outcome: one key per outcome, not per tensor
-        outcomes = self.outcome_of()
-        for entry in self.table.entries:
-            if not entry.trainable:
-                continue
-            members = members_of.get(outcome := outcomes[entry.index])
-            if members is None:
-                terms = self.rows[entry.index].terms
-                decay, mult = terms.get("decay"), terms.get("lr_mult")
-                term = decay.term if decay is not None and not always_zero(decay.term) else None
-                # lr_mult 1 is the optimizer's own lr: the same group as no lr_mult at all.
-                factor = mult.value if mult is not None and mult.value != 1.0 else None
-                members = members_of[outcome] = groups.setdefault(GroupKey(term, factor), [])
-            members.append(entry)
-        return list(groups.items())
+        for outcome, i in self.representatives().items():
+            terms = self.terms_of(i)
+            decay, mult = terms.get("decay"), terms.get("lr_mult")
+            term = decay.term if decay is not None and not always_zero(decay.term) else None
+            # lr_mult 1 is the optimizer's own lr: the same group as no lr_mult at all.
+            factor = mult.value if mult is not None and mult.value != 1.0 else None
+            members_of[outcome] = groups.setdefault(GroupKey(term, factor), [])
+        # Each trainable entry appended to its group's list in one C-level pass (tens of thousands of tensors).
+        entries = self.table.entries
+        flags = list(map(attrgetter("trainable"), entries))
+        lists = map(members_of.__getitem__, compress(self.outcome_of(), flags))
+        deque(map(list.append, lists, compress(entries, flags)), maxlen=0)
+        return sorted(((k, m) for k, m in groups.items() if m), key=lambda group: group[1][0].index)
 
     def groups_summary(self) -> list[GroupSummary]:
         return [

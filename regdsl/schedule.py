@@ -17,6 +17,7 @@ and `explain` use it without torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -54,3 +55,37 @@ def always_zero(term: Any) -> bool:
         return False
     cosine = term.schedule.get("cosine") if is_scheduled(term) else None
     return term.strength == 0 and (cosine is None or cosine.end == 0)
+
+
+# Thousands of parameters share the few term objects of a rule file: the helpers below work
+# each distinct term out once, not once per parameter.
+
+
+def strengths_at(terms: Iterable[Any], step: int) -> list[float]:
+    """:func:`strength_at` of each term, in order."""
+    memo: dict[int, float] = {}
+    out = []
+    for term in terms:
+        value = memo.get(id(term))
+        if value is None:
+            value = memo[id(term)] = strength_at(term, step)
+        out.append(value)
+    return out
+
+
+def any_scheduled(terms: Iterable[Any]) -> bool:
+    return any(map(is_scheduled, {id(t): t for t in terms}.values()))
+
+
+def live(items: Iterable[Any]) -> list[Any]:
+    """The items (with ``.term`` and ``.param``) whose term is not 0 at every step and whose
+    parameter has elements."""
+    zero: dict[int, bool] = {}
+    out = []
+    for item in items:
+        dead = zero.get(id(item.term))
+        if dead is None:
+            dead = zero[id(item.term)] = always_zero(item.term)
+        if not dead and item.param.numel() > 0:
+            out.append(item)
+    return out

@@ -32,13 +32,13 @@ from torch.nn.utils import parametrize
 # What the class of a module says lives in classes.py; importable from here as it always was.
 from .classes import (
     base_class_match,
+    class_may_be_parametrized,
     class_names,
     computes_tensors,
     is_bias_name,
     is_embedding_module,
     is_norm_module,
     is_original,
-    may_be_parametrized,
     module_bases,
     module_class,
     original_of,
@@ -262,40 +262,45 @@ class ParamTable:
         by_class: dict[type, dict[str, list[int]]] = {}
         retold: list[ParamEntry] = []  # tied or parametrized: their kind is more than their first name says
         new, Entry = object.__new__, ParamEntry
+        # Per owner class: its attributes' members, and whether the class itself may carry a
+        # 'parametrizations' (what computes_tensors() reads first, asked once per class).
+        per_class: dict[type, tuple[dict[str, list[int]], bool]] = {}
         for module_name, module, owner in zip(self._names, self._modules, owners_of):
             params = module._parameters
             if not params:
                 continue
             owner = owner or module
-            attributes = by_class.get(type(owner))
-            if attributes is None:
-                attributes = by_class[type(owner)] = {}
+            found = per_class.get(cls := type(owner))
+            if found is None:
+                attributes = by_class[cls] = {}
+                found = per_class[cls] = (attributes, class_may_be_parametrized(cls))
+            attributes, may_compute = found
             # computes_tensors() in full only where a hook or a 'parametrizations' could be.
             plain = not (
-                (owner._forward_pre_hooks or "parametrizations" in owner._modules or may_be_parametrized(owner))
+                (may_compute or owner._forward_pre_hooks or "parametrizations" in owner._modules
+                 or "parametrizations" in owner.__dict__)
                 and computes_tensors(owner)
-            )
+            )  # fmt: skip
             prefix = f"{module_name}." if module_name else ""
             for attribute, param in params.items():
                 if param is None:
                     continue
-                full = prefix + attribute
                 seen = by_tensor.get(key := id(param))
                 if seen is None:
                     # Slots set here rather than through __init__: this loop runs once per tensor.
                     entry = by_tensor[key] = new(Entry)
-                    index = len(entries)
-                    entry.index, entry.param, entry.name, entry.owner = index, param, full, owner
-                    entry.trainable = param.requires_grad
+                    entry.index = index = len(entries)
+                    entry.param, entry.name, entry.owner, entry.trainable = param, prefix + attribute, owner, param.requires_grad
                     members = attributes.get(attribute)
                     if members is None:
-                        members = attributes[attribute] = []
-                    members.append(index)
+                        attributes[attribute] = [index]
+                    else:
+                        members.append(index)
                     entries.append(entry)
                     if not plain:
                         entry.plain = False
                         retold.append(entry)
-                elif full not in seen.names:
+                elif (full := prefix + attribute) not in seen.names:
                     if seen._names is None and seen.plain:
                         retold.append(seen)
                     seen.add_name(full, owner, plain)

@@ -20,8 +20,8 @@ from support import aligned_cells
 from torch import nn
 
 import regdsl
-from regdsl.resolution import ParamRow, resolve
 from regdsl.report import explain_csv, explain_records, format_explain
+from regdsl.resolution import ParamRow, resolve
 
 # One row, as the tests write it: (name, aliases, shape, trainable, excluded-by line, {kind: (value, line)}).
 Expected = tuple[str, tuple[str, ...], tuple[int, ...], bool, "int | None", dict[str, tuple[float, int]]]

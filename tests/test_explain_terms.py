@@ -19,8 +19,8 @@ from check_models import act_cnn
 from support import aligned_cells
 
 import regdsl
-from regdsl.resolution import resolve
 from regdsl.report import explain_csv, explain_records, format_explain, format_groups, group_records, groups_csv
+from regdsl.resolution import resolve
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

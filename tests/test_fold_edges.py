@@ -169,7 +169,7 @@ def test_precision(dtype: torch.dtype) -> None:
 def test_chunked_kernels_for_devices_with_a_caching_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
     # Off the CPU, sign(w) and w − w₀ go through _foreach temporaries a chunk at a time.
     monkeypatch.setattr(fold.FoldPlan, "scratch_devices", ())
-    monkeypatch.setattr(fold, "CHUNK", 40)  # every tensor its own chunk, or two small ones together
+    monkeypatch.setattr(fold, "CHUNK", 160)  # bytes: every tensor its own chunk, or two small ones together
     model, reg, w0 = setup(rules=RULES + "layer fc1.bias l1 0.05\nlayer head.bias l1 0.05")
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     reg.attach(opt, fold=True)
@@ -251,3 +251,45 @@ def test_the_fold_on_cuda_is_the_fold_on_cpu() -> None:
         results[device] = {n: p.detach().cpu() for n, p in model.named_parameters()}
     for name, value in results["cpu"].items():
         torch.testing.assert_close(results["cuda"][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_large_and_small_tensors_of_one_term_fold_alike() -> None:
+    # On the CPU a large tensor's sign(w) goes through the scratch buffer, small ones through one
+    # _foreach batch: one rule covering both must give λ·sign(w) and λ·(w − w₀) everywhere.
+    model = Wide()
+    model.f = nn.Parameter(torch.randn(3, 5))
+    model.g = nn.Parameter(torch.randn(7))
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reg = regdsl.parse("layer a, f, g l1 0.01\nlayer b, e l2 0.1 to init").compile(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    got = folded_grads(model, opt)
+    named = dict(model.named_parameters())
+    want = {n: 0.01 * torch.sign(named[n].detach()) for n in "afg"}
+    want |= {n: 0.1 * (named[n].detach() - w0[n]) for n in "be"}
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value)
+
+
+@pytest.mark.parametrize("lam", [1e-4, 1e6])
+def test_group_lasso_fold_at_a_zero_slice_and_a_nan(lam: float) -> None:
+    # An all-zero slice gets 0 at any strength, never NaN; a NaN weight's slice stays NaN, as
+    # autograd would make it on the loss path.
+    model = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        model.weight[0].zero_()
+        model.weight[2, 1] = float("nan")
+    reg = regdsl.parse(f"all group_lasso {lam}").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    model.weight.grad = torch.zeros_like(model.weight)
+    opt.step()
+    grad = model.weight.grad
+    w = model.weight.detach()
+    assert torch.equal(grad[0], torch.zeros(4))
+    torch.testing.assert_close(grad[1], lam * w[1] / w[1].norm())
+    assert grad[2].isnan().all()

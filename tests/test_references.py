@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from models import MLP, TinyTransformer
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 import regdsl
-from models import MLP, TinyTransformer
 
 RULES = "layer fc1.weight, fc2.weight l2 0.5 to ref\n"
 

@@ -150,6 +150,26 @@ def test_compile_work_grows_linearly_with_the_tensors() -> None:
     assert growth(measure, 150) <= LINEAR
 
 
+def test_compile_makes_rows_only_for_what_it_reads() -> None:
+    # explain's rows are made when read: compile() reads one row per outcome at most, so a model of
+    # 600 tensors under three rules makes a handful, and the rows read later are the eager ones.
+    model = stack(300)
+    reg = regdsl.parse(THREE_RULES).compile(model)
+    rows = reg.resolution.rows
+    assert len(rows) == 600
+    assert sum(row is not None for row in rows._rows) <= 8
+    named = dict(model.named_parameters())
+    for row in rows:
+        assert row.shape == tuple(named[row.name].shape) and row.numel == named[row.name].numel()
+        want = {"decay"} if row.name.endswith("weight") else set()
+        if row.name.startswith("layers.1") and row.name.endswith("weight"):
+            want.add("l1")
+        assert set(row.terms) == want, row.name
+        assert (row.excluded_by is not None) == row.name.endswith("bias")
+    assert rows[-1] is rows[599] and rows[:2] == (rows[0], rows[1])
+    assert rows == tuple(rows) and rows == resolve(regdsl.parse(THREE_RULES), model).rows
+
+
 def test_each_name_is_matched_once_per_distinct_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer pattern costs one match per tensor name, never one per prefix of every name,
     and a pattern on many lines is matched once."""

@@ -13,10 +13,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import CNN, MLP, TinyTransformer
 from torch import nn
 
 import regdsl
-from models import CNN, MLP, TinyTransformer
 
 
 def snapshot(model: nn.Module) -> list[tuple]:
