@@ -69,6 +69,11 @@ class ActivityPlan:
     def __bool__(self) -> bool:
         return bool(self.targets)
 
+    @property
+    def listening(self) -> bool:
+        """Whether the forward hooks are installed (always, with no targets)."""
+        return bool(self._handles) or not self.targets
+
     def set_step(self, step: int) -> None:
         with torch.no_grad():
             for i in self._scheduled:  # a constant strength never changes

@@ -12,6 +12,7 @@ counter that drives every schedule.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -20,15 +21,21 @@ import torch
 from torch import nn
 
 from . import state as resume
-from .activity import ActivityPlan, ActivityTarget
+from .activity import ActivityPlan
 from .build import load
-from .constraints import PostStepItem, PostStepPlan
+from .constraints import PostStepPlan
 from .diagnose import diagnose, enforce
-from .errors import RegCompileError, RegUsageError, model_diagnostic, name_list, shape_text
+from .errors import (
+    RegDslWarning,
+    RegUsageError,
+    caller_stacklevel,
+    name_list,
+    shape_text,
+)
 from .fold import Folding, step_hooks
 from .gcpause import paused_gc
-from .penalties import LossItem, PenaltyPlan
-from .references import find_reference, reference_index
+from .items import step_items
+from .penalties import PenaltyPlan
 from .resolution import (
     Coverage,
     GroupKey,
@@ -39,9 +46,8 @@ from .resolution import (
     Setting,
     resolve,
 )
-from .schedule import always_zero, any_scheduled, is_scheduled, strength_at
-from .select import ParamEntry
-from .spec import Spec, kind_label
+from .schedule import any_scheduled, is_scheduled, strength_at
+from .spec import Spec
 
 __all__ = ["Coverage", "GroupSummary", "ModuleRow", "ParamRow", "Regularizer", "Resolution", "Setting", "compile", "resolve"]
 
@@ -75,69 +81,15 @@ class Regularizer:
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
         self._hooks: list[Any] = []
         self._hook_finalizer = weakref.finalize(self, _remove_all, self._hooks)
-        # Only a mapping gets here with a 'to ref' rule: diagnose() refused anything else (RD105).
-        index = reference_index(reference) if isinstance(reference, Mapping) else {}
-        loss, post = [], []
-        self._references: dict[str, LossItem] = {}
-        # Per outcome (entries the rules treat alike), what its entries need at each step; then only
-        # the entries with something, found in one C-level pass: most of a large model has nothing.
-        res = self.resolution
-        todo = {k: t for k, i in res.representatives().items() if (t := _per_step_terms(res.terms_of(i)))}
-        outcomes, entries = res.outcome_of(), self.table.entries
-        for i in res.entries_with(set(todo)):
-            entry = entries[i]
-            if not entry.trainable:
-                continue
-            for kind, term in todo[outcomes[i]]:
-                if kind in ("prox", "max_norm"):
-                    post.append(PostStepItem(kind, entry.name, entry.param, term))
-                    continue
-                item = LossItem(kind, entry.param, term, self._reference(entry, term, index) if kind == "l2" else None)
-                if item.reference is not None:
-                    self._references[entry.name] = item
-                loss.append(item)
+        loss, post, self._references, targets = step_items(self.resolution, reference)
         self._loss_items = loss
         self._penalty = PenaltyPlan(loss)
         self._fold: Folding | None = None  # set by attach(fold=True): penalty() then returns only its .rest
         self._post = PostStepPlan(post)
-        self._activity = ActivityPlan(
-            [
-                ActivityTarget(row.name, self.table.modules_by_name[row.name], setting.term, self._bad_output(setting))
-                for row in self.resolution.modules
-                for setting in row.terms.values()
-                if not always_zero(setting.term)
-            ]
-        )
+        self._activity = ActivityPlan(targets)
         self._first_trainable = next((e.param for e in self.table.entries if e.trainable), None)
         # Whether a step needs more than the counter: post-step terms, pending activity values, schedules.
         self._busy = bool(self._post or self._activity or self._scheduled_decays) or any_scheduled(i.term for i in loss)
-
-    @staticmethod
-    def _reference(entry: ParamEntry, term: Any, index: dict[str, Any]) -> torch.Tensor | None:
-        if target := getattr(term, "to", None):
-            hit = find_reference(entry, index)
-            source = entry.param if target == "init" else hit[1] if hit is not None else None
-            assert source is not None  # reference_problems() has refused a missing one
-            # A copy in the source's own precision (a float64 pretrained state stays float64).
-            return source.detach().to(device=entry.param.device, copy=True)
-        return None
-
-    def _bad_output(self, setting: Setting) -> Any:
-        spec = self.spec
-
-        def error(name: str, type_name: str) -> RegCompileError:
-            kind = kind_label(setting.term.kind)
-            return RegCompileError(
-                [
-                    model_diagnostic(
-                        spec, setting.pos, "RD106",
-                        f"'{kind}' needs a tensor output, but module '{name or '(model)'}' returned a {type_name}; "
-                        "select a submodule whose output is one tensor",
-                    )
-                ]
-            )
-
-        return error
 
     # ------------------------------------------------------------ optimizer
 
@@ -204,6 +156,7 @@ class Regularizer:
                 "after_step() needs the optimizer: "
                 + ("'l1 ... prox' reads each group's learning rate" if self._post.prox else "a scheduled decay is written into its groups")
             )
+        self._activity.register()  # after a detach(), activity terms collect again from the next forward
         self._advance(optimizer)
 
     def _advance(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -332,11 +285,24 @@ class Regularizer:
         # Read at each call: model.to() after compiling moves the parameters, and the zero must follow.
         device = self._first_trainable.device if self._first_trainable is not None else None
         total = (self._fold.rest if self._fold is not None else self._penalty)(device)
+        if not self._activity.listening:
+            self._warn_not_listening()
         for value in self._activity.take():
             # float64 activations keep their precision, as float64 parameters do.
             dtype = torch.promote_types(total.dtype, value.dtype)
             total = total.to(dtype) + value.to(device=total.device, dtype=dtype)
         return total
+
+    def _warn_not_listening(self) -> None:
+        lines = sorted({t.term.pos.line for t in self._activity.targets if t.term.pos is not None})
+        where = f" (line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))})" if lines else ""
+        warnings.warn(
+            RegDslWarning(
+                f"penalty() holds no activity terms{where}: detach() removed their forward hooks; "
+                "attach() again, or call after_step() after each optimizer step, and they collect from the next forward pass"
+            ),
+            stacklevel=caller_stacklevel(),
+        )
 
     def values(self) -> dict[str, torch.Tensor]:
         """Each loss term's value now, ``{"l1:6": tensor, ...}`` by term kind and rule line, folded
@@ -366,19 +332,6 @@ class Regularizer:
             f"<Regularizer {len(self.spec.statements)} statements, {trainable} trainable tensors, "
             f"{len(self._groups)} groups, step {self._step}>"
         )
-
-
-def _per_step_terms(terms: Mapping[str, Setting]) -> list[tuple[str, Any]]:
-    """What a parameter with these terms needs at each step: loss terms by kind, then 'prox'
-    and 'max_norm' (post-step). A term that is 0 at every step needs nothing, not even a reference."""
-    todo: list[tuple[str, Any]] = []
-    for kind in ("l1", "l2", "group_lasso", "orthogonal"):
-        setting = terms.get(kind)
-        if setting is not None and not always_zero(setting.term):
-            todo.append(("prox" if kind == "l1" and setting.term.prox else kind, setting.term))
-    if "max_norm" in terms:
-        todo.append(("max_norm", terms["max_norm"].term))
-    return todo
 
 
 def _remove_all(handles: list[Any]) -> None:
