@@ -43,6 +43,7 @@ CODES: dict[str, Code] = {
     "RD202": Code("warning", "a rule matches only frozen parameters"),
     "RD203": Code("warning", "the aliases of a tied parameter are matched by different rules"),
     "RD204": Code("warning", "decay and l2 on the same parameter"),
+    "RD205": Code("warning", "an activity term on a module its parent never calls"),
 }
 
 

@@ -24,7 +24,7 @@ from .references import reference_problems
 from .resolution import Resolution, Setting
 from .schedule import always_zero
 from .select import ParamEntry, _uninitialized, is_embedding_module
-from .spec import NOT_REGULARIZERS, Span
+from .spec import NOT_REGULARIZERS, Span, kind_label
 from .unmatched import only_frozen, unmatched
 
 # Stands for "no reference argument at all" (check without one), unlike compile's reference=None.
@@ -47,6 +47,7 @@ def diagnose(resolution: Resolution, reference: Mapping[str, Any] | None | objec
         diagnostics += unusable_terms(resolution)
         diagnostics += tied_aliases(resolution)
         diagnostics += decay_and_l2(resolution)
+        diagnostics += uncalled_modules(resolution)
         if reference is not NOT_GIVEN:
             diagnostics += reference_problems(resolution, reference)  # type: ignore[arg-type]
     return sorted(diagnostics, key=Diagnostic.sort_key)
@@ -157,3 +158,36 @@ def unusable_terms(resolution: Resolution) -> list[Diagnostic]:
         model_diagnostic(resolution.spec, setting.pos, "RD104", f"'{kind}' cannot take effect on {name_list(names)}: {reason}")
         for (setting, kind, reason), names in found.items()
     ]
+
+
+def uncalled_modules(resolution: Resolution) -> list[Diagnostic]:
+    """RD205: activity terms on a module whose parent uses its weights without calling it, so its
+    forward hook never runs: ``nn.MultiheadAttention``'s ``out_proj`` (and every
+    ``nn.Transformer*`` layer's, which hold one)."""
+    if not resolution.modules:
+        return []
+    by_name = resolution.table.modules_by_name
+    found: dict[int, tuple[Setting, list[str]]] = {}
+    for row in resolution.modules:
+        parent, _, attribute = row.name.rpartition(".")
+        if attribute != "out_proj" or not _is_torch_attention(by_name.get(parent)):
+            continue
+        for setting in row.terms.values():
+            if not always_zero(setting.term):
+                found.setdefault(id(setting), (setting, []))[1].append(row.name)
+    return [
+        model_diagnostic(
+            resolution.spec, setting.pos, "RD205",
+            f"'{kind_label(setting.term.kind)}' on {name_list(names)} collects nothing: nn.MultiheadAttention "
+            "computes its output from out_proj's weights without calling out_proj, so no forward hook runs; "
+            "put the term on the module that contains the attention",
+        )
+        for setting, names in found.values()
+    ]  # fmt: skip
+
+
+def _is_torch_attention(module: Any) -> bool:
+    # By name, so that check without a model never imports torch.
+    return module is not None and any(
+        c.__name__ == "MultiheadAttention" and c.__module__.startswith("torch.nn") for c in type(module).__mro__
+    )
