@@ -3,8 +3,8 @@
 A model is read once into a :class:`ParamTable`: one entry per parameter
 *tensor* (tied weights are one entry with several names), in module
 registration order, with wrapper prefixes (DDP's ``module.``, torch.compile's
-``_orig_mod.``, FSDP and checkpoint wrappers) removed so rules written for the
-bare model keep working when it is wrapped. ``check``, ``explain`` and
+``_orig_mod.``, FSDP and checkpoint wrappers) removed (:mod:`regdsl.walk`) so rules
+written for the bare model keep working when it is wrapped. ``check``, ``explain`` and
 ``compile`` all read a model through this one table.
 
 Names and owners are the ones users write: a wrapped layer is found under its
@@ -38,7 +38,6 @@ from .classes import (
     is_bias_name,
     is_embedding_module,
     is_norm_module,
-    is_original,
     module_bases,
     module_class,
     original_of,
@@ -47,23 +46,13 @@ from .classes import (
 )
 from .glob import glob_regex
 from .spec import AllAtom, Atom, BiasAtom, EmbeddingAtom, LayerAtom, NormAtom, Pattern, Selector, TypeAtom
+from .walk import canonical_name, unwrap, walk
 
 __all__ = [
     "ParamEntry", "ParamTable", "atom_matches", "base_class_match", "canonical_name", "class_names", "glob_regex",
     "is_bias_name", "is_embedding_module", "is_norm_module", "module_bases", "module_class", "module_matches",
     "original_of", "pattern_matches_any", "type_match", "type_names", "unwrap",
 ]
-
-# Wrapper attributes that appear inside parameter names but are not part of the user's model.
-_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
-
-
-@functools.cache
-def _root_wrappers() -> tuple[type, ...]:
-    from torch.optim.swa_utils import AveragedModel
-
-    return (nn.parallel.DistributedDataParallel, nn.DataParallel, AveragedModel)
-
 
 @functools.cache
 def _uninitialized(cls: type) -> bool:
@@ -182,67 +171,6 @@ class ParamEntry:
         return tuple(tensor.rpartition(".")[2] for tensor in self.tensors)
 
 
-def canonical_name(name: str) -> str:
-    """A torch name (a state_dict key) as the ParamTable names it: no wrapper segments, and
-    ``fc1.parametrizations.weight.original0`` as ``fc1.weight.original0``."""
-    parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
-    kept = (p for i, p in enumerate(parts) if not (p == "parametrizations" and _in_parametrization(parts[i + 1 :])))
-    return ".".join(kept)
-
-
-def _in_parametrization(rest: list[str]) -> bool:
-    # After the container: the tensor's name, then an original or a parametrization's index.
-    return len(rest) >= 2 and (is_original(rest[1]) or rest[1].isdigit())
-
-
-def _walk(root: nn.Module) -> tuple[list[str], list[nn.Module], list[nn.Module | None], set[int]]:
-    """Every module, pre-order, shared ones under each name, as ``named_modules(remove_duplicate=False)``:
-    their names, the modules, the owner of each one's parameters (None: itself), and the ids of the
-    hidden ones. A wrapper's inner module takes the wrapper's name, and a parametrized tensor's modules
-    sit under the tensor's name, owned by the layer and hidden (they compute a weight; they are not layers)."""
-    names: list[str] = []
-    modules: list[nn.Module] = []
-    owners: list[nn.Module | None] = []
-    hidden: set[int] = set()
-    # An explicit stack, not recursive generators: each yield through nested generators costs per level.
-    stack: list[tuple[str, nn.Module, nn.Module | None, bool]] = [("", root, None, False)]
-    while stack:
-        name, module, owner, inside = stack.pop()
-        names.append(name)
-        modules.append(module)
-        owners.append(owner)
-        if inside:
-            hidden.add(id(module))
-        children = module._modules
-        if not children:
-            continue
-        prefix = f"{name}." if name else ""
-        found = []
-        for child_name, child in children.items():
-            if child is None:
-                continue
-            if child_name in _WRAPPER_SEGMENTS:
-                found.append((name, child, None, inside))
-            elif child_name == "parametrizations" and parametrize.is_parametrized(module):
-                found += [(prefix + tensor, chain, module, True) for tensor, chain in child.items()]
-            else:
-                found.append((prefix + child_name, child, None, inside))
-        found.reverse()
-        stack += found
-    return names, modules, owners, hidden
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Peel DDP, DataParallel, AveragedModel and torch.compile wrappers, in any nesting."""
-    while True:
-        if isinstance(model, _root_wrappers()):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # torch.compile; checked by name so torch._dynamo is never imported
-        else:
-            return model
-
-
 class ParamTable:
     """Every parameter of a model, deduplicated by tensor identity, in registration order.
 
@@ -255,7 +183,7 @@ class ParamTable:
     def __init__(self, model: nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-        self._names, self._modules, owners_of, self._hidden = _walk(unwrap(model))
+        self._names, self._modules, owners_of, self._hidden = walk(unwrap(model))
         entries: list[ParamEntry] = []
         by_tensor: dict[int, ParamEntry] = {}
         # Entries by owner class, then attribute name: what every atom but 'layer' and 'all' reads.
