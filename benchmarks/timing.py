@@ -26,6 +26,13 @@ def timed_together(
     ``gc.collect()`` before the rounds, and the collector paused while they run (a step that
     makes no reference cycles loses nothing). Collecting before every call instead would
     evict the caches each time: that made a tiny MLP's step measure 5x slower."""
+    return [statistics.median(s) for s in timed_samples(fns, device, repeats, collect=collect, warmup=warmup)]
+
+
+def timed_samples(
+    fns: list[Callable[[], None]], device: torch.device, repeats: int, *, collect: bool = False, warmup: int = 3
+) -> list[list[float]]:
+    """:func:`timed_together`'s samples themselves: per function, seconds per call in each round."""
     paused = collect and gc.isenabled()
     if collect:
         gc.collect()
@@ -43,7 +50,7 @@ def timed_together(
 MIN_SAMPLE = 0.01
 
 
-def _rounds(fns: list[Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> list[float]:
+def _rounds(fns: list[Callable[[], None]], device: torch.device, repeats: int, warmup: int) -> list[list[float]]:
     calls = []
     for fn in fns:
         for _ in range(warmup):
@@ -54,7 +61,7 @@ def _rounds(fns: list[Callable[[], None]], device: torch.device, repeats: int, w
     for _ in range(repeats):
         for fn, n, out in zip(fns, calls, samples):
             out.append(_sample(fn, device, n))
-    return [statistics.median(s) for s in samples]
+    return samples
 
 
 def _sample(fn: Callable[[], None], device: torch.device, n: int) -> float:

@@ -24,3 +24,20 @@ def test_step_overhead_quick_runs_and_prints_its_table() -> None:
     assert "check, one SGD step from the same start" in out
     assert "FAILED" not in out
     assert "| model | workload | plain step |" in out
+
+
+def test_decay_overhead_quick_runs_and_checks_before_timing() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "decay_overhead.py"), "--quick", "--repeats", "3"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    # Every candidate made the same 3 steps as the hand-built groups before anything was timed.
+    assert "weights equal to the hand-built groups': ok" in out
+    for label in ("hand-built groups", "regdsl groups", "regdsl attached", "regdsl fold", "attached + penalty()"):
+        assert label in out
+    assert "median absolute deviation" in out
