@@ -339,8 +339,6 @@ def _remove_all(handles: list[Any]) -> None:
         handles.pop().remove()
 
 
-
-
 def compile(
     rules: Spec | str | os.PathLike[str], model: nn.Module, reference: Mapping[str, torch.Tensor] | None = None
 ) -> Regularizer:
