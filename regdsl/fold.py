@@ -218,12 +218,12 @@ def _gram_minus_identity(p: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tenso
     return m, gram, wide
 
 
-def _chunks(params: Sequence[torch.Tensor], limit: int | None) -> list[tuple[int, int]]:
-    """Consecutive index ranges of at most ``limit`` bytes (a larger tensor alone; None: one range)."""
+def _chunks(params: Sequence[torch.Tensor], limit: int) -> list[tuple[int, int]]:
+    """Consecutive index ranges of at most ``limit`` bytes (a larger tensor alone)."""
     out, start, size = [], 0, 0
     for k, p in enumerate(params):
         nbytes = p.numel() * p.element_size()
-        if limit is not None and size and size + nbytes > limit:
+        if size and size + nbytes > limit:
             out.append((start, k))
             start, size = k, 0
         size += nbytes

@@ -1,4 +1,4 @@
-"""The step-overhead benchmark runs: a smoke test, no timing asserted (wall-clock thresholds would flake)."""
+"""The benchmarks run: smoke tests, no timing asserted (wall-clock thresholds would flake)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,21 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def test_step_overhead_quick_runs_and_prints_its_table() -> None:
+def run_quick(script: str, *args: str) -> str:
+    """``script --quick --repeats 3 ARGS``'s output; it must exit 0."""
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "step_overhead.py"), "--quick", "--models", "tiny_mlp", "--repeats", "3"],
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--repeats", "3", *args],
         check=False,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+    return result.stdout
+
+
+def test_step_overhead_quick_runs_and_prints_its_table() -> None:
+    out = run_quick("step_overhead.py", "--models", "tiny_mlp")
     assert "candidate" in out and "ms/step" in out and "overhead" in out and "÷ loop" in out
     # The correctness guard ran before anything was timed, and passed.
     assert "check, one SGD step from the same start" in out
@@ -27,15 +32,7 @@ def test_step_overhead_quick_runs_and_prints_its_table() -> None:
 
 
 def test_decay_overhead_quick_runs_and_checks_before_timing() -> None:
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "decay_overhead.py"), "--quick", "--repeats", "3"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+    out = run_quick("decay_overhead.py")
     # Every candidate made the same 3 steps as the hand-built groups before anything was timed.
     assert "weights equal to the hand-built groups': ok" in out
     for label in ("hand-built groups", "regdsl groups", "regdsl attached", "regdsl fold", "attached + penalty()"):
