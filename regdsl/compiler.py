@@ -24,6 +24,7 @@ from . import state as resume
 from .activity import ActivityPlan
 from .build import load
 from .constraints import PostStepPlan
+from .ddp import DeferredPenalty, ddp_of, defers
 from .diagnose import diagnose, enforce
 from .errors import (
     RegDslWarning,
@@ -36,6 +37,7 @@ from .fold import Folding, step_hooks
 from .gcpause import paused_gc
 from .items import step_items
 from .penalties import PenaltyPlan
+from .precision import decay_underflows
 from .resolution import (
     Coverage,
     GroupKey,
@@ -62,9 +64,25 @@ class Regularizer:
     anything is half-applied.
     """
 
-    def __init__(self, spec: Spec, model: nn.Module, reference: Mapping[str, torch.Tensor] | None = None):
+    def __init__(
+        self, spec: Spec, model: nn.Module, reference: Mapping[str, torch.Tensor] | None = None, accumulation_steps: int = 1
+    ):
+        self.accumulation_steps = accumulation_steps
+        self._ddp = ddp_of(model)  # under find_unused_parameters, penalty() defers its gradients (regdsl.ddp)
+        self._deferred: DeferredPenalty | None = None
         with paused_gc():  # one collection of what resolving, checking and building made, not one per stage
             self._build(spec, model, reference)
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Backward passes per optimizer step: ``penalty()`` is divided by it (docs/distributed.md)."""
+        return self._accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise RegUsageError(f"accumulation_steps must be a whole number >= 1, got {k!r}")
+        self._accumulation_steps = k
 
     def _build(self, spec: Spec, model: nn.Module, reference: Mapping[str, torch.Tensor] | None) -> None:
         self.spec = spec
@@ -139,11 +157,17 @@ class Regularizer:
         if self._post.prox:
             self._post.locate(optimizer.param_groups)  # every proximal parameter must be in it
         self._write_decay(optimizer)
+        self._warn_decay_underflow(optimizer)
         self._activity.register()  # after a detach(), the forward hooks come back too
         self._fold = Folding(self._loss_items, optimizer, self._step) if fold else None
         self._hooks += step_hooks(weakref.ref(self), optimizer, self._fold, self._busy)
         self._optimizer = weakref.ref(optimizer)
         return self
+
+    def _warn_decay_underflow(self, optimizer: torch.optim.Optimizer) -> None:
+        lines = {key.name: key.decay.pos.line for key, _ in self._groups if key.decay is not None and key.decay.pos is not None}
+        for message in decay_underflows(optimizer, lines):
+            warnings.warn(RegDslWarning(message), stacklevel=caller_stacklevel())
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call right after ``optimizer.step()`` when not attached: proximal steps and constraints
@@ -170,6 +194,8 @@ class Regularizer:
         self._penalty.set_step(step)
         if self._fold is not None:
             self._fold.set_step(step)
+        if self._deferred is not None:
+            self._deferred.set_step(step)
         self._activity.set_step(step)
         if optimizer is not None:
             self._write_decay(optimizer)
@@ -281,17 +307,26 @@ class Regularizer:
 
     def penalty(self) -> torch.Tensor:
         """Every loss term (``l1``, ``l2``, ``group_lasso``, ``orthogonal``, and the activity terms
-        collected since the last call) as a differentiable 0-dim tensor."""
+        collected since the last call) as a differentiable 0-dim tensor, divided by
+        :attr:`accumulation_steps`."""
         # Read at each call: model.to() after compiling moves the parameters, and the zero must follow.
         device = self._first_trainable.device if self._first_trainable is not None else None
-        total = (self._fold.rest if self._fold is not None else self._penalty)(device)
+        total = self._loss_plan()(device)
         if not self._activity.listening:
             self._warn_not_listening()
         for value in self._activity.take():
             # float64 activations keep their precision, as float64 parameters do.
             dtype = torch.promote_types(total.dtype, value.dtype)
             total = total.to(dtype) + value.to(device=total.device, dtype=dtype)
-        return total
+        return total if self._accumulation_steps == 1 else total / self._accumulation_steps
+
+    def _loss_plan(self) -> PenaltyPlan | DeferredPenalty:
+        plan = self._fold.rest if self._fold is not None else self._penalty
+        if not plan or not defers(self._ddp):
+            return plan
+        if self._deferred is None or self._deferred.source is not plan:
+            self._deferred = DeferredPenalty(plan)
+        return self._deferred
 
     def _warn_not_listening(self) -> None:
         lines = sorted({t.term.pos.line for t in self._activity.targets if t.term.pos is not None})
@@ -340,12 +375,17 @@ def _remove_all(handles: list[Any]) -> None:
 
 
 def compile(
-    rules: Spec | str | os.PathLike[str], model: nn.Module, reference: Mapping[str, torch.Tensor] | None = None
+    rules: Spec | str | os.PathLike[str],
+    model: nn.Module,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    accumulation_steps: int = 1,
 ) -> Regularizer:
     """Compile a spec, or the ``.reg`` file at a path, against ``model``.
 
-    ``reference`` (a state_dict) supplies ``w0`` for ``l2 ... to ref``.
+    ``reference`` (a state_dict) supplies ``w0`` for ``l2 ... to ref``. With gradient
+    accumulation, ``accumulation_steps=k`` makes ``penalty()`` return ``1/k`` of the terms,
+    so that adding it to each micro-batch's loss applies them once per optimizer step.
     """
     spec = rules if isinstance(rules, Spec) else load(rules)
-    return spec.compile(model, reference=reference)
+    return spec.compile(model, reference=reference, accumulation_steps=accumulation_steps)
 

@@ -301,11 +301,14 @@ class Spec(Node):
                 ]
             ) from None
 
-    def compile(self, model: torch.nn.Module, reference: Mapping[str, torch.Tensor] | None = None) -> Regularizer:
+    def compile(
+        self, model: torch.nn.Module, reference: Mapping[str, torch.Tensor] | None = None, accumulation_steps: int = 1
+    ) -> Regularizer:
         """Resolve the rules against ``model``: see :class:`regdsl.Regularizer`.
 
-        ``reference`` (a state_dict) supplies ``w0`` for ``l2 ... to ref``.
+        ``reference`` (a state_dict) supplies ``w0`` for ``l2 ... to ref``; ``accumulation_steps``
+        is the number of backward passes per optimizer step that ``penalty()`` is added to.
         """
         from .compiler import Regularizer
 
-        return Regularizer(self, model, reference=reference)
+        return Regularizer(self, model, reference=reference, accumulation_steps=accumulation_steps)
