@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from . import sharded
 from .errors import RegUsageError
 from .schedule import live, strength_at
 
@@ -73,10 +74,14 @@ class PostStepPlan:
                 if tau > 0:
                     by_threshold.setdefault((tau, item.param.device, item.param.dtype), []).append(item.param)
             for (tau, _, _), params in by_threshold.items():
+                params = [sharded.local(p) for p in params]  # elementwise: a shard at a time
                 inside = torch._foreach_clamp_max(torch._foreach_clamp_min(params, -tau), tau)
                 torch._foreach_sub_(params, inside)
         for item in self.max_norm:
-            _renorm_(item.param, item.term.dim % item.param.ndim, item.term.norm)
+            if sharded.is_sharded(item.param):
+                sharded.renorm_(item.param, item.term.dim % item.param.ndim, item.term.norm, _renorm_)
+            else:
+                _renorm_(item.param, item.term.dim % item.param.ndim, item.term.norm)
 
 
 def _renorm_(p: torch.Tensor, dim: int, limit: float) -> None:

@@ -15,6 +15,7 @@ from itertools import compress, repeat
 from operator import attrgetter, contains
 from typing import Any
 
+from . import sharded
 from .classes import is_embedding_class
 from .errors import Diagnostic, RegCompileError, RegDslWarning, caller_stacklevel, name_list, shape_text
 from .findings import model_diagnostic
@@ -86,6 +87,8 @@ def _why_unusable(entry: ParamEntry, kind: str, term: Any) -> str | None:
     """Why ``kind`` cannot work on this entry, or None; the shape and dtype decide unless the entry is odd."""
     if any("_flat_param" in name.split(".") for name in entry.names):
         return "FSDP's flattened parameter takes no per-parameter rules; wrap with FSDP(use_orig_params=True)"
+    if sharded.is_sharded(entry.param) and (problem := sharded.unsupported(entry.param)):
+        return problem
     if not entry.initialized:
         if kind in _SHAPED:
             return "a lazy module's parameters have no shape until its first forward pass; run one before compiling"
@@ -110,13 +113,14 @@ def _always_usable(kind: str, term: Any) -> bool:
 
 def _odd_entries(table: Any) -> set[int]:
     """Entries where more than shape, dtype and kind can make a term unusable: FSDP's flat parameter,
-    a lazy parameter, a parameter of an embedding (sparse gradients). Found a whole column at a time."""
+    a lazy parameter, a DTensor, a parameter of an embedding (sparse gradients). Found a whole column at a time."""
     entries = table.entries
     odd = {i for (types, _), members in table.kinds.items() if any(map(is_embedding_class, types)) for i in members}
     param_types = set(map(type, map(attrgetter("param"), entries)))
-    lazy = {t for t in param_types if _uninitialized(t)}
-    if lazy:
-        odd.update(compress(range(len(entries)), map(lazy.__contains__, map(type, map(attrgetter("param"), entries)))))
+    # Lazy parameters (no shape yet) and DTensors (their placements decide).
+    unusual = {t for t in param_types if _uninitialized(t) or sharded.is_sharded_type(t)}
+    if unusual:
+        odd.update(compress(range(len(entries)), map(unusual.__contains__, map(type, map(attrgetter("param"), entries)))))
     names = table.matcher.names
     if "_flat_param" in "\n".join(names):  # one C-level search first: nearly every model has none
         odd.update(compress(range(len(entries)), map(contains, names, repeat("_flat_param"))))

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import sharded
 from .errors import RegUsageError
 from .penalties import LossItem, PenaltyPlan, accumulation_dtype, autocast_device_type
 from .schedule import is_scheduled, live, strength_at
@@ -67,7 +68,8 @@ class _Bucket:
         self.value = strength_at(term, step)
         # Read only inside torch.compile or under a fused GradScaler step.
         self.tensor = torch.tensor(self.value, dtype=self.acc, device=self.device)
-        self.on_scratch = self.device.type in scratch_devices
+        self.sharded = sharded.is_sharded(self.params[0])  # FSDP2: folded on the local shards (regdsl.sharded)
+        self.on_scratch = self.device.type in scratch_devices and not self.sharded
         # Per parameter, its view of the plan's scratch buffer (set by the plan): made once, since
         # slicing a view at each step costs as much as the kernels on small tensors.
         self.views: list[torch.Tensor | None] = [None] * len(self.params)
@@ -107,7 +109,11 @@ class _Bucket:
         refs = (
             [self.items[k].ref for k in kept] if self.family == "l2_to" else []
         )  # read now: load_state_dict() replaces them
-        if scale is not None or torch.compiler.is_compiling():
+        if self.sharded:
+            lam = self.value * (float(scale) if scale is not None else 1.0)
+            if lam:
+                sharded.fold(self.family, self.term, lam, params, grads, refs, self.acc)
+        elif scale is not None or torch.compiler.is_compiling():
             strength = self.tensor if scale is None else self.tensor * scale.to(self.device)
             self._fold_tensor(params, grads, refs, strength)
         elif self.value:
@@ -251,11 +257,14 @@ class FoldPlan:
         for item in self.items:
             item.follow()
         grouped: dict[tuple[Any, ...], list[LossItem]] = {}
+        distributed = sharded.active()
         for item in self.items:
-            grouped.setdefault((item.family, item.term, item.param.device, item.param.dtype), []).append(item)
+            p = item.param
+            key = (item.family, item.term, p.device, p.dtype, sharded.mesh_key(p) if distributed else None)
+            grouped.setdefault(key, []).append(item)
         self._buckets = [
             _Bucket(family, term, items, self._step, self.scratch_devices)
-            for (family, term, _, _), items in grouped.items()
+            for (family, term, *_), items in grouped.items()
         ]
         self._scheduled = [b for b in self._buckets if b.scheduled]
         # One buffer per (device, dtype) for sign(w) and w − w₀, as large as the largest such tensor.
