@@ -94,6 +94,7 @@ class DeferredPenalty:
         self._plan = PenaltyPlan(self._items, self._step)
 
     def __call__(self, default_device: torch.device | None = None) -> torch.Tensor:
+        self._queued = False  # a backward that raised before its callbacks ran must not block the next
         if self._stale():
             self._build()
         assert self._plan is not None
