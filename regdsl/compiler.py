@@ -154,6 +154,7 @@ class Regularizer:
         """
         if self._optimizer is not None:
             raise RegUsageError("this regularizer is already attached to an optimizer; detach() first")
+        self._check_parameters_current()
         if self._post.prox:
             self._post.locate(optimizer.param_groups)  # every proximal parameter must be in it
         self._write_decay(optimizer)
@@ -163,6 +164,21 @@ class Regularizer:
         self._hooks += step_hooks(weakref.ref(self), optimizer, self._fold, self._busy)
         self._optimizer = weakref.ref(optimizer)
         return self
+
+    def _check_parameters_current(self) -> None:
+        """Refuse to run on parameters the model no longer holds: fully_shard or
+        load_state_dict(assign=True) after compile() replace them, and the terms would act on
+        tensors nothing trains. One registered parameter is compared, which catches both."""
+        entry = next((e for e in self.table.entries if e.trainable and e.plain and e._names is None), None)
+        if entry is None:
+            return
+        current = entry.owner._parameters.get(entry.name.rpartition(".")[2], entry.param)
+        if current is not entry.param:
+            raise RegUsageError(
+                f"the model's parameter '{entry.name}' is not the tensor compile() saw: it was replaced since "
+                "(fully_shard, load_state_dict(assign=True), assigning a new nn.Parameter); compile again after replacing parameters, "
+                "then build the optimizer from the new reg.param_groups()"
+            )
 
     def _warn_decay_underflow(self, optimizer: torch.optim.Optimizer) -> None:
         lines = {key.name: key.decay.pos.line for key, _ in self._groups if key.decay is not None and key.decay.pos is not None}

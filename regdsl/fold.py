@@ -111,8 +111,10 @@ class _Bucket:
         )  # read now: load_state_dict() replaces them
         if self.sharded:
             lam = self.value * (float(scale) if scale is not None else 1.0)
-            if lam:
-                sharded.fold(self.family, self.term, lam, params, grads, refs, self.acc)
+            if lam:  # eager even inside a compiled step: DTensor shards are not traced here
+                (_eager(sharded.fold) if torch.compiler.is_compiling() else sharded.fold)(
+                    self.family, self.term, lam, params, grads, refs, self.acc
+                )
         elif scale is not None or torch.compiler.is_compiling():
             strength = self.tensor if scale is None else self.tensor * scale.to(self.device)
             self._fold_tensor(params, grads, refs, strength)

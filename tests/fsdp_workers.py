@@ -86,6 +86,21 @@ def partial_placement() -> str:
     return "compiled"
 
 
+def compiled_before_sharding() -> str:
+    """The error attaching a regularizer compiled before fully_shard replaced the parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = net()
+    reg = regdsl.compile(regdsl.parse("all l2 0.1"), model)
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    try:
+        reg.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    except regdsl.RegUsageError as error:
+        return f"RegUsageError: {error}"
+    return "attached"
+
+
 def worker(rank: int, world: int, init: str, out: str, runs: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -95,7 +110,10 @@ def worker(rank: int, world: int, init: str, out: str, runs: list[str]) -> None:
     try:
         for run in runs:
             try:
-                results.append(partial_placement() if run == "partial" else train(run.removesuffix("-hsdp"), True, hsdp=run.endswith("-hsdp")))
+                if run in SPECIAL:
+                    results.append(SPECIAL[run]())
+                else:
+                    results.append(train(run.removesuffix("-hsdp"), True, hsdp=run.endswith("-hsdp")))
             except Exception as error:  # noqa: BLE001 - reported to the test, which names the run
                 import traceback
 
@@ -103,3 +121,6 @@ def worker(rank: int, world: int, init: str, out: str, runs: list[str]) -> None:
     finally:
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()
+
+
+SPECIAL = {"partial": partial_placement, "stale": compiled_before_sharding}

@@ -18,7 +18,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from ddp_workers import LR, STEPS, net, train, worker
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+]
 
 FIND_UNUSED = {"find_unused_parameters": True}
 DEFAULT: dict = {}

@@ -14,9 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+]
 
-RUNS = ["loss", "fold", "loss-hsdp", "fold-hsdp", "partial"]
+RUNS = ["loss", "fold", "loss-hsdp", "fold-hsdp", "partial", "stale"]
 TRAINING = RUNS[:4]
 
 
@@ -57,3 +60,9 @@ def test_a_partial_placement_is_a_compile_error(ranks: list[list]) -> None:
         message = ranks[rank][RUNS.index("partial")]
         assert message.startswith("RegCompileError:"), message
         assert "RD104" in message and "Partial" in message and "only Shard and Replicate are supported" in message
+
+
+def test_compiling_before_fully_shard_is_refused_at_attach(ranks: list[list]) -> None:
+    for rank in range(2):
+        message = ranks[rank][RUNS.index("stale")]
+        assert message.startswith("RegUsageError:") and "compile again after replacing parameters" in message, message

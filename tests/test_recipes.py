@@ -66,6 +66,7 @@ def _initial() -> dict[str, torch.Tensor]:
     return build_model().state_dict()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("script", ["ddp.py", "fsdp.py"])
 @pytest.mark.parametrize("path", ["fold", "loss"])
 def test_two_processes_match_one(script: str, path: str, single: dict, tmp_path: Path) -> None:
