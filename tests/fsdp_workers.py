@@ -67,7 +67,9 @@ def train(path: str, sharded: bool, rules: str = SHARDED_RULES, hsdp: bool = Fal
         weights[name] = p.detach().clone()
     values = {k: v.detach().clone() for k, v in reg.values().items()}
     shapes = {row.name: tuple(row.shape) for row in reg.explain()}
-    return {"weights": weights, "penalty": first, "values": values, "shapes": shapes}
+    # `check` judges shapes on the unsharded weight: dim=2 is out of range for (8, 6), not for a shard.
+    found = regdsl.check(regdsl.parse("layer fc1.weight group_lasso 0.1 dim=2"), model)
+    return {"weights": weights, "penalty": first, "values": values, "shapes": shapes, "check": [d.message for d in found]}
 
 
 def partial_placement() -> str:

@@ -49,6 +49,7 @@ def test_sharded_training_matches_one_process(ranks: list[list], index: int) -> 
             if label.startswith("activity"):
                 continue  # the last forward's: a rank saw half of the batch
             torch.testing.assert_close(got[rank]["values"][label], value, rtol=1e-12, atol=0, msg=label)
+        assert got[rank]["check"] == want["check"] and "(8, 6)" in " ".join(want["check"]), got[rank]["check"]
         assert got[rank]["shapes"] == want["shapes"] == {
             "fc1.weight": (8, 6), "fc1.bias": (8,), "fc2.weight": (8, 8), "fc2.bias": (8,), "out.weight": (4, 8),
             "out.bias": (4,), "head.weight": (1, 4), "head.bias": (1,), "unused.weight": (8, 8),
