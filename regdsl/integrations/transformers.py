@@ -1,0 +1,162 @@
+"""Hugging Face ``Trainer`` with a rule file: ``RegularizedTrainer(rules="rules.reg", ...)``.
+
+What it does (docs/integrations/transformers.md):
+
+* builds the optimizer from ``optimizer_cls_and_kwargs`` (or ``args.optim`` through
+  ``Trainer.get_optimizer_cls_and_kwargs``) with regdsl's parameter groups, compiling the rules
+  against the model Trainer is about to train: again for every ``model_init`` trial;
+* attaches the regularizer to that optimizer, folding the parameter terms into its step by
+  default (``fold=True``), so that they apply once per optimizer step whatever the gradient
+  accumulation;
+* adds ``reg.penalty()`` (activity terms, and every term with ``fold=False``) to the training
+  loss with the factor Trainer's own accumulation scaling needs, in each case it has: a loss
+  Trainer divides by the accumulation steps, or one already normalized over them (a model that
+  accepts ``num_items_in_batch``, a ``compute_loss_func``, ``loss_is_scaled_for_ga``);
+* saves ``reg.state_dict()`` in each checkpoint beside the optimizer and loads it on resume;
+* logs each term's value as ``reg/<term>:<line>`` with Trainer's training logs.
+
+Optimizers that build their own parameter groups (GaLore, LOMO, layer-wise, optimizer
+factories) are refused with :class:`regdsl.RegUsageError`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from ..compiler import Regularizer, compile
+from ..errors import RegDslWarning, RegUsageError
+from ..spec import Spec
+
+STATE_FILE = "regdsl.pt"
+# Keys of get_optimizer_cls_and_kwargs' kwargs that replace the parameter groups.
+_OWN_GROUPS = ("params", "model", "optimizer_dict")
+
+
+class RegularizationMixin:
+    """Mix into your own ``Trainer`` subclass, before ``Trainer``: ``class T(RegularizationMixin, MyTrainer)``."""
+
+    def __init__(
+        self,
+        *args: Any,
+        rules: Spec | str | os.PathLike[str],
+        reference: Mapping[str, torch.Tensor] | None = None,
+        fold: bool = True,
+        **kwargs: Any,
+    ):
+        optimizers = kwargs.get("optimizers", (None, None))
+        if optimizers and optimizers[0] is not None:
+            raise RegUsageError(
+                "RegularizedTrainer builds the optimizer from the rule file's groups: pass "
+                "optimizer_cls_and_kwargs=(cls, kwargs) or TrainingArguments(optim=...) instead of optimizers=(optimizer, ...)"
+            )
+        self.rules, self.reference, self.fold = rules, reference, fold
+        self.reg: Regularizer | None = None
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------ optimizer
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        own = [key for key in _OWN_GROUPS if key in optimizer_kwargs]
+        if own or _is_factory(optimizer_cls):
+            raise RegUsageError(
+                f"the optimizer {getattr(optimizer_cls, '__name__', optimizer_cls)!s} (optim={self.args.optim!s}) builds its "
+                "own parameter groups (GaLore, LOMO, layer-wise and factory optimizers do), so the rule file's groups "
+                "cannot be given to it: choose an optimizer that takes parameter groups, such as adamw_torch"
+            )
+        if self.args.weight_decay:
+            warnings.warn(
+                RegDslWarning(
+                    f"TrainingArguments.weight_decay={self.args.weight_decay} is ignored: the rule file sets each "
+                    "group's decay (write 'all decay VALUE' for a default)"
+                ),
+                stacklevel=2,
+            )
+        if self.reg is not None:
+            self.reg.detach()  # a model_init trial: the previous model's regularizer lets go of its hooks
+        self.reg = compile(self.rules, opt_model, reference=self.reference)
+        defaults = {k: v for k, v in optimizer_kwargs.items() if k != "weight_decay"}
+        lr = defaults.pop("lr", self.args.learning_rate)
+        self.optimizer = optimizer_cls(self.reg.param_groups(lr=lr, **defaults))
+        self.reg.attach(self.optimizer, fold=self.fold)
+        return self.optimizer
+
+    # ------------------------------------------------------------ loss
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.reg is None or not (model.training and torch.is_grad_enabled()):
+            return result  # evaluation: the data loss alone
+        loss, outputs = result if return_outputs else (result, None)
+        penalty = self.reg.penalty()
+        if self._loss_is_scaled_for_ga(num_items_in_batch):
+            # Trainer will not divide this loss by the accumulation steps: the penalty must be.
+            penalty = penalty / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        loss = loss + penalty.to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        """Trainer.training_step's own test of whether it divides the loss by the accumulation steps."""
+        explicit = getattr(self, "loss_is_scaled_for_ga", None)
+        if explicit is not None:
+            return bool(explicit)
+        accepts = getattr(self, "model_accepts_loss_kwargs", False)
+        return bool((accepts and num_items_in_batch is not None) or getattr(self, "compute_loss_func", None) is not None)
+
+    # ------------------------------------------------------------ checkpoints and logs
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.reg is not None and self.args.should_save:
+            torch.save(self.reg.state_dict(), os.path.join(output_dir, STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.reg is None:
+            return
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            warnings.warn(
+                RegDslWarning(f"{checkpoint} has no {STATE_FILE}: every schedule restarts at step 0"), stacklevel=2
+            )
+            return
+        self.reg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.reg is not None and "loss" in logs:
+            logs = {**logs, **{f"reg/{label}": value.item() for label, value in self.reg.values().items()}}
+        super().log(logs, *args, **kwargs)
+
+
+class RegularizedTrainer(RegularizationMixin, Trainer):
+    """``transformers.Trainer`` that takes ``rules=`` (a ``.reg`` path or a :class:`regdsl.Spec`),
+    plus ``reference=`` for ``l2 ... to ref`` and ``fold=`` (default True)."""
+
+
+def _is_factory(optimizer_cls: Any) -> bool:
+    try:
+        from transformers.trainer import is_optimizer_factory  # type: ignore[attr-defined]
+    except ImportError:  # a transformers without optimizer factories
+        return False
+    return bool(is_optimizer_factory(optimizer_cls))
+
+
+__all__ = ["STATE_FILE", "RegularizationMixin", "RegularizedTrainer"]

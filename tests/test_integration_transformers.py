@@ -1,0 +1,184 @@
+"""regdsl.integrations.transformers: a tiny GPT-2 trained by RegularizedTrainer gives the weights
+of a plain loop written here (the same global batches, SGD, constant lr, no clipping), for
+gradient accumulation 1, 2 and 4, on the fold path and the loss path (SGD: Adam's first steps
+would turn rounding differences in near-zero gradients into whole steps); a resumed run continues
+its schedules; per-term values reach Trainer's logs; optimizers with their own groups are refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import torch
+from torch.utils.data import Dataset, SequentialSampler
+
+import regdsl
+from regdsl import RegUsageError
+from regdsl.integrations.transformers import STATE_FILE, RegularizedTrainer
+
+GLOBAL_BATCH, STEPS, LR, SEQ = 8, 4, 0.1, 12
+# A warmup makes the step counter matter (a resume that lost it would differ), and the activity
+# term is per micro-batch: both are where the accumulation factor could go wrong.
+RULES = """\
+all decay 0.01
+exclude bias
+exclude norm
+exclude embedding
+layer transformer.h.*.mlp.c_fc.weight l1 1e-3 warmup 3
+layer transformer.h.*.attn.c_attn.weight group_lasso 1e-2 dim=1
+layer transformer.h.0.mlp activity l2 1e-2
+"""
+
+
+class Tokens(Dataset):
+    def __init__(self, n: int = GLOBAL_BATCH * STEPS):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 50, (n, SEQ), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=SEQ, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # no dropout: Trainer draws its own random numbers
+    model = transformers.GPT2LMHeadModel(config)
+    # Built from a config, the model has no loss_type, and Trainer then counts num_items_in_batch
+    # over unshifted labels (12 tokens a row where the loss averages 11): set what from_pretrained sets.
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+class InOrder(RegularizedTrainer):
+    """The test's only change to Trainer: batches in dataset order, so a plain loop can follow."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+def arguments(tmp_path, accumulate: int, **extra) -> transformers.TrainingArguments:
+    settings = {
+        "output_dir": str(tmp_path), "per_device_train_batch_size": GLOBAL_BATCH // accumulate,
+        "gradient_accumulation_steps": accumulate, "max_steps": STEPS, "learning_rate": LR, "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0, "weight_decay": 0.0, "optim": "sgd", "logging_steps": 1, "save_strategy": "no", "report_to": [], "use_cpu": True,
+        "seed": 0, "disable_tqdm": True, "dataloader_num_workers": 0,
+    }  # fmt: skip
+    return transformers.TrainingArguments(**{**settings, **extra})
+
+
+def trained(tmp_path, accumulate: int, fold: bool = True, **extra) -> tuple[RegularizedTrainer, dict[str, torch.Tensor]]:
+    trainer = InOrder(model=gpt2(), args=arguments(tmp_path, accumulate, **extra), train_dataset=Tokens(), rules=regdsl.parse(RULES), fold=fold)
+    trainer.train()
+    return trainer, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def plain_loop() -> dict[str, torch.Tensor]:
+    """What the Trainer runs must equal: whole global batches, the data loss plus reg.penalty()."""
+    model = gpt2()
+    model.train()
+    reg = regdsl.compile(regdsl.parse(RULES), model)
+    opt = torch.optim.SGD(reg.param_groups(lr=LR))
+    reg.attach(opt)
+    data = Tokens()
+    for step in range(STEPS):
+        ids = data.ids[step * GLOBAL_BATCH : (step + 1) * GLOBAL_BATCH]
+        loss = model(input_ids=ids, labels=ids).loss + reg.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, torch.Tensor]:
+    weights = plain_loop()
+    before = dict(gpt2().named_parameters())
+    assert all(not torch.equal(before[n], w) for n, w in weights.items())  # every tensor moved
+    return weights
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "loss"])
+@pytest.mark.parametrize("accumulate", [1, 2, 4])
+def test_trainer_matches_the_plain_loop(tmp_path, expected, accumulate: int, fold: bool) -> None:
+    trainer, weights = trained(tmp_path, accumulate, fold=fold)
+    assert trainer.model_accepts_loss_kwargs  # GPT-2 normalizes by num_items_in_batch: Trainer does not divide
+    assert trainer.reg.step == STEPS
+    assert_same(weights, expected)
+
+
+def test_a_loss_trainer_divides_gets_the_penalty_whole(tmp_path, expected) -> None:
+    """The other case: Trainer divides the loss by the accumulation steps itself."""
+    trainer = InOrder(model=gpt2(), args=arguments(tmp_path, 2), train_dataset=Tokens(), rules=regdsl.parse(RULES), fold=False)
+    trainer.model_accepts_loss_kwargs = False  # as for a model whose forward takes no loss kwargs
+    trainer.train()
+    # Without num_items_in_batch each micro-batch's loss is its own mean; with equal micro-batches
+    # their average is the global batch's mean, so the plain loop's weights hold here too.
+    assert_same({n: p.detach() for n, p in trainer.model.named_parameters()}, expected)
+
+
+def test_resume_continues_the_schedules(tmp_path, expected) -> None:
+    first = InOrder(model=gpt2(), args=arguments(tmp_path / "a", 2, save_strategy="steps", save_steps=2), train_dataset=Tokens(), rules=regdsl.parse(RULES))
+    first.train()
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert torch.load(checkpoint / STATE_FILE, weights_only=True)["step"] == 2
+    resumed = InOrder(model=gpt2(), args=arguments(tmp_path / "b", 2), train_dataset=Tokens(), rules=regdsl.parse(RULES))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.reg.step == STEPS
+    assert_same({n: p.detach() for n, p in resumed.model.named_parameters()}, expected)
+
+
+def test_per_term_values_are_logged(tmp_path) -> None:
+    trainer, _ = trained(tmp_path, 2)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == STEPS
+    lines = {i + 1 for i, line in enumerate(RULES.splitlines()) if "l1" in line or "group_lasso" in line or "activity" in line}
+    for entry in logged:
+        labels = {k for k in entry if k.startswith("reg/")}
+        assert labels == {f"reg/l1:{min(lines)}", f"reg/group_lasso:{min(lines) + 1}", f"reg/activity_l2:{min(lines) + 2}"}, labels
+        assert entry[f"reg/group_lasso:{min(lines) + 1}"] > 0
+    assert logged[0][f"reg/l1:{min(lines)}"] < logged[-1][f"reg/l1:{min(lines)}"]  # the warmup: 0 at step 0
+
+
+def test_model_init_recompiles_for_each_model(tmp_path) -> None:
+    built = []
+
+    def model_init():
+        built.append(gpt2())
+        return built[-1]
+
+    trainer = InOrder(model_init=model_init, args=arguments(tmp_path, 1), train_dataset=Tokens(), rules=regdsl.parse(RULES))
+    trainer.train()
+    first = trainer.reg
+    trainer.train()
+    assert trainer.reg is not first and len(built) >= 2
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+
+
+def test_optimizers_with_their_own_groups_are_refused(tmp_path) -> None:
+    layerwise = (torch.optim.AdamW, {"lr": LR, "optimizer_dict": {}})
+    trainer = InOrder(model=gpt2(), args=arguments(tmp_path, 1), train_dataset=Tokens(), rules=regdsl.parse(RULES), optimizer_cls_and_kwargs=layerwise)
+    with pytest.raises(RegUsageError, match="builds its own parameter groups"):
+        trainer.train()
+    with pytest.raises(RegUsageError, match="optimizer_cls_and_kwargs"):
+        InOrder(model=gpt2(), args=arguments(tmp_path, 1), train_dataset=Tokens(), rules=regdsl.parse(RULES), optimizers=(torch.optim.SGD(gpt2().parameters(), lr=0.1), None))
+
+
+def test_weight_decay_in_the_arguments_warns(tmp_path) -> None:
+    args = arguments(tmp_path, 1)
+    args.weight_decay = 0.1
+    trainer = InOrder(model=gpt2(), args=args, train_dataset=Tokens(), rules=regdsl.parse(RULES))
+    with pytest.warns(regdsl.RegDslWarning, match="weight_decay=0.1 is ignored"):
+        trainer.create_optimizer()
