@@ -105,6 +105,7 @@ class Regularizer:
         self._fold: Folding | None = None  # set by attach(fold=True): penalty() then returns only its .rest
         self._post = PostStepPlan(post)
         self._activity = ActivityPlan(targets)
+        self._warned_untaken = False
         self._first_trainable = next((e.param for e in self.table.entries if e.trainable), None)
         # Whether a step needs more than the counter: post-step terms, pending activity values, schedules.
         self._busy = bool(self._post or self._activity or self._scheduled_decays) or any_scheduled(i.term for i in loss)
@@ -143,7 +144,7 @@ class Regularizer:
             groups.append(group)
         return groups
 
-    def attach(self, optimizer: torch.optim.Optimizer, fold: bool = False) -> Regularizer:
+    def attach(self, optimizer: torch.optim.Optimizer, fold: bool = False, fold_hook: bool = True) -> Regularizer:
         """Run :meth:`after_step` automatically after every ``optimizer.step()`` (torch's step hooks).
 
         With ``fold=True`` the gradients of ``l1``, ``l2``, ``l2 ... to``, ``group_lasso`` and
@@ -151,6 +152,10 @@ class Regularizer:
         update (docs/fold.md), and :meth:`penalty` leaves them out. With nothing scheduled and
         nothing to do after a step, the only hook counts steps (or the fold's hook does).
         Needs an optimizer built from :meth:`param_groups` when a ``decay`` has a schedule.
+
+        ``fold_hook=False`` is for steps whose backward runs inside ``optimizer.step(closure)``
+        (Lightning), after any pre-hook: the caller adds the terms with :meth:`fold` once the
+        gradients are there.
         """
         if self._optimizer is not None:
             raise RegUsageError("this regularizer is already attached to an optimizer; detach() first")
@@ -161,9 +166,17 @@ class Regularizer:
         self._warn_decay_underflow(optimizer)
         self._activity.register()  # after a detach(), the forward hooks come back too
         self._fold = Folding(self._loss_items, optimizer, self._step) if fold else None
-        self._hooks += step_hooks(weakref.ref(self), optimizer, self._fold, self._busy)
+        self._hooks += step_hooks(weakref.ref(self), optimizer, self._fold if fold_hook else None, self._busy)
         self._optimizer = weakref.ref(optimizer)
         return self
+
+    def fold(self) -> None:
+        """Add the folded terms' gradients to ``p.grad`` now, for ``attach(opt, fold=True, fold_hook=False)``:
+        once per optimizer step, after the last backward and before the update."""
+        optimizer = self._optimizer() if self._optimizer is not None else None
+        if self._fold is None or optimizer is None:
+            raise RegUsageError("fold() needs attach(optimizer, fold=True, fold_hook=False) first")
+        self._fold.plan(getattr(optimizer, "grad_scale", None))
 
     def _check_parameters_current(self) -> None:
         """Refuse to run on parameters the model no longer holds: fully_shard or
@@ -201,7 +214,9 @@ class Regularizer:
 
     def _advance(self, optimizer: torch.optim.Optimizer | None) -> None:
         # Activity values no penalty() took belong to a step that is over; keeping them would hold graphs.
-        self._activity.take()
+        if self._activity.take() and not self._warned_untaken:
+            self._warned_untaken = True
+            self._warn_untaken()
         self._post.apply(self._step, optimizer.param_groups if optimizer is not None else None)
         self._set_step(self._step + 1, optimizer)
 
@@ -343,6 +358,17 @@ class Regularizer:
         if self._deferred is None or self._deferred.source is not plan:
             self._deferred = DeferredPenalty(plan)
         return self._deferred
+
+    def _warn_untaken(self) -> None:
+        lines = sorted({t.term.pos.line for t in self._activity.targets if t.term.pos is not None})
+        where = f" (line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))})" if lines else ""
+        warnings.warn(
+            RegDslWarning(
+                f"an optimizer step ran while activity terms{where} collected in the forward pass were never added "
+                "to a loss: add reg.penalty() to the loss of each training step, or they do nothing"
+            ),
+            stacklevel=caller_stacklevel(through_torch=True),
+        )
 
     def _warn_not_listening(self) -> None:
         lines = sorted({t.term.pos.line for t in self._activity.targets if t.term.pos is not None})

@@ -173,11 +173,17 @@ def model_diagnostic(spec: Spec, pos: Span | None, code: str, message: str) -> D
     )
 
 
-def caller_stacklevel() -> int:
-    """The ``stacklevel`` for ``warnings.warn`` that names the first frame outside this package:
-    the user's call, however many of regdsl.compile, Spec.compile and Regularizer() lie between."""
-    package = os.path.dirname(os.path.abspath(__file__))
+def caller_stacklevel(through_torch: bool = False) -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that names the first frame outside this package
+    (its integrations included): the user's call, however many of regdsl.compile, Spec.compile and
+    Regularizer() lie between. ``through_torch``: torch's frames are skipped too, for a warning
+    issued from a hook torch runs (``opt.step()`` is then the line named)."""
+    inside = [os.path.dirname(os.path.abspath(__file__)) + os.sep]
+    if through_torch:
+        import torch
+
+        inside.append(os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package:
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(tuple(inside)):
         frame, level = frame.f_back, level + 1
     return level

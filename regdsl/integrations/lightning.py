@@ -1,0 +1,96 @@
+"""Lightning with a rule file: ``Trainer(callbacks=[RegularizationCallback("rules.reg")])``.
+
+The callback (docs/integrations/lightning.md):
+
+* compiles the rules against the LightningModule in ``setup``, before ``configure_optimizers``
+  runs, and sets ``pl_module.reg`` so that ``configure_optimizers`` can build its optimizer from
+  ``self.reg.param_groups(lr=...)``;
+* attaches the regularizer to the optimizer Lightning built and, by default, folds the parameter
+  terms into each step in ``on_before_optimizer_step`` (after the closure's backward, before
+  gradient clipping), so that ``training_step`` changes only where the file has activity terms (or
+  with ``fold=False``): there it adds ``self.reg.penalty()`` to its loss. Lightning divides that
+  loss by ``accumulate_grad_batches`` itself, and steps (and folds) once per accumulation;
+* logs each term's value as ``reg/<term>:<line>`` through ``pl_module.log``;
+* saves ``reg.state_dict()`` in Lightning's checkpoints and restores it on resume.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from ..compiler import Regularizer, compile
+from ..errors import RegUsageError
+from ..spec import Spec
+
+
+class RegularizationCallback(pl.Callback):
+    """``rules``: a ``.reg`` path or a :class:`regdsl.Spec`, written for the LightningModule's own
+    parameter names (``model.fc1.weight`` for a module kept as ``self.model``)."""
+
+    def __init__(
+        self,
+        rules: Spec | str | os.PathLike[str],
+        reference: Mapping[str, torch.Tensor] | None = None,
+        fold: bool = True,
+        log: bool = True,
+    ):
+        self.rules, self.reference, self.fold, self.log = rules, reference, fold, log
+        self.reg: Regularizer | None = None
+        self._saved: Mapping[str, Any] | None = None  # a checkpoint's state, loaded before setup compiled
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.reg is not None:
+            self.reg.detach()
+        self.reg = compile(self.rules, pl_module, reference=self.reference)
+        pl_module.reg = self.reg
+        if self._saved is not None:
+            self.reg.load_state_dict(self._saved)
+            self._saved = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.reg is not None
+        optimizers = trainer.optimizers
+        if len(optimizers) != 1:
+            raise RegUsageError(
+                f"RegularizationCallback attaches to one optimizer, and configure_optimizers returned {len(optimizers)}: "
+                "compile one regularizer per optimizer with regdsl.compile and attach each yourself"
+            )
+        # Lightning runs forward and backward inside optimizer.step(closure), after any step
+        # pre-hook: the terms are folded in on_before_optimizer_step, once the gradients exist.
+        self.reg.attach(optimizers[0], fold=self.fold, fold_hook=False)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.fold and self.reg is not None:
+            self.reg.fold()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.log and self.reg is not None:
+            values = self.reg.values()
+            if values:
+                pl_module.log_dict({f"reg/{label}": value for label, value in values.items()}, on_step=True, on_epoch=False)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.reg is not None:
+            self.reg.detach()  # the hooks go; pl_module.reg stays for inspection
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reg": self.reg.state_dict()} if self.reg is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("reg")
+        if saved is None:
+            return
+        if self.reg is None:
+            self._saved = saved
+        else:
+            self.reg.load_state_dict(saved)
+
+
+__all__ = ["RegularizationCallback"]
