@@ -124,6 +124,12 @@ def report(model: SmallCNN, plain: SmallCNN) -> None:
 
 
 def main(argv: list[str]) -> int:
+    argv = list(argv)
+    picture = None
+    if "--plot" in argv:  # --plot PNG: draw the weights before and after (needs regdsl[plot])
+        at = argv.index("--plot")
+        picture = argv[at + 1]
+        del argv[at : at + 2]
     path = Path(argv[1]) if len(argv) > 1 else Path(os.path.relpath(Path(__file__).with_name("cnn.reg")))
     try:
         rules = regdsl.load(path)
@@ -141,6 +147,12 @@ def main(argv: list[str]) -> int:
     plain, _ = train(regdsl.parse(""))
     print("\nEffect, against the same run with no rules:")
     report(model, plain)
+    if picture is not None:
+        from regdsl.plot import weights
+
+        torch.manual_seed(0)  # the initial weights train() started from
+        weights(rules, model, [SmallCNN().state_dict(), model.state_dict()], path=picture)
+        print(f"\nwrote {picture}")
     return 0
 
 

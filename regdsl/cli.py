@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--format", choices=("table", "json", "csv"), default="table")
     explain.add_argument("--group", action="store_true", help="show the optimizer parameter groups instead")
 
+    plot = commands.add_parser("plot", help="draw the weights of checkpoints per rule group (needs regdsl[plot])")
+    plot.add_argument("file", metavar="FILE")
+    model_options(plot, required=True)
+    plot.add_argument("--checkpoint", nargs="+", required=True, metavar="PT", help="state_dict files, in training order")
+    plot.add_argument("-o", "--output", required=True, metavar="PNG", help="the image to write (any format matplotlib writes)")
+
     fmt = commands.add_parser("fmt", help="rewrite rule files in canonical form, keeping comments")
     fmt.add_argument("files", nargs="+", metavar="FILE")
     fmt.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
@@ -67,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error
         return int(exc.code or 0)
-    command = {"check": _check, "explain": _explain, "fmt": _fmt}[args.command]
+    command = {"check": _check, "explain": _explain, "fmt": _fmt, "plot": _plot}[args.command]
     try:
         return command(args)
     except _UsageError as exc:
@@ -219,6 +225,30 @@ def _explain(args: argparse.Namespace) -> int:
         )
         print(f"'set by' names the term and the line of {args.file} that set it.\n")
         print(format_explain(rows, modules))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- plot
+
+
+def _plot(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise _UsageError("regdsl plot needs matplotlib: pip install 'regdsl[plot]'") from None
+    from .plot import PlotError, weights
+
+    try:
+        spec = _load_spec(args.file)
+    except RegDslError as exc:
+        for d in exc.diagnostics:
+            print(d.render(), file=sys.stderr)
+        return EXIT_PROBLEMS
+    try:
+        weights(spec, _model(args), args.checkpoint, path=args.output)
+    except PlotError as exc:
+        raise _UsageError(str(exc)) from None
+    print(f"wrote {args.output}")
     return EXIT_OK
 
 

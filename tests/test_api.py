@@ -84,12 +84,15 @@ def test_example_trains_and_the_rules_change_the_head(tmp_path: Path) -> None:
 
 def test_cnn_example_trains_and_each_term_shows(tmp_path: Path) -> None:
     """examples/cnn.reg on examples/train_cnn.py: every term it uses leaves its mark on the run."""
+    picture = tmp_path / "weights.png"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_cnn.py")],
+        [sys.executable, str(ROOT / "examples" / "train_cnn.py"), "--plot", str(picture)],
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
     )
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no warnings
     out = result.stdout
+    assert picture.stat().st_size > 10_000  # decoded and checked panel by panel in tests/test_plot.py
 
     def measured(label: str) -> tuple[float, float]:
         line = next(l for l in out.splitlines() if l.strip().startswith(label))

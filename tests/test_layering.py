@@ -10,7 +10,7 @@ from pathlib import Path
 import regdsl
 
 PACKAGE = Path(regdsl.__file__).resolve().parent
-PRESENTATION = {"lint", "formatter", "report", "loading", "cli", "__main__"}
+PRESENTATION = {"lint", "formatter", "report", "loading", "cli", "plot", "__main__"}
 # The package's front door re-exports the public API, presentation included, lazily.
 FRONT = {"__init__"}
 

@@ -1,0 +1,157 @@
+"""Pictures of what the rules did to the weights: ``regdsl plot`` and :func:`weights`.
+
+One figure, from a rule file, a model (for names and groups; its own values are not read)
+and checkpoints taken during training (``pip install regdsl[plot]`` for matplotlib):
+
+* per optimizer group (the file's rule groups), a histogram of the weights in the first and
+  the last checkpoint, counts on a log scale: what users look at to judge a λ;
+* per tensor with ``l1 ... prox`` or ``group_lasso``, the fraction of exact zeros, first and
+  last checkpoint (the sparsity those terms are for);
+* with two or more checkpoints, each group's L2 norm from checkpoint to checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .build import load
+from .resolution import resolve
+from .spec import Spec
+from .walk import canonical_name
+
+Checkpoint = Mapping[str, torch.Tensor] | str | os.PathLike[str]
+
+
+class PlotError(Exception):
+    """A checkpoint that cannot be read or lacks a tensor the rules' groups name."""
+
+
+def weights(
+    rules: Spec | str | os.PathLike[str],
+    model: nn.Module,
+    checkpoints: Sequence[Checkpoint],
+    path: str | os.PathLike[str] | None = None,
+    labels: Sequence[str] | None = None,
+) -> Any:
+    """The figure (a ``matplotlib.figure.Figure``), also written to ``path`` when given.
+
+    ``checkpoints``: state_dicts, or files holding one (``torch.save(model.state_dict())``, or a
+    dict with it under ``"model"`` or ``"state_dict"``), in training order. ``labels`` name them
+    in the legends (default: "before"/"after" for two, else their index).
+    """
+    from matplotlib.figure import Figure
+
+    if not checkpoints:
+        raise PlotError("give at least one checkpoint")
+    spec = rules if isinstance(rules, Spec) else load(rules)
+    resolution = resolve(spec, model)
+    states = [_state(c) for c in checkpoints]
+    names = list(labels) if labels is not None else _default_labels(len(states))
+    groups = [(g.name, g.params) for g in resolution.groups_summary() if g.params]
+    sparse = [r.name for r in resolution.rows if r.trainable and _sparsifies(r.terms)]
+    values = [{name: _flat(state, members, i, checkpoints) for name, members in groups} for i, state in enumerate(states)]
+
+    rows = 1 + bool(sparse) + (len(states) > 1)
+    columns = max(len(groups), 1)
+    fig = Figure(figsize=(max(4.0 * columns, 8.0), 3.2 * rows), layout="constrained")
+    grid = fig.add_gridspec(rows, columns)
+    for column, (name, members) in enumerate(groups):
+        _histograms(fig.add_subplot(grid[0, column]), name, len(members), values[0][name], values[-1][name], names)
+    row = 1
+    if sparse:
+        _sparsity(fig.add_subplot(grid[row, :]), sparse, states[0], states[-1], names, checkpoints)
+        row += 1
+    if len(states) > 1:
+        _norms(fig.add_subplot(grid[row, :]), [g for g, _ in groups], values, names)
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def _histograms(ax: Any, name: str, tensors: int, first: torch.Tensor, last: torch.Tensor, labels: list[str]) -> None:
+    low = min(first.min().item(), last.min().item())
+    high = max(first.max().item(), last.max().item())
+    bins = torch.linspace(low, high if high > low else low + 1e-12, 61).tolist()
+    ax.hist(first.numpy(), bins=bins, log=True, alpha=0.5, label=labels[0], color="tab:blue")
+    if len(labels) > 1:
+        ax.hist(last.numpy(), bins=bins, log=True, alpha=0.5, label=labels[-1], color="tab:orange")
+    ax.set_title(f"{name} ({tensors} tensor{'' if tensors == 1 else 's'})", fontsize=9)
+    ax.set_xlabel("weight")
+    ax.set_ylabel("count (log)")
+    ax.legend(fontsize=8)
+
+
+def _sparsity(ax: Any, tensors: list[str], first: Mapping[str, torch.Tensor], last: Mapping[str, torch.Tensor], labels: list[str], sources: Sequence[Checkpoint]) -> None:
+    x = torch.arange(len(tensors)).float()
+    width = 0.4 if len(labels) > 1 else 0.8
+    before = [_zeros(_tensor(first, n, 0, sources)) for n in tensors]
+    ax.bar((x - width / 2 if len(labels) > 1 else x).numpy(), before, width, label=labels[0], color="tab:blue")
+    if len(labels) > 1:
+        after = [_zeros(_tensor(last, n, len(sources) - 1, sources)) for n in tensors]
+        ax.bar((x + width / 2).numpy(), after, width, label=labels[-1], color="tab:orange")
+    ax.set_xticks(x.numpy(), tensors, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("exact zeros")
+    ax.set_title("sparsity of the tensors with l1 ... prox or group_lasso", fontsize=9)
+    ax.legend(fontsize=8)
+
+
+def _norms(ax: Any, groups: list[str], values: list[dict[str, torch.Tensor]], labels: list[str]) -> None:
+    steps = list(range(len(values)))
+    for name in groups:
+        ax.plot(steps, [v[name].norm().item() for v in values], marker="o", label=name)
+    ax.set_xticks(steps, labels, fontsize=8)
+    ax.set_ylabel("L2 norm")
+    ax.set_title("each group's norm, checkpoint to checkpoint", fontsize=9)
+    ax.legend(fontsize=8)
+
+
+def _sparsifies(terms: Mapping[str, Any]) -> bool:
+    l1 = terms.get("l1")
+    return "group_lasso" in terms or (l1 is not None and bool(getattr(l1.term, "prox", False)))
+
+
+def _zeros(t: torch.Tensor) -> float:
+    return (t == 0).float().mean().item() if t.numel() else 0.0
+
+
+def _default_labels(n: int) -> list[str]:
+    return ["before", "after"] if n == 2 else ["checkpoint 0"] if n == 1 else [str(i) for i in range(n)]
+
+
+def _state(source: Checkpoint) -> dict[str, torch.Tensor]:
+    if isinstance(source, Mapping):
+        state: Any = source
+    else:
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise PlotError(f"cannot read checkpoint {os.fspath(source)}: {exc}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping):
+        raise PlotError(f"checkpoint {_describe(source)} holds no state_dict")
+    return {canonical_name(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _tensor(state: Mapping[str, torch.Tensor], name: str, index: int, sources: Sequence[Checkpoint]) -> torch.Tensor:
+    if name not in state:
+        raise PlotError(f"checkpoint {_describe(sources[index])} has no tensor '{name}'")
+    return state[name].detach().float().flatten()
+
+
+def _flat(state: Mapping[str, torch.Tensor], members: Sequence[str], index: int, sources: Sequence[Checkpoint]) -> torch.Tensor:
+    return torch.cat([_tensor(state, name, index, sources) for name in members])
+
+
+def _describe(source: Checkpoint) -> str:
+    return "(a mapping)" if isinstance(source, Mapping) else os.fspath(source)
+
+
+__all__ = ["PlotError", "weights"]

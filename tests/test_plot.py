@@ -1,0 +1,130 @@
+"""regdsl.plot.weights and `regdsl plot`: the figure's files are decoded and checked panel by
+panel (every axes has drawn pixels), never looked at by eye; values behind the panels are checked
+against numbers written out here."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+import torch
+from matplotlib.image import imread
+from models import CNN, seeded
+
+import regdsl
+from regdsl.cli import main as cli
+from regdsl.plot import PlotError, weights
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = "all decay 0.01\nexclude bias\nexclude norm\nlayer conv2.weight group_lasso 0.1\nlayer head.weight l1 0.1 prox"
+
+
+def checkpoints() -> list[dict[str, torch.Tensor]]:
+    """Three states: the initial one, then conv2's first filter and half of head.weight zeroed,
+    then the weights shrunk too: what training with these rules would do, made by hand."""
+    seeded(0)
+    first = {k: v.clone() for k, v in CNN().state_dict().items()}
+    middle = {k: v.clone() for k, v in first.items()}
+    middle["conv2.weight"][0] = 0
+    middle["head.weight"].view(-1)[::2] = 0
+    last = {k: v * 0.5 for k, v in middle.items()}
+    return [first, middle, last]
+
+
+def panels_drawn(fig, path: Path) -> list[float]:
+    """Per axes, the fraction of its pixels (inside the frame) that are not white, read back from the file."""
+    image = imread(path)
+    height, width = image.shape[:2]
+    assert (width, height) == (round(fig.get_figwidth() * 100), round(fig.get_figheight() * 100))
+    fractions = []
+    for ax in fig.axes:
+        box = ax.get_window_extent()
+        x0, x1 = int(box.x0) + 3, int(box.x1) - 3
+        y0, y1 = height - int(box.y1) + 3, height - int(box.y0) - 3  # image rows count from the top
+        inside = image[y0:y1, x0:x1, :3]
+        fractions.append(float((inside < 0.95).any(axis=-1).mean()))
+    return fractions
+
+
+def test_every_panel_is_drawn(tmp_path: Path) -> None:
+    seeded(0)
+    path = tmp_path / "w.png"
+    fig = weights(regdsl.parse(RULES), CNN(), checkpoints(), path=path, labels=["init", "mid", "end"])
+    groups = [g.name for g in regdsl.resolve(regdsl.parse(RULES), CNN()).groups_summary() if g.params]
+    # A histogram per group, then the sparsity panel, then the norms.
+    assert len(fig.axes) == len(groups) + 2
+    assert [ax.get_title().split(" (")[0] for ax in fig.axes[: len(groups)]] == groups
+    fractions = panels_drawn(fig, path)
+    assert all(f > 0.02 for f in fractions), fractions
+
+
+def test_the_panels_hold_the_numbers(tmp_path: Path) -> None:
+    seeded(0)
+    states = checkpoints()
+    fig = weights(regdsl.parse(RULES), CNN(), states)
+    sparsity = fig.axes[-2]
+    names = [t.get_text() for t in sparsity.get_xticklabels()]
+    assert names == ["conv2.weight", "head.weight"]
+    heights = [p.get_height() for p in sparsity.patches]
+    # First checkpoint: no zeros; last: conv2's first of 8 filters, head.weight every other element.
+    head = states[-1]["head.weight"]
+    assert heights == pytest.approx([0.0, 0.0, 1 / 8, (head == 0).float().mean().item()])
+    norms = fig.axes[-1]
+    decay = next(line for line in norms.get_lines() if line.get_label() == "decay=0.01")
+    members = ("conv1.weight", "conv2.weight", "head.weight")  # the weights: biases and BatchNorm excluded
+    expected = [torch.cat([s[n].flatten() for n in members]).norm().item() for s in states]
+    assert list(decay.get_ydata()) == pytest.approx(expected)
+
+
+def test_two_checkpoints_are_before_and_after(tmp_path: Path) -> None:
+    seeded(0)
+    states = checkpoints()
+    fig = weights(regdsl.parse(RULES), CNN(), [states[0], states[-1]])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["before", "after"]
+
+
+def test_a_checkpoint_without_a_tensor_is_an_error() -> None:
+    seeded(0)
+    state = checkpoints()[0]
+    del state["head.weight"]
+    with pytest.raises(PlotError, match="has no tensor 'head.weight'"):
+        weights(regdsl.parse(RULES), CNN(), [state])
+
+
+def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = tmp_path / "rules.reg"
+    rules.write_text(RULES, encoding="utf-8")
+    files = []
+    for i, state in enumerate(checkpoints()):
+        files.append(tmp_path / f"{i}.pt")
+        torch.save({"model": state}, files[-1])
+    out = tmp_path / "out.png"
+    target = f"{ROOT / 'tests' / 'models.py'}:CNN"
+    assert cli(["plot", str(rules), "--model", target, "--checkpoint", *map(str, files), "-o", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    image = imread(out)
+    assert image.shape[0] > 300 and image.shape[1] > 600
+    torch.save({"model": {}}, files[0])
+    assert cli(["plot", str(rules), "--model", target, "--checkpoint", str(files[0]), "-o", str(out)]) == 2
+    assert "has no tensor" in capsys.readouterr().err
+
+
+def test_the_installed_command(tmp_path: Path) -> None:
+    """Through the entry point, as users run it: no warnings on stderr."""
+    from support import entry_point
+
+    rules = tmp_path / "rules.reg"
+    rules.write_text(RULES, encoding="utf-8")
+    torch.save(checkpoints()[0], tmp_path / "a.pt")
+    torch.save(checkpoints()[-1], tmp_path / "b.pt")
+    done = subprocess.run(
+        [*entry_point(), "plot", str(rules), "--model", f"{ROOT / 'tests' / 'models.py'}:CNN",
+         "--checkpoint", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "-o", str(tmp_path / "c.png")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert imread(tmp_path / "c.png").shape[2] in (3, 4)
