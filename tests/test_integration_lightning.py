@@ -73,7 +73,7 @@ def trainer(accumulate: int, tmp_path, **extra) -> pl.Trainer:
     settings = {
         "accelerator": "cpu", "devices": 1, "max_steps": STEPS, "accumulate_grad_batches": accumulate, "logger": False,
         "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-        "default_root_dir": str(tmp_path), "num_sanity_val_steps": 0,
+        "default_root_dir": str(tmp_path), "num_sanity_val_steps": 0, "log_every_n_steps": 1,
     }  # fmt: skip
     return pl.Trainer(**{**settings, **extra})
 

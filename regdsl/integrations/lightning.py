@@ -10,7 +10,8 @@ The callback (docs/integrations/lightning.md):
   gradient clipping), so that ``training_step`` changes only where the file has activity terms (or
   with ``fold=False``): there it adds ``self.reg.penalty()`` to its loss. Lightning divides that
   loss by ``accumulate_grad_batches`` itself, and steps (and folds) once per accumulation;
-* logs each term's value as ``reg/<term>:<line>`` through ``pl_module.log``;
+* logs each term's value as ``reg/<term>:<line>`` through ``pl_module.log``, every
+  ``log_every_n_steps`` optimizer steps (computing them reads every regularized weight);
 * saves ``reg.state_dict()`` in Lightning's checkpoints and restores it on resume.
 """
 
@@ -71,7 +72,8 @@ class RegularizationCallback(pl.Callback):
             self.reg.fold()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.log and self.reg is not None:
+        # values() reads every regularized weight: only on the steps the Trainer logs.
+        if self.log and self.reg is not None and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             values = self.reg.values()
             if values:
                 pl_module.log_dict({f"reg/{label}": value for label, value in values.items()}, on_step=True, on_epoch=False)
