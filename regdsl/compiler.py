@@ -112,12 +112,14 @@ class Regularizer:
 
     # ------------------------------------------------------------ optimizer
 
-    def param_groups(self, **defaults: Any) -> list[dict[str, Any]]:
+    def param_groups(self, lr_scale: bool = False, **defaults: Any) -> list[dict[str, Any]]:
         """Parameter groups for any ``torch.optim`` optimizer; each trainable tensor appears once.
 
         Keyword arguments (``lr=...``, ``betas=...``) are copied into every group. A group
-        with ``lr_mult m`` gets ``lr = m · lr``: LR schedulers scale each group's own lr,
-        so the ratio holds through any of them.
+        with ``lr_mult m`` gets ``lr = m · lr``: torch's LR schedulers scale each group's own
+        lr, so the ratio holds through any of them. With ``lr_scale=True`` such a group gets
+        ``lr_scale = m`` instead and keeps the base lr: timm's schedulers overwrite every
+        group's lr and multiply it by its ``lr_scale``. Never both.
         """
         for key in ("params", "weight_decay", "name"):
             if key in defaults:
@@ -125,9 +127,10 @@ class Regularizer:
                     f"param_groups() does not take {key!r}: the rule file sets it"
                     + (" (write 'all decay VALUE' for a default decay)" if key == "weight_decay" else "")
                 )
-        if "lr" not in defaults and any(key.lr_mult not in (None, 1.0) for key, _ in self._groups):
+        if not lr_scale and "lr" not in defaults and any(key.lr_mult not in (None, 1.0) for key, _ in self._groups):
             raise RegUsageError(
-                "the rule file sets lr_mult, so param_groups() needs the base learning rate: param_groups(lr=...)"
+                "the rule file sets lr_mult, so param_groups() needs the base learning rate: param_groups(lr=...) "
+                "(or param_groups(lr_scale=True) for timm's schedulers)"
             )
         groups = []
         for key, members in self._groups:
@@ -139,7 +142,9 @@ class Regularizer:
             }
             if key.lr_mult is not None:
                 group["lr_mult"] = key.lr_mult
-                if "lr" in defaults:
+                if lr_scale:
+                    group["lr_scale"] = key.lr_mult
+                elif "lr" in defaults:
                     group["lr"] = defaults["lr"] * key.lr_mult
             groups.append(group)
         return groups

@@ -410,3 +410,23 @@ def test_random_rule_files_match_a_plain_cascade(statements, separator: str) -> 
         expected_penalty += ref.get("l2", 0.0) / 2 * (w * w).sum() + ref.get("l1", 0.0) * w.abs().sum()
     # Values only: the penalty's dtype has its own test in test_penalties.py.
     torch.testing.assert_close(reg.penalty().detach().double(), expected_penalty, rtol=1e-10, atol=1e-12)
+
+
+def test_lr_scale_instead_of_a_scaled_lr() -> None:
+    """param_groups(lr_scale=True), for timm's schedulers: the multiplier as lr_scale, the base lr
+    kept; never both (a timm scheduler would then scale twice)."""
+    from models import MLP
+
+    model = MLP()
+    reg = regdsl.compile(regdsl.parse("all decay 0.1\nlayer head.** lr_mult 0.25"), model)
+    scaled = reg.param_groups(lr_scale=True, lr=0.4)
+    head = [g for g in scaled if any(p is model.head.weight for p in g["params"])]
+    rest = [g for g in scaled if g not in head]
+    assert head and all(g["lr_scale"] == 0.25 and g["lr"] == 0.4 for g in head)
+    assert rest and all("lr_scale" not in g and g["lr"] == 0.4 for g in rest)
+    plain = reg.param_groups(lr=0.4)
+    assert not any("lr_scale" in g for g in plain)
+    assert [g["lr"] for g in plain if any(p is model.head.weight for p in g["params"])] == [0.1]
+    with pytest.raises(regdsl.RegUsageError, match=r"lr_scale=True\) for timm"):
+        reg.param_groups()
+    assert reg.param_groups(lr_scale=True)[0].get("lr") is None  # no lr needed: timm's scheduler sets it
