@@ -182,3 +182,29 @@ def test_weight_decay_in_the_arguments_warns(tmp_path) -> None:
     trainer = InOrder(model=gpt2(), args=args, train_dataset=Tokens(), rules=regdsl.parse(RULES))
     with pytest.warns(regdsl.RegDslWarning, match="weight_decay=0.1 is ignored"):
         trainer.create_optimizer()
+
+
+def test_hyperparameter_search_compiles_for_each_trial(tmp_path) -> None:
+    """Optuna's trials rebuild the model through model_init; each gets its own regularizer, whose
+    groups hold exactly that model's parameters."""
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seen = []
+
+    class Tracked(InOrder):
+        def create_optimizer(self, model=None):
+            opt = super().create_optimizer(model)
+            stepped = {id(p) for g in opt.param_groups for p in g["params"]}
+            seen.append((self.model, self.reg, stepped == {id(p) for p in self.model.parameters()}))
+            return opt
+
+    trainer = Tracked(
+        model_init=lambda trial=None: gpt2(), args=arguments(tmp_path, 2), train_dataset=Tokens(),
+        eval_dataset=Tokens(GLOBAL_BATCH), rules=regdsl.parse(RULES),
+    )  # fmt: skip
+    space = lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 0.01, 0.1, log=True)}
+    best = trainer.hyperparameter_search(direction="minimize", backend="optuna", n_trials=2, hp_space=space)
+    assert 0.01 <= best.hyperparameters["learning_rate"] <= 0.1
+    assert len(seen) == 2 and seen[0][0] is not seen[1][0] and seen[0][1] is not seen[1][1]
+    assert all(matched for _, _, matched in seen)
+    assert all(reg.step == STEPS for _, reg, _ in seen)
