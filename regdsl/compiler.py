@@ -12,7 +12,6 @@ counter that drives every schedule.
 from __future__ import annotations
 
 import os
-import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -27,17 +26,15 @@ from .constraints import PostStepPlan
 from .ddp import DeferredPenalty, ddp_of, defers
 from .diagnose import diagnose, enforce
 from .errors import (
-    RegDslWarning,
     RegUsageError,
-    caller_stacklevel,
     name_list,
     shape_text,
 )
 from .fold import Folding, step_hooks
 from .gcpause import paused_gc
+from .guards import check_parameters_current, warn_decay_underflow, warn_not_listening, warn_untaken
 from .items import step_items
 from .penalties import PenaltyPlan
-from .precision import decay_underflows
 from .resolution import (
     Coverage,
     GroupKey,
@@ -164,11 +161,11 @@ class Regularizer:
         """
         if self._optimizer is not None:
             raise RegUsageError("this regularizer is already attached to an optimizer; detach() first")
-        self._check_parameters_current()
+        check_parameters_current(self.table.entries)
         if self._post.prox:
             self._post.locate(optimizer.param_groups)  # every proximal parameter must be in it
         self._write_decay(optimizer)
-        self._warn_decay_underflow(optimizer)
+        warn_decay_underflow(optimizer, self._groups)
         self._activity.register()  # after a detach(), the forward hooks come back too
         self._fold = Folding(self._loss_items, optimizer, self._step) if fold else None
         self._hooks += step_hooks(weakref.ref(self), optimizer, self._fold if fold_hook else None, self._busy)
@@ -182,26 +179,6 @@ class Regularizer:
         if self._fold is None or optimizer is None:
             raise RegUsageError("fold() needs attach(optimizer, fold=True, fold_hook=False) first")
         self._fold.plan(getattr(optimizer, "grad_scale", None))
-
-    def _check_parameters_current(self) -> None:
-        """Refuse to run on parameters the model no longer holds: fully_shard or
-        load_state_dict(assign=True) after compile() replace them, and the terms would act on
-        tensors nothing trains. One registered parameter is compared, which catches both."""
-        entry = next((e for e in self.table.entries if e.trainable and e.plain and e._names is None), None)
-        if entry is None:
-            return
-        current = entry.owner._parameters.get(entry.name.rpartition(".")[2], entry.param)
-        if current is not entry.param:
-            raise RegUsageError(
-                f"the model's parameter '{entry.name}' is not the tensor compile() saw: it was replaced since "
-                "(fully_shard, load_state_dict(assign=True), assigning a new nn.Parameter); compile again after replacing parameters, "
-                "then build the optimizer from the new reg.param_groups()"
-            )
-
-    def _warn_decay_underflow(self, optimizer: torch.optim.Optimizer) -> None:
-        lines = {key.name: key.decay.pos.line for key, _ in self._groups if key.decay is not None and key.decay.pos is not None}
-        for message in decay_underflows(optimizer, lines):
-            warnings.warn(RegDslWarning(message), stacklevel=caller_stacklevel())
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call right after ``optimizer.step()`` when not attached: proximal steps and constraints
@@ -221,7 +198,7 @@ class Regularizer:
         # Activity values no penalty() took belong to a step that is over; keeping them would hold graphs.
         if self._activity.take() and not self._warned_untaken:
             self._warned_untaken = True
-            self._warn_untaken()
+            warn_untaken(self._activity.targets)
         self._post.apply(self._step, optimizer.param_groups if optimizer is not None else None)
         self._set_step(self._step + 1, optimizer)
 
@@ -349,7 +326,7 @@ class Regularizer:
         device = self._first_trainable.device if self._first_trainable is not None else None
         total = self._loss_plan()(device)
         if not self._activity.listening:
-            self._warn_not_listening()
+            warn_not_listening(self._activity.targets)
         for value in self._activity.take():
             # float64 activations keep their precision, as float64 parameters do.
             dtype = torch.promote_types(total.dtype, value.dtype)
@@ -363,28 +340,6 @@ class Regularizer:
         if self._deferred is None or self._deferred.source is not plan:
             self._deferred = DeferredPenalty(plan)
         return self._deferred
-
-    def _warn_untaken(self) -> None:
-        lines = sorted({t.term.pos.line for t in self._activity.targets if t.term.pos is not None})
-        where = f" (line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))})" if lines else ""
-        warnings.warn(
-            RegDslWarning(
-                f"an optimizer step ran while activity terms{where} collected in the forward pass were never added "
-                "to a loss: add reg.penalty() to the loss of each training step, or they do nothing"
-            ),
-            stacklevel=caller_stacklevel(through_torch=True),
-        )
-
-    def _warn_not_listening(self) -> None:
-        lines = sorted({t.term.pos.line for t in self._activity.targets if t.term.pos is not None})
-        where = f" (line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))})" if lines else ""
-        warnings.warn(
-            RegDslWarning(
-                f"penalty() holds no activity terms{where}: detach() removed their forward hooks; "
-                "attach() again, or call after_step() after each optimizer step, and they collect from the next forward pass"
-            ),
-            stacklevel=caller_stacklevel(),
-        )
 
     def values(self) -> dict[str, torch.Tensor]:
         """Each loss term's value now, ``{"l1:6": tensor, ...}`` by term kind and rule line, folded
