@@ -96,6 +96,17 @@ def _load_spec(path: str):
     return parse(_read(path), path)
 
 
+def _spec_or_report(path: str):
+    """The file's spec, or None after printing its diagnostics to stderr (stdout is for the
+    table, JSON, CSV or message a tool may be reading)."""
+    try:
+        return _load_spec(path)
+    except RegDslError as exc:
+        for d in exc.diagnostics:
+            print(d.render(), file=sys.stderr)
+        return None
+
+
 def _model(args: argparse.Namespace):
     if not args.model:
         return None
@@ -194,12 +205,8 @@ def _explain(args: argparse.Namespace) -> int:
     )
     from .resolution import resolve
 
-    try:
-        spec = _load_spec(args.file)
-    except RegDslError as exc:
-        # stderr: stdout is for the table, JSON or CSV a tool may be reading.
-        for d in exc.diagnostics:
-            print(d.render(), file=sys.stderr)
+    spec = _spec_or_report(args.file)
+    if spec is None:
         return EXIT_PROBLEMS
     resolution = resolve(spec, _model(args))
     if args.group:
@@ -238,11 +245,8 @@ def _plot(args: argparse.Namespace) -> int:
         raise _UsageError("regdsl plot needs matplotlib: pip install 'regdsl[plot]'") from None
     from .plot import PlotError, weights
 
-    try:
-        spec = _load_spec(args.file)
-    except RegDslError as exc:
-        for d in exc.diagnostics:
-            print(d.render(), file=sys.stderr)
+    spec = _spec_or_report(args.file)
+    if spec is None:
         return EXIT_PROBLEMS
     try:
         weights(spec, _model(args), args.checkpoint, path=args.output)

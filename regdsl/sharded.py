@@ -126,10 +126,10 @@ def _group_lasso_gradient(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _orthogonal_gradient(w: torch.Tensor) -> torch.Tensor:
+    from .term_math import _gram_minus_identity  # here: term_math imports this module
+
+    gram, wide = _gram_minus_identity(w, w.dtype)
     m = w.reshape(w.shape[0], -1)
-    wide = m.shape[0] <= m.shape[1]
-    gram = m @ m.T if wide else m.T @ m
-    gram.diagonal().sub_(1)
     return (4 * (gram @ m if wide else m @ gram)).reshape(w.shape)
 
 
