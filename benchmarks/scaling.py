@@ -1,6 +1,6 @@
 """Do compile, parse and check scale? Ratios measured side by side, in one run (issue 9, point 6).
 
-    python benchmarks/scaling.py [--quick] [--repeats N]
+    python benchmarks/scaling.py [--quick] [--repeats N] [--compile-only]
 
 Three questions, each a ratio against the floor it cannot beat, measured in interleaved rounds
 (benchmarks/timing.py):
@@ -18,8 +18,8 @@ Three questions, each a ratio against the floor it cannot beat, measured in inte
            the file has 24 lines (25 statements) per block after a few global rules, and draws
            real diagnostics (overridden rules, decay stacked on l2).
 
---quick runs the same three at a fifth of the sizes, in under a minute. Only the ratios
-are meant to be compared, and only within one run.
+--quick runs the same three at a fifth of the sizes, in under a minute; --compile-only, the
+first alone (seconds). Only the ratios are meant to be compared, and only within one run.
 """
 
 from __future__ import annotations
@@ -143,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="a fifth of the sizes, under a minute")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--compile-only", action="store_true", help="the compile question alone")
     args = parser.parse_args()
     scale = 5 if args.quick else 1
     cpu = torch.device("cpu")
@@ -164,6 +165,8 @@ def main() -> None:
         "compile", t_compile / t_np, 2,
         f"{tensors:,} tensors: compile {t_compile * 1e3:.1f} ms, named_parameters {t_np * 1e3:.1f} ms",
     )
+    if args.compile_only:
+        return
 
     # ---------------------------------------------------------------- parse
     lines = 50_000 // scale

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .classes import base_class_match_of
+from .entries import _uninitialized
 from .matching import selector_key
 from .resolution import ModuleRow, ParamRow, ParamRows, Resolution, Setting
-from .select import ParamTable, _uninitialized, module_class
+from .select import ParamTable, module_class
 from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, Exclude, NoneTerm, Rule, Spec, TypeAtom
 
 

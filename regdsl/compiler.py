@@ -132,7 +132,7 @@ class Regularizer:
         groups = []
         for key, members in self._groups:
             group = {
-                "params": [e.param for e in members],
+                "params": members.params,
                 "weight_decay": strength_at(key.decay, self._step) if key.decay else 0.0,
                 "name": key.name,
                 **defaults,
@@ -364,7 +364,7 @@ class Regularizer:
         return self.resolution.coverage()
 
     def __repr__(self) -> str:
-        trainable = sum(e.trainable for e in self.table.entries)
+        trainable = sum(self.table.trainable)
         return (
             f"<Regularizer {len(self.spec.statements)} statements, {trainable} trainable tensors, "
             f"{len(self._groups)} groups, step {self._step}>"

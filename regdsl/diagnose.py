@@ -12,11 +12,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from itertools import compress, repeat
-from operator import attrgetter, contains
+from operator import contains
 from typing import Any
 
 from . import sharded
 from .classes import is_embedding_class
+from .entries import ParamEntry, _uninitialized
 from .errors import Diagnostic, RegCompileError, RegDslWarning, caller_stacklevel, name_list, shape_text
 from .findings import model_diagnostic
 from .gcpause import paused_gc
@@ -24,7 +25,7 @@ from .overrides import dead_rules, decay_and_l2, tied_aliases
 from .references import reference_problems
 from .resolution import Resolution, Setting
 from .schedule import always_zero
-from .select import ParamEntry, _uninitialized, is_embedding_module
+from .select import is_embedding_module
 from .spec import NOT_REGULARIZERS, Span, kind_label
 from .unmatched import only_frozen, unmatched
 
@@ -66,7 +67,7 @@ def enforce(diagnostics: list[Diagnostic]) -> None:
 def nothing_to_train(resolution: Resolution) -> list[Diagnostic]:
     """RD107: an optimizer built from no parameter fails later, far from the cause."""
     entries = resolution.table.entries
-    if any(e.trainable for e in entries):
+    if any(resolution.table.trainable):
         return []
     why = (
         "the model has no parameters"
@@ -114,13 +115,13 @@ def _always_usable(kind: str, term: Any) -> bool:
 def _odd_entries(table: Any) -> set[int]:
     """Entries where more than shape, dtype and kind can make a term unusable: FSDP's flat parameter,
     a lazy parameter, a DTensor, a parameter of an embedding (sparse gradients). Found a whole column at a time."""
-    entries = table.entries
+    entries, params = table.entries, table.params
     odd = {i for (types, _), members in table.kinds.items() if any(map(is_embedding_class, types)) for i in members}
-    param_types = set(map(type, map(attrgetter("param"), entries)))
+    param_types = set(map(type, params))
     # Lazy parameters (no shape yet) and DTensors (their placements decide).
     unusual = {t for t in param_types if _uninitialized(t) or sharded.is_sharded_type(t)}
     if unusual:
-        odd.update(compress(range(len(entries)), map(unusual.__contains__, map(type, map(attrgetter("param"), entries)))))
+        odd.update(compress(range(len(entries)), map(unusual.__contains__, map(type, params))))
     names = table.matcher.names
     if "_flat_param" in "\n".join(names):  # one C-level search first: nearly every model has none
         odd.update(compress(range(len(entries)), map(contains, names, repeat("_flat_param"))))

@@ -36,18 +36,20 @@ def step_items(
     post: list[PostStepItem] = []
     anchored: dict[str, LossItem] = {}
     todo = {k: t for k, i in resolution.representatives().items() if (t := _per_step_terms(resolution.terms_of(i)))}
-    outcomes, entries = resolution.outcome_of(), resolution.table.entries
+    outcomes, table = resolution.outcome_of(), resolution.table
+    # Read from the table's columns: only an 'l2 ... to' makes its tensor's entry (regdsl.entries).
+    params, names, trainable = table.params, table.names, table.trainable
     for i in resolution.entries_with(set(todo)):
-        entry = entries[i]
-        if not entry.trainable:
+        if not trainable[i]:
             continue
         for kind, term in todo[outcomes[i]]:
             if kind in ("prox", "max_norm"):
-                post.append(PostStepItem(kind, entry.name, entry.param, term))
+                post.append(PostStepItem(kind, names[i], params[i], term))
                 continue
-            item = LossItem(kind, entry.param, term, _reference(entry, term, index) if kind == "l2" else None)
+            w0 = _reference(table.entries[i], term, index) if kind == "l2" and getattr(term, "to", None) else None
+            item = LossItem(kind, params[i], term, w0)
             if item.reference is not None:
-                anchored[entry.name] = item
+                anchored[names[i]] = item
             loss.append(item)
     modules = resolution.table.modules_by_name if resolution.modules else {}
     targets = [

@@ -16,7 +16,6 @@ import re
 import weakref
 from collections.abc import Callable
 from itertools import compress
-from operator import attrgetter
 from typing import Any
 
 from torch.nn.utils import parametrize
@@ -157,7 +156,7 @@ class Matcher:
         # only the garbage collector can free, and it then walks all of a big model's objects.
         self._table = weakref.ref(table)
         self.every: Indices = tuple(range(len(table.entries)))
-        self.trainable_flags = list(map(attrgetter("trainable"), table.entries))
+        self.trainable_flags: list[bool] = table.trainable
         self._selectors: dict[tuple[Any, ...], Indices] = {}
         self._trainable: dict[tuple[Any, ...], Indices] = {}
         self._atoms: dict[tuple[Any, ...], Indices] = {}
@@ -256,7 +255,7 @@ class Matcher:
         entries = self.table.entries
         unusual = map(entries.__getitem__, self.table.unusual)
         extra = [(e.index, subject) for e in unusual for subject in sorted({*e.names, *e.tensors} - {e.name})]
-        return list(map(attrgetter("name"), entries)), extra
+        return self.table.names, extra
 
     @property
     def names(self) -> list[str]:

@@ -21,15 +21,15 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
-from operator import attrgetter
 from typing import Any
 
 from torch import nn
 
+from .entries import Members
 from .gcpause import paused_gc
 from .printer import format_schedule
 from .schedule import always_zero, is_scheduled
-from .select import ParamEntry, ParamTable
+from .select import ParamTable
 from .spec import NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Span, Spec
 
 
@@ -215,17 +215,17 @@ class Resolution:
     def trainable_of(self) -> tuple[tuple[int, ...], ...]:
         if self.trainable_matches or not self.matches:
             return self.trainable_matches
-        entries = self.table.entries
-        return tuple(tuple(i for i in m if entries[i].trainable) for m in self.matches)
+        flags = self.table.trainable
+        return tuple(tuple(i for i in m if flags[i]) for m in self.matches)
 
-    def groups(self) -> list[tuple[GroupKey, list[ParamEntry]]]:
+    def groups(self) -> list[tuple[GroupKey, Members]]:
         """Trainable entries by (decay, lr_mult), groups ordered by first member.
 
         Equal settings share a group: fewer groups keep torch.optim on its
         foreach/fused paths, and the order is reproducible.
         """
-        groups: dict[GroupKey, list[ParamEntry]] = {}
-        members_of: dict[int, list[ParamEntry]] = {}  # by outcome: one key per outcome, not per tensor
+        groups: dict[GroupKey, list[int]] = {}
+        members_of: dict[int, list[int]] = {}  # by outcome: one key per outcome, not per tensor
         for outcome, i in self.representatives().items():
             terms = self.terms_of(i)
             decay, mult = terms.get("decay"), terms.get("lr_mult")
@@ -233,20 +233,21 @@ class Resolution:
             # lr_mult 1 is the optimizer's own lr: the same group as no lr_mult at all.
             factor = mult.value if mult is not None and mult.value != 1.0 else None
             members_of[outcome] = groups.setdefault(GroupKey(term, factor), [])
-        # Each trainable entry appended to its group's list in one C-level pass (tens of thousands of tensors).
-        entries = self.table.entries
-        flags = list(map(attrgetter("trainable"), entries))
+        # Each trainable entry's index appended to its group's list in one C-level pass (tens of
+        # thousands of tensors); the groups make no entry (regdsl.entries).
+        flags = self.table.trainable
         lists = map(members_of.__getitem__, compress(self.outcome_of(), flags))
-        deque(map(list.append, lists, compress(entries, flags)), maxlen=0)
-        return sorted(((k, m) for k, m in groups.items() if m), key=lambda group: group[1][0].index)
+        deque(map(list.append, lists, compress(range(len(flags)), flags)), maxlen=0)
+        entries = self.table.entries
+        return [(k, Members(entries, m)) for k, m in sorted(groups.items(), key=lambda group: group[1][:1]) if m]
 
     def groups_summary(self) -> list[GroupSummary]:
         return [
             GroupSummary(
                 name=key.name,
                 weight_decay=key.decay.strength if key.decay else 0.0,
-                params=tuple(e.name for e in members),
-                numel=sum(e.numel for e in members),
+                params=members.names,
+                numel=members.numel,
                 lr_mult=key.lr_mult if key.lr_mult is not None else 1.0,
                 schedule=format_schedule(key.decay.schedule) if key.decay else "",
             )

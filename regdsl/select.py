@@ -15,7 +15,8 @@ not to torch's ``parametrizations`` container.
 
 Reading a model is on the path of every ``compile``, and models reach tens of
 thousands of tensors, so the table is built in one pass that does per tensor
-only what names it; what a class or a module says is asked once per class
+only what names it, into columns (a :class:`ParamEntry` is made when asked,
+:mod:`regdsl.entries`); what a class or a module says is asked once per class
 (:mod:`regdsl.classes`), and a selector is judged against the whole table at
 once (:mod:`regdsl.matching`).
 """
@@ -23,6 +24,7 @@ once (:mod:`regdsl.matching`).
 from __future__ import annotations
 
 import functools
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -44,6 +46,7 @@ from .classes import (
     type_match,
     type_names,
 )
+from .entries import Entries, ParamEntry
 from .glob import glob_regex
 from .spec import AllAtom, Atom, BiasAtom, EmbeddingAtom, LayerAtom, NormAtom, Pattern, Selector, TypeAtom
 from .walk import canonical_name, unwrap, walk
@@ -54,127 +57,12 @@ __all__ = [
     "original_of", "pattern_matches_any", "type_match", "type_names", "unwrap",
 ]
 
-@functools.cache
-def _uninitialized(cls: type) -> bool:
-    # isinstance() on a Parameter goes through torch's metaclass: slow enough to matter per tensor.
-    return issubclass(cls, nn.parameter.UninitializedParameter)
-
-
-class ParamEntry:
-    """One parameter tensor and every name it is registered under.
-
-    A snapshot of the model when the table read it: ``trainable`` is the tensor's
-    ``requires_grad`` then, as every row and group made from the table saw it.
-    """
-
-    # A tensor with one name (nearly all) keeps no tuples of its own: ``names`` and ``owners`` are
-    # made when asked. Fewer objects per tensor is less for the garbage collector to walk. What
-    # most entries share is a class default, set on the few that differ.
-    __slots__ = ("__dict__", "index", "name", "owner", "param", "trainable")
-    plain = True
-    _names: tuple[str, ...] | None = None
-    _owners: tuple[nn.Module, ...] | None = None
-
-    def __init__(
-        self,
-        index: int,
-        param: torch.nn.Parameter,
-        names: tuple[str, ...],
-        owners: tuple[nn.Module, ...],  # owners[i] holds the tensor directly as names[i]
-        trainable: bool | None = None,
-        plain: bool | None = None,
-    ):
-        self.index = index
-        self.param = param
-        self.name, self.owner = names[0], owners[0]
-        if len(names) > 1:
-            self._names, self._owners = tuple(names), tuple(owners)
-        self.trainable = param.requires_grad if trainable is None else trainable
-        # True when no owner computes a tensor from this one: then each name is the tensor users write.
-        if not (not any(computes_tensors(o) for o in owners) if plain is None else plain):
-            self.plain = False
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self._names or (self.name,)
-
-    @property
-    def owners(self) -> tuple[nn.Module, ...]:
-        return self._owners or (self.owner,)
-
-    def add_name(self, name: str, owner: nn.Module, plain: bool) -> None:
-        """Another name of the same tensor (tied weights, a shared module), while the table is read."""
-        self._names, self._owners = (*self.names, name), (*self.owners, owner)
-        if not plain:
-            self.plain = False
-        self.__dict__.pop("originals", None)  # read before this name was known
-
-    def __repr__(self) -> str:
-        return f"ParamEntry(index={self.index}, names={self.names!r})"
-
-    @property
-    def initialized(self) -> bool:
-        """False for a lazy module's parameter before its first forward pass."""
-        return not _uninitialized(type(self.param))
-
-    @property
-    def shape(self) -> tuple[int, ...] | None:
-        """None for an uninitialized lazy parameter."""
-        return tuple(self.param.shape) if self.initialized else None
-
-    @property
-    def numel(self) -> int:
-        return self.param.numel() if self.initialized else 0
-
-    @functools.cached_property
-    def originals(self) -> tuple[tuple[str, str] | None, ...]:
-        """Per name, :func:`original_of`: the parametrized tensor it is an original of, if any."""
-        if self.plain:
-            return (None,) * len(self.names)
-        return tuple(original_of(n, o) for n, o in zip(self.names, self.owners))
-
-    @property
-    def tensors(self) -> tuple[str, ...]:
-        """Per name, the tensor users write for it: the name itself, or the parametrized tensor
-        (``fc1.weight``) this one is an original of."""
-        if self.plain:
-            return self.names
-        return tuple(o[0] if o else n for n, o in zip(self.names, self.originals))
-
-    @property
-    def parametrization(self) -> tuple[str, str] | None:
-        """``(tensor, what computes it)`` for an original of a parametrized tensor, else None."""
-        return None if self.plain else next((o for o in self.originals if o), None)
-
-    @functools.cached_property
-    def paths(self) -> frozenset[str]:
-        """Each full name and the name of every module that contains it; an old-style weight_norm's
-        ``fc1.weight_g`` is also under ``fc1.weight``, the tensor it computes."""
-        out = set()
-        for name in {*self.names, *self.tensors}:
-            parts = name.split(".")
-            out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-        return frozenset(out)
-
-    @property
-    def types(self) -> tuple[type, ...]:
-        """The class of each owner (as ``type()`` says, parametrized subclasses included)."""
-        return tuple(type(o) for o in self.owners)
-
-    @functools.cached_property
-    def owner_class_names(self) -> frozenset[str]:
-        return frozenset(n for owner in self.owners for n in type_names(module_class(owner)))
-
-    @property
-    def attributes(self) -> tuple[str, ...]:
-        """The last segment of each tensor's name: what ``bias`` reads."""
-        return tuple(tensor.rpartition(".")[2] for tensor in self.tensors)
-
-
 class ParamTable:
     """Every parameter of a model, deduplicated by tensor identity, in registration order.
 
-    ``module_names`` holds every module by the name users write (a wrapped layer as itself);
+    ``params``, ``names``, ``owners`` and ``trainable`` are its columns, one item per entry (the
+    first name and owner of a tied tensor); ``entries`` the :class:`ParamEntry` of each, made when
+    read. ``module_names`` holds every module by the name users write (a wrapped layer as itself);
     ``modules`` each module once, leaving out the modules that compute a parametrized tensor
     (these are what activity terms can select); ``modules_by_name`` the object an activity
     term hooks for each of those names.
@@ -184,18 +72,22 @@ class ParamTable:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self._names, self._modules, owners_of, self._hidden = walk(unwrap(model))
-        entries: list[ParamEntry] = []
-        by_tensor: dict[int, ParamEntry] = {}
+        # Columns, one item per tensor (see regdsl.entries): this loop runs once per tensor and makes no object.
+        params: list[torch.Tensor] = []
+        names: list[str] = []
+        owners: list[nn.Module] = []
+        index_of: dict[int, int] = {}
         # Entries by owner class, then attribute name: what every atom but 'layer' and 'all' reads.
         by_class: dict[type, dict[str, list[int]]] = {}
-        retold: list[ParamEntry] = []  # tied or parametrized: their kind is more than their first name says
-        new, Entry = object.__new__, ParamEntry
+        # What the first name does not tell, in the order met: a tensor whose owner computes a
+        # tensor from it (full is None), another name of a tensor already read (tied weights).
+        retold: list[tuple[int, str | None, nn.Module, bool]] = []
         # Per owner class: its attributes' members, and whether the class itself may carry a
         # 'parametrizations' (what computes_tensors() reads first, asked once per class).
         per_class: dict[type, tuple[dict[str, list[int]], bool]] = {}
         for module_name, module, owner in zip(self._names, self._modules, owners_of):
-            params = module._parameters
-            if not params:
+            module_params = module._parameters
+            if not module_params:
                 continue
             owner = owner or module
             found = per_class.get(cls := type(owner))
@@ -210,36 +102,48 @@ class ParamTable:
                 and computes_tensors(owner)
             )  # fmt: skip
             prefix = f"{module_name}." if module_name else ""
-            for attribute, param in params.items():
+            for attribute, param in module_params.items():
                 if param is None:
                     continue
-                seen = by_tensor.get(key := id(param))
+                seen = index_of.get(key := id(param))
                 if seen is None:
-                    # Slots set here rather than through __init__: this loop runs once per tensor.
-                    entry = by_tensor[key] = new(Entry)
-                    entry.index = index = len(entries)
-                    entry.param, entry.name, entry.owner, entry.trainable = param, prefix + attribute, owner, param.requires_grad
+                    index_of[key] = index = len(params)
+                    params.append(param)
+                    names.append(prefix + attribute)
+                    owners.append(owner)
                     members = attributes.get(attribute)
                     if members is None:
                         attributes[attribute] = [index]
                     else:
                         members.append(index)
-                    entries.append(entry)
                     if not plain:
-                        entry.plain = False
-                        retold.append(entry)
-                elif (full := prefix + attribute) not in seen.names:
-                    if seen._names is None and seen.plain:
-                        retold.append(seen)
-                    seen.add_name(full, owner, plain)
-        self.entries = entries
+                        retold.append((index, None, owner, False))
+                else:
+                    retold.append((seen, prefix + attribute, owner, plain))
+        self.params, self.names, self.owners = params, names, owners
+        self.trainable: list[bool] = list(map(attrgetter("requires_grad"), params))  # as the table saw them
+        self.entries = Entries(params, names, owners, self.trainable)
         self.tied: list[int] = []  # indices of the entries with more than one name
         self.unusual: list[int] = []  # ... or with a name that is not the tensor users write (parametrizations)
         self.kinds: dict[tuple[Any, ...], list[int]] = {
             ((cls,), (attribute,)): members for cls, attributes in by_class.items() for attribute, members in attributes.items()
         }
         if retold:
-            self._retell(retold)
+            self._retell(self._told_again(retold))
+
+    def _told_again(self, retold: list[tuple[int, str | None, nn.Module, bool]]) -> list[ParamEntry]:
+        """The entries of tied and parametrized tensors, each with all its names, in the order first met."""
+        out: list[ParamEntry] = []
+        for index, full, owner, plain in retold:
+            entry = self.entries[index]
+            if full is None:
+                entry.plain = False
+                out.append(entry)
+            elif full not in entry.names:
+                if entry._names is None and entry.plain:
+                    out.append(entry)
+                entry.add_name(full, owner, plain)
+        return out
 
     def _retell(self, retold: list[ParamEntry]) -> None:
         """Move tied and parametrized entries to the kind all their names and owners make."""
