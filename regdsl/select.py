@@ -24,7 +24,8 @@ once (:mod:`regdsl.matching`).
 from __future__ import annotations
 
 import functools
-from operator import attrgetter
+from itertools import accumulate, compress
+from operator import attrgetter, not_
 from typing import Any
 
 import torch
@@ -72,16 +73,14 @@ class ParamTable:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self._names, self._modules, owners_of, self._hidden = walk(unwrap(model))
-        # Columns, one item per tensor (see regdsl.entries): this loop runs once per tensor and makes no object.
+        # Columns, one item per registration (see regdsl.entries): this loop runs once per tensor, makes
+        # no object, and leaves tied tensors' repeats to one pass in C afterwards (_drop_repeats).
         params: list[torch.Tensor] = []
         names: list[str] = []
         owners: list[nn.Module] = []
-        index_of: dict[int, int] = {}
         # Entries by owner class, then attribute name: what every atom but 'layer' and 'all' reads.
         by_class: dict[type, dict[str, list[int]]] = {}
-        # What the first name does not tell, in the order met: a tensor whose owner computes a
-        # tensor from it (full is None), another name of a tensor already read (tied weights).
-        retold: list[tuple[int, str | None, nn.Module, bool]] = []
+        computing: list[int] = []  # positions whose owner may compute a tensor from them (parametrizations)
         # Per owner class: its attributes' members, and whether the class itself may carry a
         # 'parametrizations' (what computes_tensors() reads first, asked once per class).
         per_class: dict[type, tuple[dict[str, list[int]], bool]] = {}
@@ -95,41 +94,63 @@ class ParamTable:
                 attributes = by_class[cls] = {}
                 found = per_class[cls] = (attributes, class_may_be_parametrized(cls))
             attributes, may_compute = found
-            # computes_tensors() in full only where a hook or a 'parametrizations' could be.
-            plain = not (
-                (may_compute or owner._forward_pre_hooks or "parametrizations" in owner._modules
-                 or "parametrizations" in owner.__dict__)
-                and computes_tensors(owner)
-            )  # fmt: skip
+            start = len(params)
             prefix = f"{module_name}." if module_name else ""
             for attribute, param in module_params.items():
                 if param is None:
                     continue
-                seen = index_of.get(key := id(param))
-                if seen is None:
-                    index_of[key] = index = len(params)
-                    params.append(param)
-                    names.append(prefix + attribute)
-                    owners.append(owner)
-                    members = attributes.get(attribute)
-                    if members is None:
-                        attributes[attribute] = [index]
-                    else:
-                        members.append(index)
-                    if not plain:
-                        retold.append((index, None, owner, False))
+                members = attributes.get(attribute)
+                if members is None:
+                    attributes[attribute] = [len(params)]
                 else:
-                    retold.append((seen, prefix + attribute, owner, plain))
+                    members.append(len(params))
+                params.append(param)
+                names.append(prefix + attribute)
+                owners.append(owner)
+            # computes_tensors() in full only where a hook or a 'parametrizations' could be.
+            if (
+                (may_compute or owner._forward_pre_hooks or "parametrizations" in owner._modules
+                 or "parametrizations" in owner.__dict__)
+                and computes_tensors(owner)
+            ):  # fmt: skip
+                computing += range(start, len(params))
+        self.kinds: dict[tuple[Any, ...], list[int]] = {
+            ((cls,), (attribute,)): members for cls, attributes in by_class.items() for attribute, members in attributes.items()
+        }
+        # What the first name does not tell, in the order met: a tensor whose owner computes a
+        # tensor from it (full is None), another name of a tensor already read (tied weights).
+        retold: list[tuple[int, str | None, nn.Module, bool]]
+        if len(set(map(id, params))) < len(params):
+            retold = self._drop_repeats(params, names, owners, computing)
+        else:
+            retold = [(i, None, owners[i], False) for i in computing]
         self.params, self.names, self.owners = params, names, owners
         self.trainable: list[bool] = list(map(attrgetter("requires_grad"), params))  # as the table saw them
         self.entries = Entries(params, names, owners, self.trainable)
         self.tied: list[int] = []  # indices of the entries with more than one name
         self.unusual: list[int] = []  # ... or with a name that is not the tensor users write (parametrizations)
-        self.kinds: dict[tuple[Any, ...], list[int]] = {
-            ((cls,), (attribute,)): members for cls, attributes in by_class.items() for attribute, members in attributes.items()
-        }
         if retold:
             self._retell(self._told_again(retold))
+
+    def _drop_repeats(
+        self, params: list[torch.Tensor], names: list[str], owners: list[nn.Module], computing: list[int]
+    ) -> list[tuple[int, str | None, nn.Module, bool]]:
+        """Remove (in place) every registration of a tensor after its first, renumbering the kinds;
+        returns what the loop's positions tell again, by the entries' indices."""
+        first: dict[int, int] = {}
+        keep = [first.setdefault(id(p), at) == at for at, p in enumerate(params)]
+        new_of = list(accumulate(keep, initial=-1))[1:]  # a kept position's index among the kept
+        computes = set(computing)
+        retold = [
+            (new_of[at], None, owners[at], False)
+            if keep[at]
+            else (new_of[first[id(params[at])]], names[at], owners[at], at not in computes)
+            for at in sorted(computes.union(compress(range(len(keep)), map(not_, keep))))
+        ]
+        for key, members in self.kinds.items():
+            self.kinds[key] = [new_of[at] for at in members if keep[at]]
+        params[:], names[:], owners[:] = compress(params, keep), compress(names, keep), compress(owners, keep)
+        return retold
 
     def _told_again(self, retold: list[tuple[int, str | None, nn.Module, bool]]) -> list[ParamEntry]:
         """The entries of tied and parametrized tensors, each with all its names, in the order first met."""

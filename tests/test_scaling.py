@@ -33,7 +33,7 @@ from regdsl import unmatched as unmatched_module
 from regdsl.diagnose import diagnose
 from regdsl.glob import GlobError, glob_regex, glob_source
 from regdsl.resolution import resolve
-from regdsl.select import ParamTable, atom_matches, module_matches
+from regdsl.select import ParamTable, atom_matches, canonical_name, module_matches
 from regdsl.unmatched import _Nearest
 
 PACKAGE = os.path.dirname(regdsl.__file__)
@@ -212,7 +212,46 @@ def test_entries_are_made_when_read_and_kept() -> None:
     reg = regdsl.parse("all decay 0.05\nexclude bias\n").compile(Blocks(3))
     for _, members in reg.resolution.groups():
         assert members.params == [e.param for e in members] and members.names == tuple(e.name for e in members)
-        assert members.numel == sum(e.numel for e in members) and members[0] is list(members)[0]
+        assert members.numel == sum(e.numel for e in members) and members[0] is next(iter(members))
+
+
+class Knotted(nn.Module):
+    """Everything that makes an entry more than one name: tied weights (one of them under a
+    parametrized layer), a shared module, a None bias, parametrized and old-style weight-normed layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 4)
+        self.fc = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+        self.shared = nn.Linear(4, 4, bias=False)
+        self.again = nn.Sequential(nn.LayerNorm(4), self.shared)
+        with pytest.warns(FutureWarning):
+            self.old = nn.utils.weight_norm(nn.Linear(4, 6))
+        self.head = nn.Linear(4, 6, bias=False)
+        self.head.weight = self.embed.weight
+        self.fc.bias = self.again[0].bias
+
+
+@pytest.mark.parametrize("build", [MLP, TinyTransformer, Blocks, gpt2, Knotted])
+def test_the_table_columns_are_the_named_parameters(build: Callable[[], nn.Module]) -> None:
+    model = build()
+    names_of: dict[int, list[str]] = {}  # by tensor, in first-seen order: each name it is registered under
+    tensors: dict[int, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names = names_of.setdefault(id(param), [])
+        tensors[id(param)] = param
+        if canonical_name(name) not in names:
+            names.append(canonical_name(name))
+    table = ParamTable(model)
+    assert table.params == list(tensors.values())
+    assert table.names == [names[0] for names in names_of.values()]
+    assert [e.names for e in table.entries] == [tuple(names) for names in names_of.values()]
+    assert table.tied == [i for i, names in enumerate(names_of.values()) if len(names) > 1]
+    assert table.trainable == [p.requires_grad for p in tensors.values()]
+    kinds = sorted(i for members in table.kinds.values() for i in members)
+    assert kinds == list(range(len(table)))  # every entry in exactly one kind
+    for (types, attributes), members in table.kinds.items():
+        assert all(table.entries[i].types == types and table.entries[i].attributes == attributes for i in members)
 
 
 def test_each_name_is_matched_once_per_distinct_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
