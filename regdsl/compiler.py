@@ -46,6 +46,7 @@ from .resolution import (
     resolve,
 )
 from .schedule import any_scheduled, is_scheduled, strength_at
+from .spaces import require_values, suggest
 from .spec import Spec
 
 __all__ = ["Coverage", "GroupSummary", "ModuleRow", "ParamRow", "Regularizer", "Resolution", "Setting", "compile", "resolve"]
@@ -64,6 +65,7 @@ class Regularizer:
     def __init__(
         self, spec: Spec, model: nn.Module, reference: Mapping[str, torch.Tensor] | None = None, accumulation_steps: int = 1
     ):
+        require_values(spec)  # a search space has no value to compile with (regdsl.spaces)
         self.accumulation_steps = accumulation_steps
         self._ddp = ddp_of(model)  # under find_unused_parameters, penalty() defers its gradients (regdsl.ddp)
         self._deferred: DeferredPenalty | None = None
@@ -381,13 +383,18 @@ def compile(
     model: nn.Module,
     reference: Mapping[str, torch.Tensor] | None = None,
     accumulation_steps: int = 1,
+    trial: Any = None,
 ) -> Regularizer:
     """Compile a spec, or the ``.reg`` file at a path, against ``model``.
 
     ``reference`` (a state_dict) supplies ``w0`` for ``l2 ... to ref``. With gradient
     accumulation, ``accumulation_steps=k`` makes ``penalty()`` return ``1/k`` of the terms,
     so that adding it to each micro-batch's loss applies them once per optimizer step.
+    ``trial`` (an Optuna trial) gives each search space of the rules its value, through
+    ``trial.suggest_float``/``suggest_categorical`` under the space's name.
     """
     spec = rules if isinstance(rules, Spec) else load(rules)
+    if trial is not None:
+        spec = spec.with_values(suggest(spec, trial))
     return spec.compile(model, reference=reference, accumulation_steps=accumulation_steps)
 
