@@ -51,6 +51,12 @@ class _Space(Node):
         _not_a_keyword(self.name)
         return self
 
+    def __str__(self) -> str:
+        """The space as the language writes it, without its name: ``loguniform(1e-05, 0.01)``."""
+        from .printer import format_space
+
+        return format_space(self, definition=True)
+
     def values_to_check(self) -> list[tuple[str | int, float]]:
         raise NotImplementedError
 
@@ -104,7 +110,8 @@ class LogUniformSpace(_Interval):
 
     @property
     def stand_in(self) -> float:
-        return math.sqrt(self.low * self.high)
+        # The geometric mean, as a product of roots: low * high over- or underflows at the extremes.
+        return min(max(math.sqrt(self.low) * math.sqrt(self.high), self.low), self.high)
 
 
 class UniformSpace(_Interval):
@@ -114,7 +121,7 @@ class UniformSpace(_Interval):
 
     @property
     def stand_in(self) -> float:
-        return (self.low + self.high) / 2
+        return self.low / 2 + self.high / 2  # (low + high) / 2 overflows near the largest float
 
 
 class ChoiceSpace(_Space):

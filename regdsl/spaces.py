@@ -90,10 +90,15 @@ def with_values(spec: Spec, values: Mapping[str, float]) -> Spec:
     problems += [f"no value for '{n}' ({s})" for n, s in known.items() if n not in values]
     for name, space in known.items():
         if name in values and not _inside(space, values[name]):
-            problems.append(f"{values[name]!r} for '{name}' is outside {space_text(space)}")
+            problems.append(f"{values[name]!r} for '{name}' is outside {space!s}")
     if problems:
         raise RegUsageError("spec.with_values: " + "; ".join(problems))
-    return _replaced(spec, lambda name, _: float(values[name]), keep_space=False)
+    return _replaced(spec, lambda name, space: _clamped(space, float(values[name])), keep_space=False)
+
+
+def _clamped(space: Any, value: float) -> float:
+    # A value within _inside's slack of a bound is the bound: a strength never goes below 0.
+    return value if isinstance(space, ChoiceSpace) else min(max(value, space.low), space.high)
 
 
 def _inside(space: Any, value: Any) -> bool:
@@ -110,12 +115,6 @@ def _names(known: Mapping[str, Any]) -> str:
     return ", ".join(f"'{n}'" for n in known) or "none"
 
 
-def space_text(space: Any) -> str:
-    from .printer import format_space
-
-    return format_space(space, definition=True)
-
-
 def require_values(spec: Spec) -> None:
     """Raise, naming each space and where it stands, when ``spec`` still has search spaces."""
     uses = [u for u in _uses(spec) if not u[3].ref]
@@ -128,7 +127,7 @@ def require_values(spec: Spec) -> None:
             end_line=space.pos.end_line if space.pos else None,
             end_column=space.pos.end_column if space.pos else None,
             message=(
-                f"search space '{name}' ({space_text(space)}) has no value: compile "
+                f"search space '{name}' ({space!s}) has no value: compile "
                 "spec.with_values({...}), or pass trial= to regdsl.compile"
             ),
             file=spec.origin or "<string>",
@@ -173,12 +172,14 @@ def grid_points(space: Any, n: int) -> tuple[float, ...]:
         return space.choices
     if n == 1:
         return (space.stand_in,)
+    low, high = space.low, space.high
     if isinstance(space, LogUniformSpace):
-        lo, hi = math.log(space.low), math.log(space.high)
-        inner = (math.exp(lo + (hi - lo) * i / (n - 1)) for i in range(1, n - 1))
-    else:
-        inner = (space.low + (space.high - space.low) * i / (n - 1) for i in range(1, n - 1))
-    return (space.low, *inner, space.high)  # the ends exactly as written
+        lo, hi = math.log(low), math.log(high)
+        inner = [math.exp(lo * (1 - i / (n - 1)) + hi * i / (n - 1)) for i in range(1, n - 1)]
+    else:  # weights, not high - low: that difference overflows across the whole float range
+        inner = [low * (1 - i / (n - 1)) + high * i / (n - 1) for i in range(1, n - 1)]
+    # Rounding may step just outside the bounds; the ends are exactly as written.
+    return (low, *(min(max(v, low), high) for v in inner), high)
 
 
 def grid(spec: Spec, n: int = 5) -> Iterator[dict[str, float]]:

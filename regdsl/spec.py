@@ -42,24 +42,28 @@ from .schedule_nodes import (
     _check_strength,
     _whole_number,
 )
-from .space_nodes import SPACE_TYPES, Value, bind_names, check_value
+from .space_nodes import SPACE_TYPES, ChoiceSpace, LogUniformSpace, Space, UniformSpace, Value, bind_names, check_value
 
 __all__ = [
     "MAX_WHOLE",
     "AllAtom",
     "Atom",
     "BiasAtom",
+    "ChoiceSpace",
     "CosineStep",
     "EmbeddingAtom",
     "FromStep",
     "LayerAtom",
+    "LogUniformSpace",
     "NormAtom",
     "Pattern",
     "Schedule",
     "ScheduleStep",
     "Selector",
+    "Space",
     "Span",
     "TypeAtom",
+    "UniformSpace",
     "UntilStep",
     "WarmupStep",
     "error_code",
