@@ -48,6 +48,8 @@ class _Space(Node):
 
     @model_validator(mode="after")
     def _name(self) -> _Space:
+        if self.ref:
+            return self
         _not_a_keyword(self.name)
         return self
 
@@ -76,6 +78,8 @@ class _Interval(_Space):
 
     @model_validator(mode="after")
     def _ordered(self) -> _Interval:
+        if self.ref:  # a use repeats its definition, which reports what is wrong with it
+            return self
         _finite(self.low, self.kind, "low")  # type: ignore[attr-defined]
         _finite(self.high, self.kind, "high")  # type: ignore[attr-defined]
         if self.low >= self.high:
@@ -100,7 +104,7 @@ class LogUniformSpace(_Interval):
 
     @model_validator(mode="after")
     def _positive(self) -> LogUniformSpace:
-        if self.low <= 0:
+        if self.low <= 0 and not self.ref:
             raise PydanticCustomError(
                 "space",
                 "loguniform(a, b) needs a > 0, got a = {low}: its bounds are values, not exponents (1e-5, not -5)",
@@ -132,6 +136,8 @@ class ChoiceSpace(_Space):
 
     @model_validator(mode="after")
     def _distinct(self) -> ChoiceSpace:
+        if self.ref:
+            return self
         seen: set[float] = set()
         for index, value in enumerate(self.choices):
             _finite(value, "choice", f"choices.{index}")
