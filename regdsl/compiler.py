@@ -288,10 +288,13 @@ class Regularizer:
             item.follow()
         self._set_step(step, None)
 
-    def remap_optimizer_state(self, optimizer_state: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, Any]:
+    def remap_optimizer_state(
+        self, optimizer_state: Mapping[str, Any], state: Mapping[str, Any], of: nn.Module | Iterable[torch.Tensor] | None = None
+    ) -> dict[str, Any]:
         """The optimizer state dict saved beside ``state`` (a :meth:`state_dict`), for these rules' groups.
 
-        Pass it to ``optimizer.load_state_dict`` of an optimizer built from :meth:`param_groups`.
+        Pass it to ``optimizer.load_state_dict`` of an optimizer built from :meth:`param_groups`
+        (``of``: one built from ``param_groups(of)``, both layouts cut down to that part).
         Per-parameter state follows each parameter by name; ``weight_decay`` (at the saved step),
         ``name`` and ``lr_mult`` come from the rules, the rest of a group (``lr``, ``betas``,
         ``initial_lr``...) from the saved group it continues. See :mod:`regdsl.state`.
@@ -300,7 +303,15 @@ class Regularizer:
         if not isinstance(step, int) or step < 0:
             raise RegUsageError(f"state_dict 'step' must be a whole number >= 0, got {step!r}")
         decays = [strength_at(key.decay, step) if key.decay else 0.0 for key, _ in self._groups]
-        return resume.remap_optimizer_state(optimizer_state, state, resume.layout(self.groups_summary()), decays)
+        current = resume.layout(self.groups_summary())
+        if of is not None:
+            ids = subset(of, self.table.entries)
+            names = {e.name for e in self.table.entries if id(e.param) in ids}
+            current, kept = resume.cut(current, names)
+            decays = [decays[i] for i in kept]
+            saved = resume.saved_layout(state)
+            state = {**state, "groups": resume.cut(saved, names)[0]} if saved is not None else state
+        return resume.remap_optimizer_state(optimizer_state, state, current, decays)
 
     # ------------------------------------------------------------ loss and reports
 

@@ -3,7 +3,8 @@ split the model (a GAN's generator and discriminator).
 
 Checked against a plain loop written here: each step folds the terms of the stepping optimizer's
 parameters only, runs its parameters' post-step terms only, and every step of either optimizer
-counts one in reg.step (the schedules' t). The refusals: a parameter in two optimizers, a
+counts one in reg.step (the schedules' t). Each part's optimizer state remaps by name after the rules
+changed (remap_optimizer_state(..., of=part)). The refusals: a parameter in two optimizers, a
 regularized parameter in none, an optimizer without the group a scheduled decay is written into.
 """
 
@@ -304,3 +305,60 @@ def test_fold_by_hand_adds_only_that_optimizers_terms() -> None:
     grads = {n: p.grad for n, p in net.named_parameters()}
     torch.testing.assert_close(grads["disc.0.weight"], 0.25 * net.disc[0].weight.detach(), rtol=0, atol=0)
     assert all(not g.any() for n, g in grads.items() if n != "disc.0.weight")
+
+
+def test_remap_each_optimizers_state_after_the_rules_changed() -> None:
+    """Resuming with an edited file: each part's optimizer state follows its parameters by name."""
+    net = model()
+    reg = compiled(net)
+    opts = {
+        "gen": torch.optim.SGD(reg.param_groups(net.gen, lr=LR, momentum=0.9)),
+        "disc": torch.optim.SGD(reg.param_groups(net.disc, lr=LR, momentum=0.9)),
+    }
+    reg.attach(list(opts.values()), fold=True)
+    for which, (x, y) in zip(PATTERN, batches()):
+        opt = opts["gen" if which == "g" else "disc"]
+        opt.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        opt.step()
+    saved = {part: o.state_dict() for part, o in opts.items()}
+    saved_reg = reg.state_dict()
+    old = dict(net.named_parameters())
+
+    edited = compiled(net := model(), RULES + "layer gen.2.weight decay 0.3\n")  # gen.2.weight: a group of its own
+    with pytest.raises(regdsl.RegStateError):
+        edited.load_state_dict(saved_reg)
+    with pytest.raises(regdsl.RegStateError, match="not those of the saved layout"):
+        edited.remap_optimizer_state(saved["gen"], saved_reg)  # the whole model's layout: not this optimizer's
+    for part in ("gen", "disc"):
+        module = getattr(net, part)
+        new = torch.optim.SGD(edited.param_groups(module, lr=LR, momentum=0.9))
+        new.load_state_dict(edited.remap_optimizer_state(saved[part], saved_reg, of=module))
+        for n, p in module.named_parameters():
+            want = opts[part].state[old[f"{part}.{n}"]]["momentum_buffer"]
+            torch.testing.assert_close(new.state[p]["momentum_buffer"], want, rtol=0, atol=0, msg=n)
+        if part == "gen":
+            group = next(g for g in new.param_groups if any(q is net.gen[2].weight for q in g["params"]))
+            assert (group["weight_decay"], group["lr"], [id(q) for q in group["params"]]) == (0.3, LR * 0.5, [id(net.gen[2].weight)])
+    edited.load_state_dict(saved_reg, strict=False)
+    assert edited.step == len(PATTERN)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "loss"])
+def test_constant_rules_count_every_step(fold: bool) -> None:
+    """Nothing scheduled and nothing after a step: each optimizer's one hook still counts its steps."""
+    net = model()
+    reg = compiled(net, "layer gen.0.weight l2 0.5\nlayer disc.0.weight l2 0.25\n")
+    opt_g, opt_d = (torch.optim.SGD(reg.param_groups(part, lr=LR)) for part in (net.gen, net.disc))
+    reg.attach([opt_g, opt_d], fold=fold)
+    start = net.gen[0].weight.detach().clone()
+    for which in PATTERN:
+        opt = opt_g if which == "g" else opt_d
+        opt.zero_grad()
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)  # only the terms move the weights
+        if not fold:
+            reg.penalty().backward()
+        opt.step()
+    assert reg.step == len(PATTERN)
+    torch.testing.assert_close(net.gen[0].weight.detach(), start * (1 - LR * 0.5) ** PATTERN.count("g"), rtol=1e-12, atol=0)

@@ -8,11 +8,12 @@ The callback (docs/integrations/lightning.md):
 * attaches the regularizer to every optimizer Lightning built (several under manual optimization,
   each from ``self.reg.param_groups(of=part, ...)``) and, by default, folds the parameter terms
   of the optimizer about to step in ``on_before_optimizer_step`` (after the closure's backward,
-  before gradient clipping; manual optimization's ``opt.step()`` runs it too), so that ``training_step`` changes only where the file has activity terms (or
-  with ``fold=False``): there it adds ``self.reg.penalty()`` to its loss. Lightning divides that
-  loss by ``accumulate_grad_batches`` itself, and steps (and folds) once per accumulation;
+  before gradient clipping; manual optimization's ``opt.step()`` runs it too), so that
+  ``training_step`` changes only where the file has activity terms (or with ``fold=False``):
+  there it adds ``self.reg.penalty()`` to its loss. Lightning divides that loss by
+  ``accumulate_grad_batches`` itself, and steps (and folds) once per accumulation;
 * logs each term's value as ``reg/<term>:<line>`` through ``pl_module.log``, every
-  ``log_every_n_steps`` optimizer steps (computing them reads every regularized weight);
+  ``log_every_n_steps`` of ``trainer.global_step`` (computing them reads every regularized weight);
 * saves ``reg.state_dict()`` in Lightning's checkpoints and restores it on resume.
 """
 
