@@ -52,7 +52,11 @@ def optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
 def subset(of: nn.Module | Iterable[torch.Tensor], entries: Sequence[ParamEntry]) -> set[int]:
     """The ids of the tensors ``param_groups(of=...)`` builds groups for: a module's parameters, or
     the parameters given. Each must be a parameter of the compiled model."""
-    tensors = list(of.parameters()) if isinstance(of, nn.Module) else list(of)
+    try:
+        # One tensor is one parameter, not the rows iterating it would give.
+        tensors = list(of.parameters()) if isinstance(of, nn.Module) else [of] if isinstance(of, torch.Tensor) else list(of)
+    except TypeError:
+        tensors = [of]  # not iterable: refused below
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         raise RegUsageError("param_groups(of=...) takes a module or parameter tensors (module.parameters())")
     known = {id(e.param) for e in entries}
@@ -156,7 +160,7 @@ class Attachment:
             return self._owners[0]
         owner = next((o for o in self._owners if o.optimizer() is optimizer), None)
         if owner is None:
-            raise RegUsageError("this optimizer is not attached to the regularizer: attach() lists those it steps with")
+            raise RegUsageError("this optimizer is not attached to the regularizer: pass one of those given to attach()")
         return owner
 
     def fold(self, optimizer: torch.optim.Optimizer | None) -> None:

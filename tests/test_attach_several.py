@@ -83,6 +83,7 @@ def test_groups_of_each_part() -> None:
         (["gen.2.bias"], 0.0, LR * 0.5, 0.5),  # exclude leaves lr_mult alone
     ]
     assert view(reg.param_groups(net.disc, lr=LR)) == [(["disc.0.weight", "disc.0.bias", "disc.2.weight", "disc.2.bias"], 0.0, LR, None)]
+    assert view(reg.param_groups(net.gen[0].weight, lr=LR)) == [(["gen.0.weight"], 0.0, LR, None)]
     assert view(reg.param_groups(of=[net.gen[2].bias, net.gen[0].weight], lr=LR)) == [
         (["gen.0.weight"], 0.0, LR, None),
         (["gen.2.bias"], 0.0, LR * 0.5, 0.5),
@@ -126,6 +127,8 @@ def test_groups_of_bad_parts() -> None:
         reg.param_groups(of=[net.gen[0].weight, nn.Parameter(torch.zeros(2))], lr=LR)
     with pytest.raises(RegUsageError, match="module or parameter tensors"):
         reg.param_groups(of=["gen.0.weight"], lr=LR)
+    with pytest.raises(RegUsageError, match="module or parameter tensors"):
+        reg.param_groups(of=3, lr=LR)
     with pytest.raises(RegUsageError, match=r"write param_groups\(lr_scale=True\)"):
         reg.param_groups(True)
     with pytest.raises(RegUsageError, match=r"param_groups\(of=\.\.\.\) builds the groups of a part"):
