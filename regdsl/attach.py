@@ -197,3 +197,9 @@ def _check_split(reg: Regularizer, stepped: Sequence[set[int]]) -> None:
             f"the rules regularize {name_list(orphans)}, which none of the {len(stepped)} optimizers steps: "
             "put every regularized parameter in one of them, or exclude it in the rule file"
         )
+
+
+def cut_groups(groups: list[tuple[Any, list[Any]]], ids: set[int]) -> list[tuple[Any, list[Any]]]:
+    """``(key, members)`` groups cut down to the tensors in ``ids``, the empty ones left out."""
+    cut = [(key, [e for e in members if id(e.param) in ids]) for key, members in groups]
+    return [(key, members) for key, members in cut if members]

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import state as resume
 from .activity import ActivityPlan
-from .attach import Attachment, DecayWriter, optimizer_list, subset
+from .attach import Attachment, DecayWriter, cut_groups, optimizer_list, subset
 from .build import load
 from .constraints import PostStepPlan
 from .ddp import DeferredPenalty, ddp_of, defers
@@ -37,7 +37,6 @@ from .items import step_items
 from .penalties import PenaltyPlan
 from .resolution import (
     Coverage,
-    GroupKey,
     GroupSummary,
     ModuleRow,
     ParamRow,
@@ -133,7 +132,7 @@ class Regularizer:
                 )
         if isinstance(of, bool):
             raise RegUsageError("param_groups()'s first argument is a module or parameters: write param_groups(lr_scale=True)")
-        chosen = self._groups if of is None else _cut(self._groups, subset(of, self.table.entries))
+        chosen = self._groups if of is None else cut_groups(self._groups, subset(of, self.table.entries))
         if of is not None and not chosen:
             raise RegUsageError("param_groups(of=...) holds no parameter the rules train: every one given is frozen")
         if not lr_scale and "lr" not in defaults and any(key.lr_mult not in (None, 1.0) for key, _ in chosen):
@@ -369,12 +368,6 @@ class Regularizer:
             f"<Regularizer {len(self.spec.statements)} statements, {trainable} trainable tensors, "
             f"{len(self._groups)} groups, step {self._step}>"
         )
-
-
-def _cut(groups: list[tuple[GroupKey, list[Any]]], ids: set[int]) -> list[tuple[GroupKey, list[Any]]]:
-    """The groups cut down to the tensors in ``ids``, the empty ones left out."""
-    cut = [(key, [e for e in members if id(e.param) in ids]) for key, members in groups]
-    return [(key, members) for key, members in cut if members]
 
 
 def _remove_all(handles: list[Any]) -> None:
