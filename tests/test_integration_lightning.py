@@ -292,3 +292,20 @@ def test_two_optimizers_resume_from_a_checkpoint(tmp_path, gan_expected) -> None
 def test_a_parameter_in_both_optimizers_is_refused(tmp_path) -> None:
     with pytest.raises(RegUsageError, match="in more than one of the 2 optimizers"):
         trainer(1, tmp_path, callbacks=[RegularizationCallback(regdsl.parse(GAN_RULES))]).fit(GAN(share=True), gan_loader())
+
+
+def test_an_optuna_trial_gives_the_search_spaces_their_values(tmp_path, expected) -> None:
+    # The file's decay and l1 as search spaces; the trial picks exactly the numbers of RULES, so
+    # the fit must land on the plain loop's weights.
+    optuna = pytest.importorskip("optuna")
+    spaced = RULES.replace("all decay 0.01", "all decay choice(0.01, 0.1) as wd").replace(
+        "l1 1e-2 warmup 3", "l1 loguniform(1e-3, 1e-1) warmup 3"
+    )
+    assert set(regdsl.parse(spaced).spaces()) == {"wd", "l1:3"}
+    trial = optuna.trial.FixedTrial({"wd": 0.01, "l1:3": 1e-2})
+    module, callback = Regression(), RegularizationCallback(regdsl.parse(spaced), trial=trial)
+    trainer(1, tmp_path, callbacks=[callback]).fit(module, loader(1))
+    assert callback.reg.spec == regdsl.parse(RULES)
+    assert_same(module, expected)
+    with pytest.raises(regdsl.RegUsageError, match="'wd'.*has no value"):
+        trainer(1, tmp_path, callbacks=[RegularizationCallback(regdsl.parse(spaced))]).fit(Regression(), loader(1))

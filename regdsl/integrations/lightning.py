@@ -32,7 +32,8 @@ from ..spec import Spec
 
 class RegularizationCallback(pl.Callback):
     """``rules``: a ``.reg`` path or a :class:`regdsl.Spec`, written for the LightningModule's own
-    parameter names (``model.fc1.weight`` for a module kept as ``self.model``)."""
+    parameter names (``model.fc1.weight`` for a module kept as ``self.model``). ``trial``: an
+    Optuna trial, for rules with search spaces (``regdsl.compile(..., trial=)``)."""
 
     def __init__(
         self,
@@ -40,8 +41,10 @@ class RegularizationCallback(pl.Callback):
         reference: Mapping[str, torch.Tensor] | None = None,
         fold: bool = True,
         log: bool = True,
+        trial: Any = None,
     ):
         self.rules, self.reference, self.fold, self.log = rules, reference, fold, log
+        self.trial = trial  # an Optuna trial: it gives the rules' search spaces their values
         self.reg: Regularizer | None = None
         self._saved: Mapping[str, Any] | None = None  # a checkpoint's state, loaded before setup compiled
 
@@ -50,7 +53,7 @@ class RegularizationCallback(pl.Callback):
             return
         if self.reg is not None:
             self.reg.detach()
-        self.reg = compile(self.rules, pl_module, reference=self.reference)
+        self.reg = compile(self.rules, pl_module, reference=self.reference, trial=self.trial)
         pl_module.reg = self.reg
         if self._saved is not None:
             self.reg.load_state_dict(self._saved)
