@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .lint import check
     from .report import format_explain, format_groups
     from .resolution import Coverage, GroupSummary, ModuleRow, ParamRow, Resolution, Setting, resolve
+    from .spaces import grid
 
 # Names that need torch load on first use, so `regdsl check` on a file stays fast.
 _LAZY = {
@@ -44,6 +45,7 @@ _LAZY = {
     "compile": "compiler",
     "format_explain": "report",
     "format_groups": "report",
+    "grid": "spaces",
 }
 
 
@@ -78,6 +80,7 @@ __all__ = [
     "format_explain",
     "format_groups",
     "format_source",
+    "grid",
     "load",
     "parse",
     "resolve",

@@ -85,7 +85,8 @@ def _span(meta_or_token: Any) -> dict[str, int]:
     }
 
 
-LeafSpans = dict[tuple[int, str], dict[str, int]]
+LeafSpans = dict[tuple[int, str | int], dict[str, int]]
+_SPACE_NODES = ("loguniform", "uniform", "choice", "space_ref")
 
 
 def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[dict[str, int], str]]]:
@@ -153,14 +154,34 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[di
     # The field each term's number fills.
     value_field = {"max_norm": "norm", "lr_mult": "factor"}
 
+    def space(node: Tree) -> dict[str, Any]:
+        kind = str(node.data)
+        if kind == "space_ref":
+            return {"kind": "name", "name": str(node.children[0]), "pos": _span(node.meta)}
+        out: dict[str, Any] = {"kind": kind, "pos": _span(node.meta)}
+        numbers = [c for c in node.children if isinstance(c, Token)]
+        named = [c for c in node.children if isinstance(c, Tree)]
+        if named:
+            out["name"] = str(named[0].children[0])
+        if kind == "choice":
+            out["choices"] = [number(t) for t in numbers]
+            for i, token in enumerate(numbers):
+                leaf_spans[id(out["choices"]), i] = _span(token)
+        else:
+            out["low"], out["high"] = number(numbers[0]), number(numbers[1])
+            leaf_spans[id(out), "low"], leaf_spans[id(out), "high"] = _span(numbers[0]), _span(numbers[1])
+        return out
+
     def term(node: Tree) -> dict[str, Any]:
         kind = str(node.data)
         out: dict[str, Any] = {"kind": kind, "pos": _span(node.meta)}
+        field = value_field.get(kind, "strength")
         for child in node.children:
             if isinstance(child, Token):
-                field = value_field.get(kind, "strength")
                 out[field] = number(child)
                 leaf_spans[id(out), field] = _span(child)
+            elif child.data in _SPACE_NODES:
+                out[field] = space(child)
             elif child.data == "prox":
                 out["prox"] = True
             elif child.data in ("to_init", "to_ref"):
@@ -200,7 +221,8 @@ def _from_pydantic(
     span = None
     for key in loc:
         # Discriminated unions add the tag ("rule", "l2") to the path; it names no child.
-        if isinstance(node, dict) and isinstance(key, str) and key not in node and node.get("kind") == key:
+        # A callable discriminator's tag ("space", "number") names no child either.
+        if isinstance(node, dict) and isinstance(key, str) and key not in node:
             continue
         parent = node
         try:

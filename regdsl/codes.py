@@ -27,6 +27,8 @@ CODES: dict[str, Code] = {
     "RD007": Code("error", "an invalid schedule or dim (not a whole number, out of range, repeated, until before from)"),
     "RD008": Code("error", "a selector atom that cannot select what a term acts on ('bias' with an activity term)"),
     "RD009": Code("error", "an invalid spec (JSON input)"),
+    "RD010": Code("error", "an invalid search space (bounds, a value its term refuses, a name defined twice or never)"),
+    "RD011": Code("error", "a search space without a value, at compile"),
     # Against a model: rules that cannot do what they say.
     "RD101": Code("error", "a selector, or one pattern in it, matches no parameter"),
     "RD102": Code("error", "a type name matches no module class in the model"),

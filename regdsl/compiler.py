@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from . import state as resume
 from .activity import ActivityPlan
+from .attach import Attachment, DecayWriter, cut_groups, optimizer_list, subset
 from .build import load
 from .constraints import PostStepPlan
 from .ddp import DeferredPenalty, ddp_of, defers
@@ -30,14 +31,12 @@ from .errors import (
     name_list,
     shape_text,
 )
-from .fold import Folding, step_hooks
 from .gcpause import paused_gc
-from .guards import check_parameters_current, warn_decay_underflow, warn_not_listening, warn_untaken
+from .guards import check_parameters_current, warn_not_listening, warn_untaken
 from .items import step_items
 from .penalties import PenaltyPlan
 from .resolution import (
     Coverage,
-    GroupKey,
     GroupSummary,
     ModuleRow,
     ParamRow,
@@ -46,6 +45,7 @@ from .resolution import (
     resolve,
 )
 from .schedule import any_scheduled, is_scheduled, strength_at
+from .spaces import require_values, suggest
 from .spec import Spec
 
 __all__ = ["Coverage", "GroupSummary", "ModuleRow", "ParamRow", "Regularizer", "Resolution", "Setting", "compile", "resolve"]
@@ -64,6 +64,7 @@ class Regularizer:
     def __init__(
         self, spec: Spec, model: nn.Module, reference: Mapping[str, torch.Tensor] | None = None, accumulation_steps: int = 1
     ):
+        require_values(spec)  # a search space has no value to compile with (regdsl.spaces)
         self.accumulation_steps = accumulation_steps
         self._ddp = ddp_of(model)  # under find_unused_parameters, penalty() defers its gradients (regdsl.ddp)
         self._deferred: DeferredPenalty | None = None
@@ -91,15 +92,14 @@ class Regularizer:
         self._groups = self.resolution.groups()
         self._step = 0
         self._scheduled_decays = [(k, m) for k, m in self._groups if k.decay is not None and is_scheduled(k.decay)]
-        self._decay_identity: tuple[tuple[int, int], ...] | None = None
-        self._decay_index: list[tuple[GroupKey, int]] = []
-        self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
+        self._decay = DecayWriter(self._scheduled_decays)  # after_step()'s optimizer: it holds every member
+        self._attached: Attachment | None = None  # set by attach(): the optimizers, their folds and post-step terms
         self._hooks: list[Any] = []
         self._hook_finalizer = weakref.finalize(self, _remove_all, self._hooks)
         loss, post, self._references, targets = step_items(self.resolution, reference)
         self._loss_items = loss
         self._penalty = PenaltyPlan(loss)
-        self._fold: Folding | None = None  # set by attach(fold=True): penalty() then returns only its .rest
+        self._post_items = post
         self._post = PostStepPlan(post)
         self._activity = ActivityPlan(targets)
         self._warned_untaken = False
@@ -109,9 +109,14 @@ class Regularizer:
 
     # ------------------------------------------------------------ optimizer
 
-    def param_groups(self, lr_scale: bool = False, **defaults: Any) -> list[dict[str, Any]]:
+    def param_groups(
+        self, of: nn.Module | Iterable[torch.Tensor] | None = None, *, lr_scale: bool = False, **defaults: Any
+    ) -> list[dict[str, Any]]:
         """Parameter groups for any ``torch.optim`` optimizer; each trainable tensor appears once.
 
+        ``of`` (a submodule, or parameters) keeps only its trainable tensors: the groups of the
+        full call, each cut down to them, settings and names unchanged, the empty ones left out.
+        One optimizer per part of the model (a GAN's generator and discriminator) is built this way.
         Keyword arguments (``lr=...``, ``betas=...``) are copied into every group. A group
         with ``lr_mult m`` gets ``lr = m · lr``: torch's LR schedulers scale each group's own
         lr, so the ratio holds through any of them. With ``lr_scale=True`` such a group gets
@@ -123,14 +128,20 @@ class Regularizer:
                 raise RegUsageError(
                     f"param_groups() does not take {key!r}: the rule file sets it"
                     + (" (write 'all decay VALUE' for a default decay)" if key == "weight_decay" else "")
+                    + (" (param_groups(of=...) builds the groups of a part of the model)" if key == "params" else "")
                 )
-        if not lr_scale and "lr" not in defaults and any(key.lr_mult not in (None, 1.0) for key, _ in self._groups):
+        if isinstance(of, bool):
+            raise RegUsageError("param_groups()'s first argument is a module or parameters: write param_groups(lr_scale=True)")
+        chosen = self._groups if of is None else cut_groups(self._groups, subset(of, self.table.entries))
+        if of is not None and not chosen:
+            raise RegUsageError("param_groups(of=...) holds no parameter the rules train: every one given is frozen")
+        if not lr_scale and "lr" not in defaults and any(key.lr_mult not in (None, 1.0) for key, _ in chosen):
             raise RegUsageError(
                 "the rule file sets lr_mult, so param_groups() needs the base learning rate: param_groups(lr=...) "
                 "(or param_groups(lr_scale=True) for timm's schedulers)"
             )
         groups = []
-        for key, members in self._groups:
+        for key, members in chosen:
             group = {
                 "params": members.params,
                 "weight_decay": strength_at(key.decay, self._step) if key.decay else 0.0,
@@ -146,7 +157,9 @@ class Regularizer:
             groups.append(group)
         return groups
 
-    def attach(self, optimizer: torch.optim.Optimizer, fold: bool = False, fold_hook: bool = True) -> Regularizer:
+    def attach(
+        self, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], fold: bool = False, fold_hook: bool = True
+    ) -> Regularizer:
         """Run :meth:`after_step` automatically after every ``optimizer.step()`` (torch's step hooks).
 
         With ``fold=True`` the gradients of ``l1``, ``l2``, ``l2 ... to``, ``group_lasso`` and
@@ -155,36 +168,36 @@ class Regularizer:
         nothing to do after a step, the only hook counts steps (or the fold's hook does).
         Needs an optimizer built from :meth:`param_groups` when a ``decay`` has a schedule.
 
+        A list of optimizers that split the model (each built from ``param_groups(of=part)``):
+        each one's step folds and post-processes its own parameters, and every step of any of
+        them counts one in :attr:`step` (:mod:`regdsl.attach`).
+
         ``fold_hook=False`` is for steps whose backward runs inside ``optimizer.step(closure)``
         (Lightning), after any pre-hook: the caller adds the terms with :meth:`fold` once the
         gradients are there.
         """
-        if self._optimizer is not None:
+        if self._attached is not None:
             raise RegUsageError("this regularizer is already attached to an optimizer; detach() first")
+        optimizers = optimizer_list(optimizer)
         check_parameters_current(self.table.entries)
-        if self._post.prox:
-            self._post.locate(optimizer.param_groups)  # every proximal parameter must be in it
-        self._write_decay(optimizer)
-        warn_decay_underflow(optimizer, self._groups)
+        self._attached = Attachment(self, optimizers, fold, fold_hook)  # raises before anything is installed
+        self._hooks += self._attached.hooks
         self._activity.register()  # after a detach(), the forward hooks come back too
-        self._fold = Folding(self._loss_items, optimizer, self._step) if fold else None
-        self._hooks += step_hooks(weakref.ref(self), optimizer, self._fold if fold_hook else None, self._busy)
-        self._optimizer = weakref.ref(optimizer)
         return self
 
-    def fold(self) -> None:
+    def fold(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Add the folded terms' gradients to ``p.grad`` now, for ``attach(opt, fold=True, fold_hook=False)``:
-        once per optimizer step, after the last backward and before the update."""
-        optimizer = self._optimizer() if self._optimizer is not None else None
-        if self._fold is None or optimizer is None:
+        once per optimizer step, after the last backward and before the update. With several
+        optimizers attached, pass the one about to step: only its parameters' terms are added."""
+        if self._attached is None:
             raise RegUsageError("fold() needs attach(optimizer, fold=True, fold_hook=False) first")
-        self._fold.plan(getattr(optimizer, "grad_scale", None))
+        self._attached.fold(optimizer)
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call right after ``optimizer.step()`` when not attached: proximal steps and constraints
         with this step's strengths, then the step counter advances and every scheduled strength
         (and scheduled ``decay``, written into ``optimizer``'s groups) moves to the next step."""
-        if self._optimizer is not None:
+        if self._attached is not None:
             raise RegUsageError("after_step() on an attached regularizer would count each step twice")
         if optimizer is None and (self._post.prox or self._scheduled_decays):
             raise RegUsageError(
@@ -199,52 +212,27 @@ class Regularizer:
         if self._activity.take() and not self._warned_untaken:
             self._warned_untaken = True
             warn_untaken(self._activity.targets)
-        self._post.apply(self._step, optimizer.param_groups if optimizer is not None else None)
+        post = self._attached.owner(optimizer).post if self._attached is not None else self._post
+        post.apply(self._step, optimizer.param_groups if optimizer is not None else None)
         self._set_step(self._step + 1, optimizer)
 
     def _set_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
+        """Every strength to ``step``; scheduled decays into the attached optimizers, or into ``optimizer``."""
         self._step = step
         self._penalty.set_step(step)
-        if self._fold is not None:
-            self._fold.set_step(step)
         if self._deferred is not None:
             self._deferred.set_step(step)
         self._activity.set_step(step)
-        if optimizer is not None:
-            self._write_decay(optimizer)
-
-    def _write_decay(self, optimizer: torch.optim.Optimizer) -> None:
-        """Write each scheduled decay's value at this step into its optimizer group."""
-        for key, index in self._decay_groups(optimizer):
-            optimizer.param_groups[index]["weight_decay"] = strength_at(key.decay, self._step)
-
-    def _decay_groups(self, optimizer: torch.optim.Optimizer) -> list[tuple[GroupKey, int]]:
-        """The optimizer group of each scheduled decay: one holding exactly its tensors, since a
-        wider one would decay what the rules exclude. Found once per set of optimizer groups."""
-        if not self._scheduled_decays:
-            return []
-        groups = optimizer.param_groups
-        identity = tuple((id(g), id(g["params"])) for g in groups)
-        if identity != self._decay_identity:
-            found = []
-            for key, members in self._scheduled_decays:
-                wanted = {id(e.param) for e in members}
-                index = next((i for i, g in enumerate(groups) if {id(p) for p in g["params"]} == wanted), None)
-                if index is None:
-                    raise RegUsageError(
-                        f"the optimizer has no group '{key.name}': build it from reg.param_groups() "
-                        "so a scheduled decay can be written into it"
-                    )
-                found.append((key, index))
-            self._decay_index, self._decay_identity = found, identity
-        return self._decay_index
+        if self._attached is not None:
+            self._attached.set_step(step)
+        elif optimizer is not None:
+            self._decay.write(optimizer, step)
 
     def detach(self) -> None:
         """Remove the optimizer hooks (the fold's too: penalty() is whole again) and the activity forward hooks."""
         _remove_all(self._hooks)
-        self._fold = None
+        self._attached = None
         self._activity.remove()
-        self._optimizer = None
 
     @property
     def step(self) -> int:
@@ -299,13 +287,15 @@ class Regularizer:
         for name, item in self._references.items():
             item.reference, item.ref = saved[name].detach().to(device=item.param.device, copy=True), None
             item.follow()
-        optimizer = self._optimizer() if self._optimizer is not None else None
-        self._set_step(step, optimizer)
+        self._set_step(step, None)
 
-    def remap_optimizer_state(self, optimizer_state: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, Any]:
+    def remap_optimizer_state(
+        self, optimizer_state: Mapping[str, Any], state: Mapping[str, Any], of: nn.Module | Iterable[torch.Tensor] | None = None
+    ) -> dict[str, Any]:
         """The optimizer state dict saved beside ``state`` (a :meth:`state_dict`), for these rules' groups.
 
-        Pass it to ``optimizer.load_state_dict`` of an optimizer built from :meth:`param_groups`.
+        Pass it to ``optimizer.load_state_dict`` of an optimizer built from :meth:`param_groups`
+        (``of``: one built from ``param_groups(of)``, both layouts cut down to that part).
         Per-parameter state follows each parameter by name; ``weight_decay`` (at the saved step),
         ``name`` and ``lr_mult`` come from the rules, the rest of a group (``lr``, ``betas``,
         ``initial_lr``...) from the saved group it continues. See :mod:`regdsl.state`.
@@ -314,7 +304,15 @@ class Regularizer:
         if not isinstance(step, int) or step < 0:
             raise RegUsageError(f"state_dict 'step' must be a whole number >= 0, got {step!r}")
         decays = [strength_at(key.decay, step) if key.decay else 0.0 for key, _ in self._groups]
-        return resume.remap_optimizer_state(optimizer_state, state, resume.layout(self.groups_summary()), decays)
+        current = resume.layout(self.groups_summary())
+        if of is not None:
+            ids = subset(of, self.table.entries)
+            names = {e.name for e in self.table.entries if id(e.param) in ids}
+            current, kept = resume.cut(current, names)
+            decays = [decays[i] for i in kept]
+            saved = resume.saved_layout(state)
+            state = {**state, "groups": resume.cut(saved, names)[0]} if saved is not None else state
+        return resume.remap_optimizer_state(optimizer_state, state, current, decays)
 
     # ------------------------------------------------------------ loss and reports
 
@@ -334,7 +332,8 @@ class Regularizer:
         return total if self._accumulation_steps == 1 else total / self._accumulation_steps
 
     def _loss_plan(self) -> PenaltyPlan | DeferredPenalty:
-        plan = self._fold.rest if self._fold is not None else self._penalty
+        rest = self._attached.rest if self._attached is not None else None
+        plan = rest if rest is not None else self._penalty
         if not plan or not defers(self._ddp):
             return plan
         if self._deferred is None or self._deferred.source is not plan:
@@ -381,13 +380,18 @@ def compile(
     model: nn.Module,
     reference: Mapping[str, torch.Tensor] | None = None,
     accumulation_steps: int = 1,
+    trial: Any = None,
 ) -> Regularizer:
     """Compile a spec, or the ``.reg`` file at a path, against ``model``.
 
     ``reference`` (a state_dict) supplies ``w0`` for ``l2 ... to ref``. With gradient
     accumulation, ``accumulation_steps=k`` makes ``penalty()`` return ``1/k`` of the terms,
     so that adding it to each micro-batch's loss applies them once per optimizer step.
+    ``trial`` (an Optuna trial) gives each search space of the rules its value, through
+    ``trial.suggest_float``/``suggest_categorical`` under the space's name.
     """
     spec = rules if isinstance(rules, Spec) else load(rules)
+    if trial is not None:
+        spec = spec.with_values(suggest(spec, trial))
     return spec.compile(model, reference=reference, accumulation_steps=accumulation_steps)
 

@@ -303,23 +303,27 @@ class FoldPlan:
 
 
 class Folding:
-    """What ``attach(optimizer, fold=True)`` sets up: the terms it folds (those of parameters
-    the optimizer steps) and the penalty of everything else, which ``penalty()`` returns."""
+    """What ``attach(optimizers, fold=True)`` sets up: for each optimizer, the plan of the terms it
+    folds (those of the parameters it steps, each term in the first optimizer holding it), and the
+    penalty of every term no optimizer folds, which ``penalty()`` returns."""
 
-    def __init__(self, items: Sequence[LossItem], optimizer: torch.optim.Optimizer, step: int):
-        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        folded = [i for i in items if can_fold(i) and id(i.param) in stepped]
-        chosen = {id(i) for i in folded}
-        self.plan = FoldPlan(folded, step)
+    def __init__(self, items: Sequence[LossItem], stepped: Sequence[set[int]], step: int):
+        chosen: set[int] = set()
+        self.plans = []
+        for ids in stepped:
+            folded = [i for i in items if can_fold(i) and id(i.param) in ids and id(i) not in chosen]
+            chosen.update(id(i) for i in folded)
+            self.plans.append(FoldPlan(folded, step))
         self.rest = PenaltyPlan([i for i in items if id(i) not in chosen], step)
 
     def set_step(self, step: int) -> None:
-        self.plan.set_step(step)
+        for plan in self.plans:
+            plan.set_step(step)
         self.rest.set_step(step)
 
 
-def step_hooks(reg_ref: Any, optimizer: torch.optim.Optimizer, folding: Folding | None, busy: bool) -> list[Any]:
-    """The optimizer hooks ``attach()`` installs, as handles.
+def step_hooks(reg_ref: Any, optimizer: torch.optim.Optimizer, plan: FoldPlan | None, busy: bool) -> list[Any]:
+    """The hooks ``attach()`` installs on one optimizer, as handles; ``plan``: what it folds.
 
     ``busy`` (post-step terms, activity values to drop, anything scheduled) needs the full
     bookkeeping after each step (``reg._advance``). Otherwise a step only counts: inside the
@@ -327,11 +331,9 @@ def step_hooks(reg_ref: Any, optimizer: torch.optim.Optimizer, folding: Folding 
     """
     handles = []
     count = functools.partial(_eager(_count), reg_ref)
-    counts = folding is not None and bool(folding.plan) and not busy
-    if folding is not None and folding.plan:
-        handles.append(
-            optimizer.register_step_pre_hook(functools.partial(_fold_hook, folding.plan, count if counts else None))
-        )
+    counts = plan is not None and bool(plan) and not busy
+    if plan is not None and plan:
+        handles.append(optimizer.register_step_pre_hook(functools.partial(_fold_hook, plan, count if counts else None)))
     if not counts:
         post = functools.partial(_eager(_advance), reg_ref) if busy else functools.partial(_count_after, count)
         handles.append(optimizer.register_step_post_hook(post))

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any, ClassVar
 
-from .parser import KEYWORDS_OPTION, KEYWORDS_SCHEDULE, KEYWORDS_SELECTOR, KEYWORDS_TERM
+from .parser import KEYWORDS_OPTION, KEYWORDS_SCHEDULE, KEYWORDS_SELECTOR, KEYWORDS_SPACE, KEYWORDS_TERM
 
 # The grammar's characters of a glob (GLOB in grammar/regdsl.lark): a keyword or a number must
 # not be followed by one, or it is part of a longer word (`l21`, `biased`).
@@ -32,6 +32,7 @@ KEYWORD_CLASSES: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (KEYWORDS_SELECTOR, "Name.Builtin", "support.function.selector.regdsl"),
     (KEYWORDS_SCHEDULE, "Keyword.Pseudo", "keyword.control.schedule.regdsl"),
     (KEYWORDS_OPTION, "Name.Attribute", "variable.parameter.option.regdsl"),
+    (KEYWORDS_SPACE, "Name.Function", "support.function.space.regdsl"),
 )
 
 
@@ -47,7 +48,7 @@ def textmate() -> dict[str, Any]:
     patterns += [{"name": scope, "match": rf"(?<![{WORD}])" + _words(words)} for words, _, scope in KEYWORD_CLASSES]
     patterns.append({"name": "constant.numeric.regdsl", "match": rf"(?<![{WORD}])(?:{NUMBER})"})
     patterns.append({"name": "entity.name.tag.pattern.regdsl", "match": GLOB})
-    patterns.append({"name": "punctuation.separator.regdsl", "match": r"[,;=]"})
+    patterns.append({"name": "punctuation.separator.regdsl", "match": r"[,;=()]"})
     return {
         "$schema": "https://raw.githubusercontent.com/martinring/tmlanguage/master/tmlanguage.json",
         "name": "regdsl",
@@ -67,7 +68,7 @@ def _pygments_lexer() -> type:
     for keywords, token, _ in KEYWORD_CLASSES:
         ordered = sorted(keywords, key=len, reverse=True)
         rules.append((words(ordered, prefix=rf"(?<![{WORD}])", suffix=END), string_to_tokentype(token)))
-    rules += [(NUMBER, Number), (GLOB, Name), (r"[,;=]", Punctuation)]
+    rules += [(NUMBER, Number), (GLOB, Name), (r"[,;=()]", Punctuation)]
 
     class RegDslLexer(RegexLexer):
         """Rule files of regdsl (declarative regularization for PyTorch)."""

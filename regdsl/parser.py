@@ -26,13 +26,18 @@ KEYWORDS_TERM = ("decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "
 KEYWORDS_SCHEDULE = ("warmup", "from", "until", "cosine")
 # Words that only continue a term: `l1 λ prox`, `l2 λ to init`, `dim=1`, `cosine to λ over N`.
 KEYWORDS_OPTION = ("prox", "to", "init", "ref", "dim", "over")
-KEYWORDS = KEYWORDS_SELECTOR + KEYWORDS_TERM + KEYWORDS_SCHEDULE + KEYWORDS_OPTION + ("exclude",)
+# Words of a search space: `loguniform(a, b) as name`, `uniform(a, b)`, `choice(v, ...)`.
+KEYWORDS_SPACE = ("loguniform", "uniform", "choice", "as")
+KEYWORDS = KEYWORDS_SELECTOR + KEYWORDS_TERM + KEYWORDS_SCHEDULE + KEYWORDS_OPTION + KEYWORDS_SPACE + ("exclude",)
 
 # Lark's terminal names, in the words a user of the language knows.
 _TERMINAL_WORDS = {
     "GLOB": "a name pattern",
     "STRING": "a name pattern",
     "NUMBER": "a number",
+    "NAME": "a search space's name",
+    "LPAR": "'('",
+    "RPAR": "')'",
     "COMMA": "','",
     "EQUAL": "'='",
     "_END": "end of statement",
@@ -272,7 +277,7 @@ def _token_message(token: lark.Token, expected: list[str], keywords: list[str]) 
         w.startswith("a schedule") for w in expected
     ):
         return message + "; max_norm, lr_mult and none take no schedule"
-    if token.type not in ("GLOB", "NUMBER"):
+    if token.type not in ("GLOB", "NUMBER", "NAME"):
         return message
     # A misspelt keyword lexes as a pattern or number; offer the nearest allowed keyword
     # (a keyword out of place is not a misspelling of another one).
@@ -311,10 +316,18 @@ def _expected_words(terminals) -> list[str]:
     steps = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_SCHEDULE]
     if steps:
         words.append(f"a schedule ({', '.join(sorted(steps, key=KEYWORDS_SCHEDULE.index))})")
-    for name in ("GLOB", "STRING", "NUMBER", "COMMA", "EQUAL", "_END", "$END"):
+    spaces = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_SPACE[:3]]
+    if spaces:
+        words.append(f"a search space ({', '.join(sorted(spaces, key=KEYWORDS_SPACE.index))})")
+    if any(kw.get(n) == "as" for n in names):
+        words.append("'as'")
+    for name in ("GLOB", "STRING", "NUMBER", "NAME", "LPAR", "COMMA", "RPAR", "EQUAL", "_END", "$END"):
         word = _TERMINAL_WORDS[name]
         if name in names and word not in words:
             words.append(word)
+    if spaces and "a number" in words:  # where a strength stands: the number first, then the spaces
+        words.remove("a number")
+        words.insert(words.index(next(w for w in words if w.startswith("a search space ("))), "a number")
     return words
 
 

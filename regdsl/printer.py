@@ -37,9 +37,25 @@ def format_schedule(schedule: Schedule) -> str:
     return " ".join(parts)
 
 
+def format_space(space: Any, definition: bool = False) -> str:
+    """``loguniform(1e-05, 0.01) as head_l2`` as the file defines it, a bare ``head_l2`` where
+    a term reuses it; ``definition``: the space alone, ``loguniform(1e-05, 0.01)``."""
+    if space.ref and not definition:
+        return space.name
+    numbers = space.choices if space.kind == "choice" else (space.low, space.high)
+    text = f"{space.kind}({', '.join(map(format_number, numbers))})"
+    return text + (f" as {space.name}" if space.name and not definition else "")
+
+
+def format_value(term: Any) -> str:
+    """A term's number, or the search space it is drawn from (also on a stand-in's copy)."""
+    space = getattr(term, "space", None)
+    return format_space(space) if space is not None else format_number(term.value)
+
+
 def format_term_value(term: Any) -> str:
     """A term without its keyword: ``1e-4 prox warmup 100``, ``0.01 to init``, ``3.0 dim=1``."""
-    parts = [format_number(term.value)]
+    parts = [format_value(term)]
     if getattr(term, "prox", False):
         parts.append("prox")
     if getattr(term, "to", None):

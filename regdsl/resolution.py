@@ -27,7 +27,7 @@ from torch import nn
 
 from .entries import Members
 from .gcpause import paused_gc
-from .printer import format_schedule
+from .printer import format_schedule, format_space
 from .schedule import always_zero, is_scheduled
 from .select import ParamTable
 from .spec import NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Span, Spec
@@ -284,7 +284,10 @@ def resolve(spec: Spec, model: nn.Module) -> Resolution:
     sets it wins; ``none`` clears at its position; any matching ``exclude`` removes everything
     but ``lr_mult``. See :mod:`regdsl.cascade` for how."""
     from .cascade import resolve_table
+    from .spaces import stand_in
 
+    # Search spaces resolve at a stand-in value (check, explain); compile refuses them earlier.
+    spec = stand_in(spec)
     with paused_gc():  # tens of thousands of rows: collecting while they are made costs more than making them
         return resolve_table(spec, ParamTable(model))
 
@@ -293,6 +296,8 @@ def group_name(decay: float, term: DecayTerm | None = None, lr_mult: float | Non
     """``decay=0.05``, ``no_decay``, plus the decay's schedule and ``lr_mult=...`` when set."""
     # A scheduled decay that starts at 0 still decays later: it is named by its term, not 'no_decay'.
     name = f"decay={decay!r}" if decay or term is not None else "no_decay"
+    if term is not None and term.space is not None:
+        name = f"decay={format_space(term.space, definition=True)}"
     if term is not None and is_scheduled(term):
         name += " " + format_schedule(term.schedule)
     if lr_mult is not None:

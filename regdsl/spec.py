@@ -42,23 +42,28 @@ from .schedule_nodes import (
     _check_strength,
     _whole_number,
 )
+from .space_nodes import SPACE_TYPES, ChoiceSpace, LogUniformSpace, Space, UniformSpace, Value, bind_names, check_value
 
 __all__ = [
     "MAX_WHOLE",
     "AllAtom",
     "Atom",
     "BiasAtom",
+    "ChoiceSpace",
     "CosineStep",
     "EmbeddingAtom",
     "FromStep",
     "LayerAtom",
+    "LogUniformSpace",
     "NormAtom",
     "Pattern",
     "Schedule",
     "ScheduleStep",
     "Selector",
+    "Space",
     "Span",
     "TypeAtom",
+    "UniformSpace",
     "UntilStep",
     "WarmupStep",
     "error_code",
@@ -79,14 +84,27 @@ def kind_label(kind: str) -> str:
     return kind.replace("_l", " l") if kind.startswith("activity_") else kind
 
 
-class _Strength(Node):
-    strength: float
+class _Valued(Node):
+    """A term with a number that may be a search space (:mod:`regdsl.space_nodes`)."""
+
+    # Set on the copies regdsl.spaces.stand_in makes: the space a stand-in value replaced.
+    _space: Any = PrivateAttr(default=None)
+
+    @property
+    def space(self) -> Any:
+        """The search space this term's value is drawn from, or None for a plain number."""
+        value = self.value  # type: ignore[attr-defined]
+        return value if isinstance(value, SPACE_TYPES) else self._space
+
+
+class _Strength(_Valued):
+    strength: Value
     schedule: Schedule = Schedule()
 
     @field_validator("strength")
     @classmethod
-    def _finite_nonnegative(cls, value: float) -> float:
-        return _check_strength(value)
+    def _finite_nonnegative(cls, value: Any) -> Any:
+        return check_value(value, _check_strength)
 
     @property
     def value(self) -> float:
@@ -149,19 +167,23 @@ class ActivityL2Term(_Strength):
     kind: Literal["activity_l2"] = "activity_l2"
 
 
-class MaxNormTerm(Node):
+def _check_norm(value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise PydanticCustomError("strength", "max_norm must be a finite number > 0, got {value}", {"value": value})
+    return value
+
+
+class MaxNormTerm(_Valued):
     """Constraint: after each optimizer step, slices along ``dim`` with L2 norm above ``norm`` are scaled to it."""
 
     kind: Literal["max_norm"] = "max_norm"
-    norm: float
+    norm: Value
     dim: int = 0
 
     @field_validator("norm")
     @classmethod
-    def _positive(cls, value: float) -> float:
-        if not math.isfinite(value) or value <= 0:
-            raise PydanticCustomError("strength", "max_norm must be a finite number > 0, got {value}", {"value": value})
-        return value
+    def _positive(cls, value: Any) -> Any:
+        return check_value(value, _check_norm)
 
     @field_validator("dim", mode="before")
     @classmethod
@@ -173,16 +195,16 @@ class MaxNormTerm(Node):
         return self.norm
 
 
-class LrMultTerm(Node):
+class LrMultTerm(_Valued):
     """The group's learning rate is ``factor`` times the base lr."""
 
     kind: Literal["lr_mult"] = "lr_mult"
-    factor: float
+    factor: Value
 
     @field_validator("factor")
     @classmethod
-    def _finite_nonnegative(cls, value: float) -> float:
-        return _check_strength(value, "lr_mult")
+    def _finite_nonnegative(cls, value: Any) -> Any:
+        return check_value(value, lambda v: _check_strength(v, "lr_mult"))
 
     @property
     def value(self) -> float:
@@ -264,8 +286,46 @@ class Spec(Node):
     origin: str | None = None
     _source: str | None = PrivateAttr(default=None)
 
+    # Bare names become copies of the spaces they name before any term validates its value.
+    _bind_names = model_validator(mode="before")(classmethod(lambda cls, data: bind_names(data)))
+
+    @model_validator(mode="after")
+    def _refs_match(self) -> Spec:
+        # JSON holds each use of a named space whole: every use must repeat its definition.
+        from .spaces import _uses
+
+        defined = {space.name: space for *_, space, _ in _uses(self) if not space.ref}
+        for si, ti, _field, space, name in _uses(self):
+            if space.ref and defined.get(name) != space.model_copy(update={"ref": False}):
+                raise PydanticCustomError(
+                    "space",
+                    "search space '{name}' is used here with other values than where it is defined",
+                    {"name": name, "at": f"{si}.terms.{ti}.{_field}"},
+                )
+        return self
+
     def _meaning(self) -> tuple[Any, ...]:
         return (self.statements,)
+
+    def spaces(self) -> dict[str, Any]:
+        """``{name: space}`` for every search space, in file order; unnamed ones are named
+        ``"<term>:<line>"`` (see :mod:`regdsl.spaces`). Empty for a concrete spec."""
+        from .spaces import spaces
+
+        return spaces(self)
+
+    def search_space(self) -> dict[str, Any]:
+        """``{name: optuna distribution}`` for every search space (needs ``regdsl[optuna]``)."""
+        from .spaces import search_space
+
+        return search_space(self)
+
+    def with_values(self, values: Mapping[str, float]) -> Spec:
+        """The concrete spec with ``values[name]`` for each search space (each must lie inside its
+        space, and every space needs one): ``spec.with_values(study.best_params).to_source()``."""
+        from .spaces import with_values
+
+        return with_values(self, values)
 
     @property
     def source(self) -> str | None:

@@ -65,6 +65,14 @@ def saved_layout(state: Mapping[str, Any]) -> Layout | None:
     ]
 
 
+def cut(layout: Layout, names: set[str]) -> tuple[Layout, list[int]]:
+    """The groups cut down to the parameters named in ``names``, as ``param_groups(of=...)`` cuts
+    them (the empty ones left out), and the indices of the groups kept."""
+    kept = [(i, {**g, "params": [n for n in g["params"] if n in names]}) for i, g in enumerate(layout)]
+    kept = [(i, g) for i, g in kept if g["params"]]
+    return [g for _, g in kept], [i for i, _ in kept]
+
+
 def _is_group(g: Any) -> bool:
     return (
         isinstance(g, Mapping)

@@ -2,6 +2,8 @@
 weights of a plain loop written here (same global batches, SGD with momentum), with
 accumulate_grad_batches 1 and 2, on the fold path and the loss path; a fit resumed from a
 checkpoint continues its schedules; per-term values are logged; the state is in the checkpoint.
+The same for a GAN-like module under manual optimization with two optimizers, each built from
+self.reg.param_groups(of=its network): reg.step counts both, as trainer.global_step does.
 """
 
 from __future__ import annotations
@@ -49,19 +51,16 @@ def net() -> Net:
 class Regression(pl.LightningModule):
     """What a user writes: the optimizer from self.reg, the penalty added for the activity term."""
 
-    def __init__(self, optimizers: int = 1) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.net = net()
-        self.optimizers_wanted = optimizers
-        self.automatic_optimization = optimizers == 1  # Lightning steps several optimizers only manually
 
     def training_step(self, batch, index):
         x, y = batch
         return F.mse_loss(self.net(x), y) + self.reg.penalty()
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.reg.param_groups(lr=LR, momentum=0.9))
-        return optimizer if self.optimizers_wanted == 1 else [optimizer, torch.optim.SGD(self.net.head.parameters(), lr=LR)]
+        return torch.optim.SGD(self.reg.param_groups(lr=LR, momentum=0.9))
 
 
 def data() -> TensorDataset:
@@ -142,6 +141,171 @@ def test_resume_from_a_checkpoint_continues_the_schedules(tmp_path, expected) ->
     assert_same(module, expected)
 
 
-def test_several_optimizers_are_refused(tmp_path) -> None:
-    with pytest.raises(RegUsageError, match="attaches to one optimizer"):
-        trainer(1, tmp_path, callbacks=[RegularizationCallback(regdsl.parse(RULES))]).fit(Regression(optimizers=2), loader(1))
+# ------------------------------------------------------------------ two optimizers, manual optimization
+
+GAN_RULES = """\
+layer gen.** decay 0.02 warmup 3
+exclude bias
+layer gen.0.weight l1 0.01 warmup 2
+layer disc.** l2 0.05
+"""
+LR_G, LR_D, GAN_BATCHES = 0.1, 0.05, 4
+GAN_STEPS = 2 * GAN_BATCHES  # trainer.global_step: both optimizers' steps
+
+
+def gan_nets() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    disc = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    return gen, disc
+
+
+def gan_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    n = GLOBAL_BATCH * EPOCH
+    return TensorDataset(torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64))
+
+
+def d_loss(gen: nn.Module, disc: nn.Module, z: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-disc(real)).mean() + F.softplus(disc(gen(z).detach())).mean()
+
+
+def g_loss(gen: nn.Module, disc: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-disc(gen(z))).mean()
+
+
+class GAN(pl.LightningModule):
+    """What a user writes: one optimizer per network from self.reg.param_groups(network, ...),
+    the discriminator stepped first; nothing else about the rules."""
+
+    def __init__(self, share: bool = False) -> None:
+        super().__init__()
+        self.gen, self.disc = gan_nets()
+        self.automatic_optimization = False  # Lightning steps several optimizers only manually
+        self.share = share
+
+    def training_step(self, batch, index):
+        opt_g, opt_d = self.optimizers()
+        z, real = batch
+        opt_d.zero_grad()
+        self.manual_backward(d_loss(self.gen, self.disc, z, real) + self.reg.penalty())
+        opt_d.step()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss(self.gen, self.disc, z) + self.reg.penalty())
+        opt_g.step()
+
+    def configure_optimizers(self):
+        disc = self.reg.param_groups(lr=LR_D, momentum=0.5) if self.share else self.reg.param_groups(self.disc, lr=LR_D, momentum=0.5)
+        return [torch.optim.SGD(self.reg.param_groups(self.gen, lr=LR_G, momentum=0.9)), torch.optim.SGD(disc)]
+
+
+def gan_plain_loop() -> dict[str, torch.Tensor]:
+    """The rules written out, SGD with momentum by hand; t counts the steps of both optimizers."""
+    gen, disc = gan_nets()
+    nets = {"gen": gen, "disc": disc}
+    buffers: dict[str, torch.Tensor] = {}
+    z, real = gan_data().tensors
+
+    def warm(lam: float, width: int, t: int) -> float:
+        return lam * min(t, width) / width
+
+    def sgd(part: str, loss: torch.Tensor, t: int, lr: float, momentum: float) -> None:
+        named = dict(nets[part].named_parameters())
+        grads = torch.autograd.grad(loss, list(named.values()))
+        with torch.no_grad():
+            for (n, w), g in zip(named.items(), grads):
+                g = g.clone()
+                if part == "gen" and n == "0.weight":
+                    g += warm(0.01, 2, t) * torch.sign(w)
+                if part == "gen" and n.endswith("weight"):
+                    g += warm(0.02, 3, t) * w  # the group's weight_decay at step t
+                if part == "disc" and n.endswith("weight"):
+                    g += 0.05 * w
+                key = f"{part}.{n}"
+                buffers[key] = g if key not in buffers else momentum * buffers[key] + g
+                w -= lr * buffers[key]
+
+    t = 0
+    for batch in range(GAN_BATCHES):
+        at = (batch % EPOCH) * GLOBAL_BATCH
+        zs, rs = z[at : at + GLOBAL_BATCH], real[at : at + GLOBAL_BATCH]
+        sgd("disc", d_loss(gen, disc, zs, rs), t, LR_D, 0.5)
+        t += 1
+        sgd("gen", g_loss(gen, disc, zs), t, LR_G, 0.9)
+        t += 1
+    return {f"{part}.{n}": p.detach().clone() for part, m in nets.items() for n, p in m.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def gan_expected() -> dict[str, torch.Tensor]:
+    weights = gan_plain_loop()
+    start = {f"{part}.{n}": p for part, m in zip(("gen", "disc"), gan_nets()) for n, p in m.named_parameters()}
+    assert all(not torch.equal(start[n], w) for n, w in weights.items())
+    return weights
+
+
+def gan_loader() -> DataLoader:
+    return DataLoader(gan_data(), batch_size=GLOBAL_BATCH, shuffle=False)
+
+
+def assert_close_gan(module: pl.LightningModule, want: dict[str, torch.Tensor]) -> None:
+    got = dict(module.named_parameters())
+    assert set(got) == set(want)
+    for name, w in want.items():
+        torch.testing.assert_close(got[name].detach(), w, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "loss"])
+def test_two_optimizers_match_the_plain_loop(tmp_path, gan_expected, fold: bool) -> None:
+    module, callback = GAN(), RegularizationCallback(regdsl.parse(GAN_RULES), fold=fold)
+    fitted = trainer(1, tmp_path, callbacks=[callback], max_steps=GAN_STEPS)
+    fitted.fit(module, gan_loader())
+    assert module.reg.step == fitted.global_step == GAN_STEPS
+    assert_close_gan(module, gan_expected)
+    opt_g, opt_d = fitted.optimizers
+    assert [g["weight_decay"] for g in opt_g.param_groups] == [0.02, 0.0]
+    assert [g["weight_decay"] for g in opt_d.param_groups] == [0.0]
+    logged = fitted.callback_metrics
+    assert {"reg/l1:3", "reg/l2:4"} <= set(logged), sorted(logged)
+    assert logged["reg/l2:4"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+# Lightning notes that a manual-optimization checkpoint holds the weights after the step: the ones to resume from.
+@pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
+def test_two_optimizers_resume_from_a_checkpoint(tmp_path, gan_expected) -> None:
+    half = GAN_STEPS // 2  # one epoch: two batches, two steps each
+    save = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=half, save_top_k=-1)
+    first = trainer(1, tmp_path, callbacks=[RegularizationCallback(regdsl.parse(GAN_RULES)), save], enable_checkpointing=True, max_steps=half)
+    first.fit(GAN(), gan_loader())
+    (path,) = list((tmp_path / "ckpt").glob("*.ckpt"))
+    states = torch.load(path, weights_only=False)["callbacks"]
+    assert [s["reg"]["step"] for s in states.values() if "reg" in s] == [half]
+    module = GAN()
+    again = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "again", every_n_train_steps=half, save_top_k=-1)
+    resumed = trainer(1, tmp_path, callbacks=[RegularizationCallback(regdsl.parse(GAN_RULES)), again], enable_checkpointing=True, max_steps=GAN_STEPS)
+    resumed.fit(module, gan_loader(), ckpt_path=str(path))
+    assert module.reg.step == resumed.global_step == GAN_STEPS
+    assert_close_gan(module, gan_expected)
+
+
+def test_a_parameter_in_both_optimizers_is_refused(tmp_path) -> None:
+    with pytest.raises(RegUsageError, match="in more than one of the 2 optimizers"):
+        trainer(1, tmp_path, callbacks=[RegularizationCallback(regdsl.parse(GAN_RULES))]).fit(GAN(share=True), gan_loader())
+
+
+def test_an_optuna_trial_gives_the_search_spaces_their_values(tmp_path, expected) -> None:
+    # The file's decay and l1 as search spaces; the trial picks exactly the numbers of RULES, so
+    # the fit must land on the plain loop's weights.
+    optuna = pytest.importorskip("optuna")
+    spaced = RULES.replace("all decay 0.01", "all decay choice(0.01, 0.1) as wd").replace(
+        "l1 1e-2 warmup 3", "l1 loguniform(1e-3, 1e-1) warmup 3"
+    )
+    assert set(regdsl.parse(spaced).spaces()) == {"wd", "l1:3"}
+    trial = optuna.trial.FixedTrial({"wd": 0.01, "l1:3": 1e-2})
+    module, callback = Regression(), RegularizationCallback(regdsl.parse(spaced), trial=trial)
+    trainer(1, tmp_path, callbacks=[callback]).fit(module, loader(1))
+    assert callback.reg.spec == regdsl.parse(RULES)
+    assert_same(module, expected)
+    with pytest.raises(regdsl.RegUsageError, match="'wd'.*has no value"):
+        trainer(1, tmp_path, callbacks=[RegularizationCallback(regdsl.parse(spaced))]).fit(Regression(), loader(1))

@@ -208,3 +208,44 @@ def test_hyperparameter_search_compiles_for_each_trial(tmp_path) -> None:
     assert len(seen) == 2 and seen[0][0] is not seen[1][0] and seen[0][1] is not seen[1][1]
     assert all(matched for _, _, matched in seen)
     assert all(reg.step == STEPS for _, reg, _ in seen)
+
+
+def test_hyperparameter_search_gives_the_rule_files_search_spaces_their_values(tmp_path) -> None:
+    """The rule file's spaces are suggested by the same Optuna trial as Trainer's own hp_space, and
+    the best run's hyperparameters make the winning file."""
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rules = regdsl.parse("all l2 loguniform(1e-4, 1e-1) as lam\nexclude bias\nexclude norm\n")
+    used = []
+
+    class Tracked(InOrder):
+        def create_optimizer(self, model=None):
+            opt = super().create_optimizer(model)
+            used.append((self._trial.params["lam"], self.reg.strength("transformer.h.0.mlp.c_fc.weight", "l2")))
+            return opt
+
+    trainer = Tracked(
+        model_init=lambda trial=None: gpt2(), args=arguments(tmp_path, 2), train_dataset=Tokens(),
+        eval_dataset=Tokens(GLOBAL_BATCH), rules=rules,
+    )  # fmt: skip
+    space = lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 0.01, 0.1, log=True)}
+    best = trainer.hyperparameter_search(direction="minimize", backend="optuna", n_trials=2, hp_space=space)
+    assert len(used) == 2 and all(suggested == strength for suggested, strength in used)
+    assert 1e-4 <= best.hyperparameters["lam"] <= 1e-1
+    won = rules.with_values({name: best.hyperparameters[name] for name in rules.spaces()})
+    assert won.to_source() == f"all l2 {best.hyperparameters['lam']!r}\nexclude bias\nexclude norm\n"
+
+
+def test_a_dict_trial_gives_values_by_name(tmp_path) -> None:
+    # Backends other than Optuna hand Trainer a dict of values; the spaces' names are looked up in it.
+    trainer = InOrder(
+        model=gpt2(), args=arguments(tmp_path, 1), train_dataset=Tokens(),
+        rules=regdsl.parse("all l2 uniform(0, 1) as lam\n"),
+    )  # fmt: skip
+    trainer._trial = {"lam": 0.25, "learning_rate": 0.1}
+    trainer.create_optimizer()
+    assert trainer.reg.strength("transformer.h.0.mlp.c_fc.weight", "l2") == 0.25
+    trainer.optimizer = None
+    trainer._trial = None
+    with pytest.raises(regdsl.RegUsageError, match="'lam'.*has no value"):
+        trainer.create_optimizer()  # outside a search a space has no value: compile says which

@@ -103,7 +103,7 @@ def test_fuzzed_errors_use_user_words():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("all l2", ("a number",)),
+        ("all l2", ("a number", "a search space (loguniform, uniform, choice)", "a search space's name")),
         ("layer\n", ("a name pattern",)),
         ("exclude", ("a selector (all, layer, type, bias, norm, embedding)",)),
         (

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from hypothesis import HealthCheck, example, given, settings
@@ -22,6 +23,7 @@ from regdsl.spec import (
     ActivityL2Term,
     AllAtom,
     BiasAtom,
+    ChoiceSpace,
     CosineStep,
     DecayTerm,
     EmbeddingAtom,
@@ -31,6 +33,7 @@ from regdsl.spec import (
     L1Term,
     L2Term,
     LayerAtom,
+    LogUniformSpace,
     LrMultTerm,
     MaxNormTerm,
     NoneTerm,
@@ -42,6 +45,7 @@ from regdsl.spec import (
     Selector,
     Spec,
     TypeAtom,
+    UniformSpace,
     UntilStep,
     WarmupStep,
 )
@@ -173,7 +177,59 @@ statements = st.one_of(
     rules(),
     st.builds(Exclude, selector=selectors),
 )
-specs = st.builds(Spec, statements=st.lists(statements, max_size=6).map(tuple))
+plain_specs = st.builds(Spec, statements=st.lists(statements, max_size=6).map(tuple))
+
+# Search spaces: any term's number may become one, named or not, and a later (or earlier) term
+# may reuse a named one by its bare name when every value of it suits that term.
+positive = strengths.filter(lambda value: value > 0)
+
+
+def _pair(values):
+    return st.tuples(values, values).filter(lambda p: p[0] != p[1]).map(sorted)
+
+
+def space_strategy(floor: float):
+    allowed = positive if floor > 0 else strengths
+    return st.one_of(
+        _pair(positive).map(lambda p: LogUniformSpace(low=p[0], high=p[1])),
+        _pair(allowed).map(lambda p: UniformSpace(low=p[0], high=p[1])),
+        st.lists(allowed, min_size=1, max_size=4, unique=True).map(lambda v: ChoiceSpace(choices=tuple(v))),
+    )
+
+
+SPACE_NAMES = ["lam", "mu", "head_l2", "_x", "w2", "Decay_1"]
+VALUE_FIELD = {"max_norm": "norm", "lr_mult": "factor"}
+
+
+@st.composite
+def specs_with_spaces(draw):
+    spec = draw(plain_specs)
+    names, defined, statements = iter(SPACE_NAMES), [], []
+    for statement in spec.statements:
+        if not isinstance(statement, Rule):
+            statements.append(statement)
+            continue
+        terms = []
+        for term in statement.terms:
+            if isinstance(term, NoneTerm) or not draw(st.booleans()):
+                terms.append(term)
+                continue
+            floor = 1.0 if term.kind == "max_norm" else 0.0  # max_norm needs values > 0
+            fits = [d for d in defined if all(v > 0 or not floor for _, v in d.values_to_check())]
+            if fits and draw(st.booleans()):
+                space = draw(st.sampled_from(fits)).model_copy(update={"ref": True})
+            else:
+                space = draw(space_strategy(floor))
+                name = next(names, None)
+                if name is not None and draw(st.booleans()):
+                    space = space.model_copy(update={"name": name})
+                    defined.append(space)
+            terms.append(term.model_copy(update={VALUE_FIELD.get(term.kind, "strength"): space}))
+        statements.append(statement.model_copy(update={"terms": tuple(terms)}))
+    return Spec(statements=tuple(statements))
+
+
+specs = st.one_of(plain_specs, specs_with_spaces())
 
 
 @SETTINGS
@@ -183,6 +239,28 @@ def test_canonical_text_round_trips(spec: Spec):
     again = regdsl.parse(text)
     assert again == spec
     assert again.to_source() == text
+
+
+@SETTINGS
+@given(specs_with_spaces(), st.integers(min_value=1, max_value=3))
+def test_every_grid_point_gives_a_concrete_spec_with_those_numbers(spec: Spec, n: int):
+    spaces = spec.spaces()
+    for values in itertools.islice(regdsl.grid(spec, n=n), 20):
+        assert values.keys() == spaces.keys()
+        concrete = spec.with_values(values)
+        assert concrete.spaces() == {}
+        again = regdsl.parse(concrete.to_source())
+        assert again == concrete
+        # Each term holds its space's value: a named space's one value wherever its name is used.
+        for before, after in zip(spec.statements, again.statements):
+            for t0, t1 in zip(getattr(before, "terms", ()), getattr(after, "terms", ())):
+                field = VALUE_FIELD.get(t0.kind, "strength")
+                space = getattr(t0, field, None)
+                if isinstance(space, (LogUniformSpace, UniformSpace, ChoiceSpace)):
+                    number = getattr(t1, field)
+                    assert space.contains(number), (number, space)
+                    if space.name is not None:
+                        assert number == values[space.name]
 
 
 def test_spec_strategy_covers_every_term_kind():
@@ -227,6 +305,8 @@ VOCAB = [
     " ", " ", " ", "\t", "\f", "\n", "\n", "\r\n", ";", ",", "# comment", "#",
     # garbage
     "@", "$", "\r", "\x00", "\ufeff", "\u2028", "\u00e9", "\\",
+    # search spaces
+    "loguniform", "uniform", "choice", "as", "(", ")", "lam", "(1e-5, 1e-2)", "(0, 1)",
 ]
 # fmt: on
 vocab_texts = st.lists(st.sampled_from(VOCAB), max_size=25).map("".join)
@@ -250,8 +330,14 @@ fuzz_steps = st.lists(
     ),
     max_size=3,
 ).map(" ".join)
+FUZZ_SPACES = [
+    "loguniform(1e-5, 1e-2)", "uniform(0, 1)", "choice(0, 0.1)", "loguniform(0, 1)", "uniform(2, 1)", "choice(1, 1)",
+    "choice()", "uniform(1)", "loguniform(1e-3, 1) as lam", "uniform(0, 1) as lam", "lam", "mu", "decay",
+    "uniform(0, 1) as", "as lam", "loguniform(-1, inf)",
+]
 fuzz_terms = st.one_of(
     st.just("none"),
+    st.builds(lambda kw, n: f"{kw} {n}", st.sampled_from(["decay", "l1", "l2", "max_norm", "lr_mult"]), st.sampled_from(FUZZ_SPACES)),
     st.builds(lambda kw, n: f"{kw} {n}", st.sampled_from(["decay", "l1", "l2"]), fuzz_numbers),
     st.builds(
         lambda kw, n, tail: f"{kw} {n} {tail}",
@@ -277,7 +363,10 @@ statement_texts = st.builds(
     st.lists(st.sampled_from(["\n", ";", "\r\n", " # c\n", "; "]), min_size=6, max_size=6),
     st.sampled_from(["", "\n", "all", "layer", " # end"]),
 )
-LARK_NAMES = ("__ANON", "GLOB", "NUMBER", "_END", "$END", "STRING", "COMMA", "EQUAL", "_DIM", "_L1", "_TO")
+LARK_NAMES = (
+    "__ANON", "GLOB", "NUMBER", "_END", "$END", "STRING", "COMMA", "EQUAL", "_DIM", "_L1", "_TO", "NAME", "LPAR", "RPAR",
+    "_AS", "_CHOICE",
+)  # fmt: skip
 
 
 def check_outcome(text: str) -> Spec | None:

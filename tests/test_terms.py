@@ -426,7 +426,17 @@ def _named(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters())
 
 
-def _run_loss(layout: Layout, ref: LossRef, dtype: torch.dtype) -> None:
+def _rules(rule: str, sel: str, strength: float, form: str) -> regdsl.Spec:
+    """The rule with its strength as a number, or (form "space") as a named search space that
+    ``with_values`` gives the same number: both must do exactly what the reference says."""
+    if form == "number":
+        return regdsl.parse(rule.format(sel=sel, s=strength))
+    spaced = regdsl.parse(rule.format(sel=sel, s=f"choice({2 * strength + 1!r}, {strength!r}) as lam"))
+    assert spaced.spaces().keys() == {"lam"}
+    return spaced.with_values({"lam": strength})
+
+
+def _run_loss(layout: Layout, ref: LossRef, dtype: torch.dtype, form: str = "number") -> None:
     model = layout.make(dtype)
     params = _named(model)
     w0 = {n: p.detach().clone() for n, p in params.items()}
@@ -434,7 +444,7 @@ def _run_loss(layout: Layout, ref: LossRef, dtype: torch.dtype) -> None:
     if ref.anchor == "ref":
         g = torch.Generator().manual_seed(7)
         reference = {k: torch.randn(v.shape, generator=g, dtype=torch.float64).to(dtype) for k, v in model.state_dict().items()}
-    reg = regdsl.parse(ref.rule.format(sel=layout.param_selector, s=ref.strength)).compile(model, reference=reference)
+    reg = _rules(ref.rule, layout.param_selector, ref.strength, form).compile(model, reference=reference)
     if ref.anchor == "init":
         # Move the weights after compiling (zero entries stay zero): w0 is the copy from before.
         g = torch.Generator().manual_seed(8)
@@ -477,7 +487,7 @@ def _set_grads(model: nn.Module) -> dict[str, Tensor]:
     return grads
 
 
-def _run_step(layout: Layout, ref: StepRef, dtype: torch.dtype, mode: str) -> None:
+def _run_step(layout: Layout, ref: StepRef, dtype: torch.dtype, mode: str, form: str = "number") -> None:
     model = layout.make(dtype)
     params = _named(model)
     grads = _set_grads(model)
@@ -485,7 +495,7 @@ def _run_step(layout: Layout, ref: StepRef, dtype: torch.dtype, mode: str) -> No
     plain = {n: _sgd(before[n], grads[n].double(), LR, 0.0) for n in params}
     strength = ref.strength if isinstance(ref.strength, float) else ref.strength([plain[n] for n in layout.targets])
 
-    reg = regdsl.parse(ref.rule.format(sel=layout.param_selector, s=strength)).compile(model)
+    reg = _rules(ref.rule, layout.param_selector, strength, form).compile(model)
     assert float(reg.penalty().detach()) == 0.0  # acts through the optimizer, never through the loss
 
     groups = reg.param_groups(lr=LR)
@@ -521,12 +531,12 @@ def _run_step(layout: Layout, ref: StepRef, dtype: torch.dtype, mode: str) -> No
     assert changed, "the term had no effect on the weights: the case does not test it"
 
 
-def _run_activity(layout: Layout, ref: ActivityRef, dtype: torch.dtype) -> None:
+def _run_activity(layout: Layout, ref: ActivityRef, dtype: torch.dtype, form: str = "number") -> None:
     model = layout.make(dtype)
     modules = dict(model.named_modules())
     outputs: list[Tensor] = []
     handles = [modules[n].register_forward_hook(lambda m, args, out: outputs.append(out)) for n in layout.modules]
-    reg = regdsl.parse(ref.rule.format(sel=layout.module_selector, s=ref.strength)).compile(model)
+    reg = _rules(ref.rule, layout.module_selector, ref.strength, form).compile(model)
     model(layout.input(dtype))
     for handle in handles:
         handle.remove()
@@ -564,6 +574,20 @@ def test_battery(kind: str, dtype: torch.dtype, layout: str) -> None:
                 _run_step(case, ref, dtype, mode)
         else:
             _run_activity(case, ref, dtype)
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv"])
+@pytest.mark.parametrize("kind", VALUE_TERMS)
+def test_battery_with_the_strength_from_a_search_space(kind: str, layout: str) -> None:
+    # The same references, the strength written as `choice(...) as lam` and set by with_values.
+    case = LAYOUTS[layout]
+    for ref in REFERENCES[kind]:
+        if isinstance(ref, LossRef):
+            _run_loss(case, ref, torch.float64, form="space")
+        elif isinstance(ref, StepRef):
+            _run_step(case, ref, torch.float64, "attach", form="space")
+        else:
+            _run_activity(case, ref, torch.float64, form="space")
 
 
 # ================================================================ named cases the battery covers, spelled out

@@ -5,13 +5,15 @@ The callback (docs/integrations/lightning.md):
 * compiles the rules against the LightningModule in ``setup``, before ``configure_optimizers``
   runs, and sets ``pl_module.reg`` so that ``configure_optimizers`` can build its optimizer from
   ``self.reg.param_groups(lr=...)``;
-* attaches the regularizer to the optimizer Lightning built and, by default, folds the parameter
-  terms into each step in ``on_before_optimizer_step`` (after the closure's backward, before
-  gradient clipping), so that ``training_step`` changes only where the file has activity terms (or
-  with ``fold=False``): there it adds ``self.reg.penalty()`` to its loss. Lightning divides that
-  loss by ``accumulate_grad_batches`` itself, and steps (and folds) once per accumulation;
+* attaches the regularizer to every optimizer Lightning built (several under manual optimization,
+  each from ``self.reg.param_groups(of=part, ...)``) and, by default, folds the parameter terms
+  of the optimizer about to step in ``on_before_optimizer_step`` (after the closure's backward,
+  before gradient clipping; manual optimization's ``opt.step()`` runs it too), so that
+  ``training_step`` changes only where the file has activity terms (or with ``fold=False``):
+  there it adds ``self.reg.penalty()`` to its loss. Lightning divides that loss by
+  ``accumulate_grad_batches`` itself, and steps (and folds) once per accumulation;
 * logs each term's value as ``reg/<term>:<line>`` through ``pl_module.log``, every
-  ``log_every_n_steps`` optimizer steps (computing them reads every regularized weight);
+  ``log_every_n_steps`` of ``trainer.global_step`` (computing them reads every regularized weight);
 * saves ``reg.state_dict()`` in Lightning's checkpoints and restores it on resume.
 """
 
@@ -25,13 +27,13 @@ import lightning.pytorch as pl
 import torch
 
 from ..compiler import Regularizer, compile
-from ..errors import RegUsageError
 from ..spec import Spec
 
 
 class RegularizationCallback(pl.Callback):
     """``rules``: a ``.reg`` path or a :class:`regdsl.Spec`, written for the LightningModule's own
-    parameter names (``model.fc1.weight`` for a module kept as ``self.model``)."""
+    parameter names (``model.fc1.weight`` for a module kept as ``self.model``). ``trial``: an
+    Optuna trial, for rules with search spaces (``regdsl.compile(..., trial=)``)."""
 
     def __init__(
         self,
@@ -39,8 +41,10 @@ class RegularizationCallback(pl.Callback):
         reference: Mapping[str, torch.Tensor] | None = None,
         fold: bool = True,
         log: bool = True,
+        trial: Any = None,
     ):
         self.rules, self.reference, self.fold, self.log = rules, reference, fold, log
+        self.trial = trial  # an Optuna trial: it gives the rules' search spaces their values
         self.reg: Regularizer | None = None
         self._saved: Mapping[str, Any] | None = None  # a checkpoint's state, loaded before setup compiled
 
@@ -49,7 +53,7 @@ class RegularizationCallback(pl.Callback):
             return
         if self.reg is not None:
             self.reg.detach()
-        self.reg = compile(self.rules, pl_module, reference=self.reference)
+        self.reg = compile(self.rules, pl_module, reference=self.reference, trial=self.trial)
         pl_module.reg = self.reg
         if self._saved is not None:
             self.reg.load_state_dict(self._saved)
@@ -57,19 +61,15 @@ class RegularizationCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.reg is not None
-        optimizers = trainer.optimizers
-        if len(optimizers) != 1:
-            raise RegUsageError(
-                f"RegularizationCallback attaches to one optimizer, and configure_optimizers returned {len(optimizers)}: "
-                "compile one regularizer per optimizer with regdsl.compile and attach each yourself"
-            )
-        # Lightning runs forward and backward inside optimizer.step(closure), after any step
-        # pre-hook: the terms are folded in on_before_optimizer_step, once the gradients exist.
-        self.reg.attach(optimizers[0], fold=self.fold, fold_hook=False)
+        # Lightning runs forward and backward inside optimizer.step(closure) (manual optimization
+        # too, with an empty closure), after any step pre-hook: the terms are folded in
+        # on_before_optimizer_step, once the gradients exist. reg.step counts every optimizer's
+        # steps, as trainer.global_step does.
+        self.reg.attach(trainer.optimizers, fold=self.fold, fold_hook=False)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.fold and self.reg is not None:
-            self.reg.fold()
+            self.reg.fold(optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # values() reads every regularized weight: only on the steps the Trainer logs.

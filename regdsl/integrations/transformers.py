@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ..build import load
 from ..compiler import Regularizer, compile
 from ..errors import RegDslWarning, RegUsageError
 from ..spec import Spec
@@ -86,12 +87,23 @@ class RegularizationMixin:
             )
         if self.reg is not None:
             self.reg.detach()  # a model_init trial: the previous model's regularizer lets go of its hooks
-        self.reg = compile(self.rules, opt_model, reference=self.reference)
+        rules, trial = self._rules_for_trial()
+        self.reg = compile(rules, opt_model, reference=self.reference, trial=trial)
         defaults = {k: v for k, v in optimizer_kwargs.items() if k != "weight_decay"}
         lr = defaults.pop("lr", self.args.learning_rate)
         self.optimizer = optimizer_cls(self.reg.param_groups(lr=lr, **defaults))
         self.reg.attach(self.optimizer, fold=self.fold)
         return self.optimizer
+
+    def _rules_for_trial(self) -> tuple[Any, Any]:
+        """In a ``hyperparameter_search``, the rule file's search spaces take their values from the
+        trial: Optuna's trial itself (``trial.suggest_*`` under each space's name), or the dict of
+        values other backends pass (the spaces' names among its keys)."""
+        trial = getattr(self, "_trial", None)
+        if isinstance(trial, Mapping):
+            spec = self.rules if isinstance(self.rules, Spec) else load(self.rules)
+            return spec.with_values({name: trial[name] for name in spec.spaces() if name in trial}), None
+        return self.rules, trial if hasattr(trial, "suggest_float") else None
 
     # ------------------------------------------------------------ loss
 

@@ -1,0 +1,205 @@
+"""``reg.attach(optimizers)``: what the step of each attached optimizer does.
+
+One optimizer, or several that each step their own part of the model (a GAN's generator and
+discriminator, each optimizer built from ``reg.param_groups(of=part)``). At a step of one of them:
+
+* with ``fold=True``, the folded terms (:mod:`regdsl.fold`) of the parameters that optimizer holds
+  are added to their gradients: each term once per step of the optimizer holding its parameter.
+  ``penalty()`` keeps exactly the terms no optimizer folds;
+* after the update, the ``prox`` and ``max_norm`` terms of the parameters it holds run (with one
+  optimizer, every one of them, as ``after_step`` runs them);
+* ``reg.step`` advances by one. It counts the steps of every attached optimizer, as Lightning's
+  ``trainer.global_step`` does under manual optimization, and every schedule reads it; each
+  scheduled ``decay`` is then written into the groups of every optimizer holding its parameters.
+
+Several optimizers must split the model between them: a trainable parameter in two of them, or a
+parameter some term acts on in none, is a :class:`RegUsageError` at ``attach``, before any hook
+or group is touched.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .constraints import PostStepPlan
+from .errors import RegUsageError, name_list
+from .fold import Folding, FoldPlan, step_hooks
+from .guards import warn_decay_underflow
+from .penalties import PenaltyPlan
+from .resolution import GroupKey
+from .schedule import live, strength_at
+from .select import ParamEntry
+
+if TYPE_CHECKING:
+    from .compiler import Regularizer
+
+
+def optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
+    """``attach``'s argument as a list: one optimizer, or a list or tuple of them."""
+    found = [optimizers] if hasattr(optimizers, "param_groups") else optimizers
+    if not isinstance(found, (list, tuple)) or not found or not all(hasattr(o, "param_groups") for o in found):
+        raise RegUsageError(f"attach() takes an optimizer or a non-empty list of optimizers, got {optimizers!r}")
+    if len({id(o) for o in found}) < len(found):
+        raise RegUsageError("attach() was given the same optimizer twice")
+    return list(found)
+
+
+def subset(of: nn.Module | Iterable[torch.Tensor], entries: Sequence[ParamEntry]) -> set[int]:
+    """The ids of the tensors ``param_groups(of=...)`` builds groups for: a module's parameters, or
+    the parameters given. Each must be a parameter of the compiled model."""
+    try:
+        # One tensor is one parameter, not the rows iterating it would give.
+        tensors = list(of.parameters()) if isinstance(of, nn.Module) else [of] if isinstance(of, torch.Tensor) else list(of)
+    except TypeError:
+        tensors = [of]  # not iterable: refused below
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise RegUsageError("param_groups(of=...) takes a module or parameter tensors (module.parameters())")
+    known = {id(e.param) for e in entries}
+    strangers = sum(id(t) not in known for t in tensors)
+    if strangers:
+        raise RegUsageError(
+            f"param_groups(of=...) was given {strangers} tensor{'s' if strangers > 1 else ''} that "
+            f"{'are' if strangers > 1 else 'is'} no parameter of the model the rules were compiled against"
+        )
+    return {id(t) for t in tensors}
+
+
+class DecayWriter:
+    """Writes each scheduled decay's value at a step into its optimizer group: the one holding exactly
+    its tensors that this optimizer steps, since a wider one would decay what the rules exclude.
+    Found once per set of optimizer groups (``load_state_dict`` replaces them)."""
+
+    def __init__(self, scheduled: Sequence[tuple[GroupKey, list[ParamEntry]]], stepped: set[int] | None = None):
+        # stepped: what this optimizer holds, with several attached; None: it must hold every member.
+        self._wanted = []
+        for key, members in scheduled:
+            ids = {id(e.param) for e in members}
+            if stepped is not None:
+                ids &= stepped
+            if ids:
+                self._wanted.append((key, ids))
+        self._hint = "reg.param_groups()" if stepped is None else "reg.param_groups(of=...) of its part of the model"
+        self._identity: tuple[tuple[int, int], ...] | None = None
+        self._index: list[tuple[GroupKey, int]] = []
+
+    def write(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        for key, index in self.groups(optimizer):
+            optimizer.param_groups[index]["weight_decay"] = strength_at(key.decay, step)
+
+    def groups(self, optimizer: torch.optim.Optimizer) -> list[tuple[GroupKey, int]]:
+        if not self._wanted:
+            return []
+        groups = optimizer.param_groups
+        identity = tuple((id(g), id(g["params"])) for g in groups)
+        if identity != self._identity:
+            found = []
+            for key, wanted in self._wanted:
+                index = next((i for i, g in enumerate(groups) if {id(p) for p in g["params"]} == wanted), None)
+                if index is None:
+                    raise RegUsageError(
+                        f"the optimizer has no group '{key.name}': build it from {self._hint} "
+                        "so a scheduled decay can be written into it"
+                    )
+                found.append((key, index))
+            self._index, self._identity = found, identity
+        return self._index
+
+
+class _Owner:
+    """One attached optimizer and what its step runs."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, post: PostStepPlan, decay: DecayWriter, fold: FoldPlan | None):
+        self.optimizer = weakref.ref(optimizer)
+        self.post, self.decay, self.fold = post, decay, fold
+
+
+class Attachment:
+    """The optimizers a regularizer is attached to. Everything that can be refused is checked
+    before the first hook is installed or the first group written."""
+
+    def __init__(self, reg: Regularizer, optimizers: list[torch.optim.Optimizer], fold: bool, fold_hook: bool):
+        several = len(optimizers) > 1
+        stepped = [{id(p) for g in o.param_groups for p in g["params"]} for o in optimizers]
+        if several:
+            _check_split(reg, stepped)
+        checked = []
+        for k, optimizer in enumerate(optimizers):
+            post = PostStepPlan([i for i in reg._post_items if id(i.param) in stepped[k]]) if several else reg._post
+            if post.prox:
+                post.locate(optimizer.param_groups)  # every proximal parameter must be in it
+            decay = DecayWriter(reg._scheduled_decays, stepped[k] if several else None)
+            decay.groups(optimizer)
+            checked.append((post, decay))
+        folding = Folding(reg._loss_items, stepped, reg.step) if fold else None
+        self._folding = folding
+        self.rest: PenaltyPlan | None = folding.rest if folding is not None else None
+        self._owners = [
+            _Owner(optimizer, post, decay, folding.plans[k] if folding is not None else None)
+            for k, (optimizer, (post, decay)) in enumerate(zip(optimizers, checked))
+        ]
+        for owner, optimizer in zip(self._owners, optimizers):
+            owner.decay.write(optimizer, reg.step)
+        for optimizer in optimizers:  # may raise, under warnings-as-errors: before any hook
+            warn_decay_underflow(optimizer, reg._groups)
+        self.hooks: list[Any] = []
+        for owner, optimizer in zip(self._owners, optimizers):
+            self.hooks += step_hooks(weakref.ref(reg), optimizer, owner.fold if fold_hook else None, reg._busy)
+
+    def owner(self, optimizer: torch.optim.Optimizer | None) -> _Owner:
+        """The attached ``optimizer``'s record; ``None`` names the only one."""
+        if optimizer is None:
+            if len(self._owners) > 1:
+                raise RegUsageError(
+                    f"{len(self._owners)} optimizers are attached: pass the one about to step, reg.fold(optimizer)"
+                )
+            return self._owners[0]
+        owner = next((o for o in self._owners if o.optimizer() is optimizer), None)
+        if owner is None:
+            raise RegUsageError("this optimizer is not attached to the regularizer: pass one of those given to attach()")
+        return owner
+
+    def fold(self, optimizer: torch.optim.Optimizer | None) -> None:
+        owner = self.owner(optimizer)
+        stepping = owner.optimizer()
+        if owner.fold is None or stepping is None:
+            raise RegUsageError("fold() needs attach(optimizer, fold=True, fold_hook=False) first")
+        owner.fold(getattr(stepping, "grad_scale", None))
+
+    def set_step(self, step: int) -> None:
+        if self._folding is not None:
+            self._folding.set_step(step)
+        for owner in self._owners:
+            optimizer = owner.optimizer()
+            if optimizer is not None:
+                owner.decay.write(optimizer, step)
+
+
+def _check_split(reg: Regularizer, stepped: Sequence[set[int]]) -> None:
+    """Several optimizers: no trainable parameter in two, none that a term acts on in none."""
+    entries = [e for e in reg.table.entries if e.trainable]
+    shared = [e.name for e in entries if sum(id(e.param) in ids for ids in stepped) > 1]
+    if shared:
+        raise RegUsageError(
+            f"{name_list(shared)} {'are' if len(shared) > 1 else 'is'} in more than one of the {len(stepped)} optimizers: "
+            "with several, each parameter is stepped by one; build each from reg.param_groups(of=...) of its own part"
+        )
+    acted_on = {id(i.param) for i in live(reg._loss_items) + live(reg._post_items)}
+    acted_on.update(id(e.param) for key, members in reg._groups if key.decay is not None for e in members)
+    owned = set().union(*stepped)
+    orphans = [e.name for e in entries if id(e.param) in acted_on and id(e.param) not in owned]
+    if orphans:
+        raise RegUsageError(
+            f"the rules regularize {name_list(orphans)}, which none of the {len(stepped)} optimizers steps: "
+            "put every regularized parameter in one of them, or exclude it in the rule file"
+        )
+
+
+def cut_groups(groups: list[tuple[Any, list[Any]]], ids: set[int]) -> list[tuple[Any, list[Any]]]:
+    """``(key, members)`` groups cut down to the tensors in ``ids``, the empty ones left out."""
+    cut = [(key, [e for e in members if id(e.param) in ids]) for key, members in groups]
+    return [(key, members) for key, members in cut if members]

@@ -1,0 +1,193 @@
+"""Search spaces in a spec: their names, values for them, Optuna and grids (docs/language.md,
+"Search spaces").
+
+A space's name is the one written with ``as NAME``; an unnamed space is named after its term and
+line, ``"l2:6"`` (``"l2:6:31"`` when two ``l2`` spaces share line 6), the label ``reg.values()``
+gives the same term. Every term that writes a name shares that space's one value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .errors import Diagnostic, RegUsageError, source_line_at
+from .space_nodes import SPACE_TYPES, VALUE_FIELDS, ChoiceSpace, LogUniformSpace
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .spec import Spec
+
+# (statement index, term index, field, the space, its name)
+Use = tuple[int, int, str, Any, str]
+
+
+def _uses(spec: Spec) -> list[Use]:
+    found = [
+        (si, ti, field, value)
+        for si, statement in enumerate(spec.statements)
+        for ti, term in enumerate(getattr(statement, "terms", ()))
+        for field in VALUE_FIELDS
+        if isinstance(value := getattr(term, field, None), SPACE_TYPES)
+    ]
+
+    def auto(si: int, ti: int) -> str:
+        term = spec.statements[si].terms[ti]  # type: ignore[union-attr]
+        return f"{term.kind}:{term.pos.line}" if term.pos is not None else f"{term.kind}:{si + 1}"
+
+    counts: dict[str, int] = {}
+    for si, ti, _, space in found:
+        if space.name is None:
+            counts[auto(si, ti)] = counts.get(auto(si, ti), 0) + 1
+    uses = []
+    for si, ti, field, space in found:
+        name = space.name
+        if name is None:
+            name = auto(si, ti)
+            if counts[name] > 1:  # two unnamed spaces of one kind on one line: the column tells them apart
+                term = spec.statements[si].terms[ti]  # type: ignore[union-attr]
+                name += f":{term.pos.column if term.pos is not None else ti + 1}"
+        uses.append((si, ti, field, space, name))
+    return uses
+
+
+def spaces(spec: Spec) -> dict[str, Any]:
+    """``{name: space}``, one entry per space (a named one once, however many terms use it), in file order."""
+    return {name: space for *_, space, name in _uses(spec) if not space.ref}
+
+
+def _replaced(spec: Spec, value_of: Callable[[str, Any], float], keep_space: bool) -> Spec:
+    """``spec`` with every space replaced by ``value_of(name, space)``; ``keep_space`` records the
+    space on the new term (:attr:`regdsl.spec._Valued.space`) for ``explain`` to show."""
+    uses = _uses(spec)
+    if not uses:
+        return spec
+    statements = list(spec.statements)
+    terms_of: dict[int, list[Any]] = {}
+    for si, ti, field, space, name in uses:
+        terms = terms_of.setdefault(si, list(statements[si].terms))  # type: ignore[union-attr]
+        term = terms[ti].model_copy(update={field: value_of(name, space)})
+        term._space = space if keep_space else None
+        terms[ti] = term
+    for si, terms in terms_of.items():
+        statements[si] = statements[si].model_copy(update={"terms": tuple(terms)})
+    out = spec.model_copy(update={"statements": tuple(statements)})
+    out._source = spec._source if keep_space else None  # a concrete spec is no longer its file's text
+    return out
+
+
+def stand_in(spec: Spec) -> Spec:
+    """``spec`` with each space at its stand-in value, the space kept beside it: what ``check``
+    and ``explain`` resolve a file with spaces with. Never compiled (see :func:`require_values`)."""
+    return _replaced(spec, lambda _, space: space.stand_in, keep_space=True)
+
+
+def with_values(spec: Spec, values: Mapping[str, float]) -> Spec:
+    """A concrete spec: every space replaced by ``values[name]``, which must lie in the space."""
+    known = spaces(spec)
+    problems = [f"'{n}' names no search space of the rules (they have: {_names(known)})" for n in values if n not in known]
+    problems += [f"no value for '{n}' ({s})" for n, s in known.items() if n not in values]
+    for name, space in known.items():
+        if name in values and not _inside(space, values[name]):
+            problems.append(f"{values[name]!r} for '{name}' is outside {space!s}")
+    if problems:
+        raise RegUsageError("spec.with_values: " + "; ".join(problems))
+    return _replaced(spec, lambda name, space: _clamped(space, float(values[name])), keep_space=False)
+
+
+def _clamped(space: Any, value: float) -> float:
+    # A value within _inside's slack of a bound is the bound: a strength never goes below 0.
+    return value if isinstance(space, ChoiceSpace) else min(max(value, space.low), space.high)
+
+
+def _inside(space: Any, value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    # Optuna's log-uniform draws can land a rounding step outside exp(log(b)).
+    slack = 1e-12 * max(abs(getattr(space, "high", 0.0)), abs(getattr(space, "low", 0.0)))
+    if isinstance(space, ChoiceSpace):
+        return space.contains(float(value))
+    return space.low - slack <= value <= space.high + slack
+
+
+def _names(known: Mapping[str, Any]) -> str:
+    return ", ".join(f"'{n}'" for n in known) or "none"
+
+
+def require_values(spec: Spec) -> None:
+    """Raise, naming each space and where it stands, when ``spec`` still has search spaces."""
+    uses = [u for u in _uses(spec) if not u[3].ref]
+    if not uses:
+        return
+    diagnostics = [
+        Diagnostic(
+            line=space.pos.line if space.pos else 0,
+            column=space.pos.column if space.pos else 0,
+            end_line=space.pos.end_line if space.pos else None,
+            end_column=space.pos.end_column if space.pos else None,
+            message=(
+                f"search space '{name}' ({space!s}) has no value: compile "
+                "spec.with_values({...}), or pass trial= to regdsl.compile"
+            ),
+            file=spec.origin or "<string>",
+            kind="compile",
+            code="RD011",
+            source_line=source_line_at(spec.source, space.pos.line) if spec.source and space.pos else "",
+        )
+        for *_, space, name in uses
+    ]
+    raise RegUsageError(diagnostics)
+
+
+def search_space(spec: Spec) -> dict[str, Any]:
+    """``{name: optuna.distributions.BaseDistribution}`` for every space of ``spec``."""
+    try:
+        from optuna.distributions import CategoricalDistribution, FloatDistribution
+    except ImportError:
+        raise RegUsageError("search_space() needs Optuna: pip install 'regdsl[optuna]'") from None
+    out: dict[str, Any] = {}
+    for name, space in spaces(spec).items():
+        if isinstance(space, ChoiceSpace):
+            out[name] = CategoricalDistribution(space.choices)
+        else:
+            out[name] = FloatDistribution(space.low, space.high, log=isinstance(space, LogUniformSpace))
+    return out
+
+
+def suggest(spec: Spec, trial: Any) -> dict[str, float]:
+    """One value per space from an Optuna trial (``trial.suggest_float``/``suggest_categorical``), in file order."""
+    values: dict[str, float] = {}
+    for name, space in spaces(spec).items():
+        if isinstance(space, ChoiceSpace):
+            values[name] = trial.suggest_categorical(name, list(space.choices))
+        else:
+            values[name] = trial.suggest_float(name, space.low, space.high, log=isinstance(space, LogUniformSpace))
+    return values
+
+
+def grid_points(space: Any, n: int) -> tuple[float, ...]:
+    """``n`` points spanning an interval, ends included (log-spaced for loguniform); a choice's own values."""
+    if isinstance(space, ChoiceSpace):
+        return space.choices
+    if n == 1:
+        return (space.stand_in,)
+    low, high = space.low, space.high
+    if isinstance(space, LogUniformSpace):
+        lo, hi = math.log(low), math.log(high)
+        inner = [math.exp(lo * (1 - i / (n - 1)) + hi * i / (n - 1)) for i in range(1, n - 1)]
+    else:  # weights, not high - low: that difference overflows across the whole float range
+        inner = [low * (1 - i / (n - 1)) + high * i / (n - 1) for i in range(1, n - 1)]
+    # Rounding may step just outside the bounds; the ends are exactly as written.
+    return (low, *(min(max(v, low), high) for v in inner), high)
+
+
+def grid(spec: Spec, n: int = 5) -> Iterator[dict[str, float]]:
+    """Every combination of ``n`` points per interval space and every value of each ``choice``,
+    as ``{name: value}`` for :meth:`Spec.with_values`, the first space varying slowest."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise RegUsageError(f"grid: n must be a whole number >= 1, got {n!r}")
+    known = spaces(spec)
+    axes = [grid_points(space, n) for space in known.values()]
+    for combination in itertools.product(*axes):
+        yield dict(zip(known, combination))

@@ -1,0 +1,356 @@
+"""Search spaces in rule files (docs/language.md, "Search spaces"): what they parse to, their
+names, the errors at their positions, with_values, Optuna's trials and search_space, grids, and
+what check, explain and fmt do with them. The expected values are written out here."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import regdsl
+from regdsl import RegUsageError
+from regdsl.spec import ChoiceSpace, LogUniformSpace, UniformSpace
+
+RULES = """\
+layer 0.** l2 loguniform(1e-5, 1e-2) as head_l2
+layer 2.** l2 head_l2
+all decay choice(0, 0.01, 0.1); all l1 uniform(0, 1e-3) prox
+exclude bias
+"""
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def errors(text: str) -> list[tuple[int, int, str, str]]:
+    with pytest.raises(regdsl.RegDslError) as info:
+        regdsl.parse(text)
+    return [(d.line, d.column, d.code, d.message) for d in info.value.diagnostics]
+
+
+# ---------------------------------------------------------------- what a space parses to
+
+
+def test_spaces_parse_to_nodes_with_names_and_positions() -> None:
+    spec = regdsl.parse(RULES)
+    spaces = spec.spaces()
+    assert list(spaces) == ["head_l2", "decay:3", "l1:3"]
+    head, decay, l1 = spaces.values()
+    assert isinstance(head, LogUniformSpace) and (head.low, head.high, head.name) == (1e-5, 1e-2, "head_l2")
+    assert isinstance(decay, ChoiceSpace) and decay.choices == (0.0, 0.01, 0.1) and decay.name is None
+    assert isinstance(l1, UniformSpace) and (l1.low, l1.high) == (0.0, 1e-3)
+    assert (head.pos.line, head.pos.column) == (1, 15)
+    # The second rule's bare name holds the same space, marked as a use.
+    use = spec.statements[1].terms[0].strength
+    assert use.ref and use.name == "head_l2" and (use.low, use.high) == (1e-5, 1e-2)
+    assert (use.pos.line, use.pos.column) == (2, 15)
+
+
+def test_two_unnamed_spaces_of_one_kind_on_one_line_get_the_column() -> None:
+    spec = regdsl.parse("layer a l2 uniform(0, 1); layer b l2 uniform(0, 2)\n")
+    assert list(spec.spaces()) == ["l2:1:9", "l2:1:35"]  # the columns of the two terms
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("all decay uniform(0, 1)", "decay"),
+        ("all l1 uniform(0, 1) prox", "l1"),
+        ("all l2 uniform(0, 1) to init", "l2"),
+        ("all group_lasso uniform(0, 1) dim=1", "group_lasso"),
+        ("all orthogonal uniform(0, 1) warmup 3", "orthogonal"),
+        ("all max_norm uniform(1, 3) dim=1", "max_norm"),
+        ("all activity l1 uniform(0, 1)", "activity_l1"),
+        ("all activity l2 uniform(0, 1)", "activity_l2"),
+        ("all lr_mult uniform(0, 1)", "lr_mult"),
+    ],
+)
+def test_every_kind_of_number_can_be_a_space(text: str, kind: str) -> None:
+    spec = regdsl.parse(text)
+    (name,) = spec.spaces()
+    assert name == f"{kind}:1"
+    assert spec.to_source() == regdsl.parse(spec.to_source()).to_source()
+
+
+def test_canonical_text_and_json_keep_spaces_and_names() -> None:
+    spec = regdsl.parse(RULES)
+    assert spec.to_source() == (
+        "layer 0.** l2 loguniform(1e-05, 0.01) as head_l2\n"
+        "layer 2.** l2 head_l2\n"
+        "all decay choice(0.0, 0.01, 0.1)\n"
+        "all l1 uniform(0.0, 0.001) prox\n"
+        "exclude bias\n"
+    )
+    assert regdsl.parse(spec.to_source()) == spec
+    assert regdsl.Spec.from_json(spec.to_json()) == spec
+
+
+def test_fmt_keeps_spaces_and_comments() -> None:
+    text = "all l2   loguniform( 1e-5 ,1e-2 )as lam  # tuned\nlayer x l1 lam\n"
+    assert regdsl.format_source(text) == "all l2 loguniform(1e-05, 0.01) as lam  # tuned\nlayer x l1 lam\n"
+
+
+def test_a_name_may_be_used_before_the_line_that_defines_it() -> None:
+    spec = regdsl.parse("layer a l1 lam\nlayer b l2 loguniform(1e-4, 1e-1) as lam\n")
+    assert list(spec.spaces()) == ["lam"]
+    assert spec.statements[0].terms[0].strength.ref
+
+
+# ---------------------------------------------------------------- errors, with positions
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "code", "words"),
+    [
+        ("all l2 loguniform(0, 1)", (1, 19), "RD010", "needs a > 0"),
+        ("all l2 loguniform(-5, -2)", (1, 19), "RD010", "not exponents"),
+        ("all l2 uniform(2, 1)", (1, 19), "RD010", "needs a < b"),
+        ("all l2 uniform(1, 1)", (1, 19), "RD010", "needs a < b"),
+        ("all l2 uniform(1, inf)", (1, 19), "RD010", "finite"),
+        ("all l2 uniform(-1, 1)", (1, 16), "RD004", "strength must be >= 0"),
+        ("all max_norm uniform(0, 3)", (1, 22), "RD004", "max_norm must be a finite number > 0"),
+        ("all l1 choice(0, 1e-4, 1e-4)", (1, 24), "RD010", "lists 0.0001 twice"),
+        ("all l1 choice(1, -2)", (1, 18), "RD004", "strength must be >= 0"),
+        ("layer head.** l2 lam", (1, 18), "RD010", "no search space is named 'lam'"),
+        ("all l2 uniform(0, 1) as lam\nall l1 choice(1, 2) as lam", (2, 8), "RD010", "already defined on line 1"),
+        ("all l2 uniform(0, 1) as decay", (1, 8), "RD010", "'decay' is a keyword"),
+        ("all decay none", (1, 11), "RD010", "'none' is a keyword"),
+        # A space a term reuses must hold only values that term accepts.
+        ("all l2 uniform(0, 1) as lam\nlayer x max_norm lam", (2, 18), "RD004", "max_norm must be a finite number > 0"),
+    ],
+)
+def test_invalid_spaces_are_positioned_errors(text: str, where: tuple[int, int], code: str, words: str) -> None:
+    found = errors(text)
+    assert any((line, col) == where and c == code and words in message for line, col, c, message in found), found
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("all l2 loguniform(1e-3 1)", "expected ','"),
+        ("all l2 choice()", "expected a number"),
+        ("all l2 uniform(0, 1) as", "expected a search space's name"),
+        ("all l2", "expected a number, a search space (loguniform, uniform, choice) or a search space's name"),
+    ],
+)
+def test_malformed_spaces_are_syntax_errors(text: str, words: str) -> None:
+    ((_, _, code, message),) = errors(text)
+    assert code == "RD001" and words in message
+
+
+def test_every_bad_space_of_a_file_is_reported_at_once() -> None:
+    found = errors("all l2 loguniform(0, 1)\nall l1 uniform(3, 2)\nlayer x l2 nope\n")
+    assert [(line, code) for line, _, code, _ in found] == [(1, "RD010"), (2, "RD010"), (3, "RD010")]
+
+
+# ---------------------------------------------------------------- values
+
+
+def test_with_values_gives_the_concrete_file() -> None:
+    spec = regdsl.parse(RULES)
+    concrete = spec.with_values({"head_l2": 1e-3, "decay:3": 0.01, "l1:3": 5e-4})
+    expected = regdsl.parse("layer 0.** l2 1e-3\nlayer 2.** l2 1e-3\nall decay 0.01; all l1 5e-4 prox\nexclude bias\n")
+    assert concrete == expected
+    assert concrete.spaces() == {}
+    assert concrete.to_source() == expected.to_source()
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        ({"head_l2": 1e-3, "decay:3": 0.01}, "no value for 'l1:3'"),
+        ({"head_l2": 1e-3, "decay:3": 0.01, "l1:3": 0.0, "lam": 1.0}, "'lam' names no search space"),
+        ({"head_l2": 1.0, "decay:3": 0.01, "l1:3": 0.0}, "1.0 for 'head_l2' is outside loguniform(1e-05, 0.01)"),
+        ({"head_l2": 1e-3, "decay:3": 0.02, "l1:3": 0.0}, "0.02 for 'decay:3' is outside choice(0.0, 0.01, 0.1)"),
+        ({"head_l2": 1e-3, "decay:3": 0.01, "l1:3": "0"}, "is outside uniform"),
+    ],
+)
+def test_with_values_refuses_missing_unknown_and_outside_values(values: dict, words: str) -> None:
+    with pytest.raises(RegUsageError, match="with_values") as info:
+        regdsl.parse(RULES).with_values(values)
+    assert words in str(info.value)
+
+
+def test_compile_refuses_spaces_naming_each_one() -> None:
+    spec = regdsl.parse(RULES, "tune.reg")
+    with pytest.raises(RegUsageError) as info:
+        regdsl.compile(spec, mlp())
+    found = [(d.file, d.line, d.column, d.code) for d in info.value.diagnostics]
+    assert found == [("tune.reg", 1, 15, "RD011"), ("tune.reg", 3, 11, "RD011"), ("tune.reg", 3, 40, "RD011")]
+    text = str(info.value)
+    for name in ("'head_l2'", "'decay:3'", "'l1:3'"):
+        assert name in text
+    assert "with_values" in text and "trial=" in text
+
+
+class RecordingTrial:
+    """Optuna's trial interface, recording each call and answering from ``answers``."""
+
+    def __init__(self, answers: dict[str, float]):
+        self.answers, self.calls = answers, []
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        self.calls.append(("float", name, low, high, log))
+        return self.answers[name]
+
+    def suggest_categorical(self, name: str, choices: list) -> float:
+        self.calls.append(("categorical", name, tuple(choices)))
+        return self.answers[name]
+
+
+def test_compile_with_a_trial_suggests_each_space_once_and_shares_named_values() -> None:
+    trial = RecordingTrial({"head_l2": 2e-3, "decay:3": 0.1, "l1:3": 1e-4})
+    model = mlp()
+    reg = regdsl.compile(regdsl.parse(RULES), model, trial=trial)
+    assert trial.calls == [
+        ("float", "head_l2", 1e-5, 1e-2, True),
+        ("categorical", "decay:3", (0.0, 0.01, 0.1)),
+        ("float", "l1:3", 0.0, 1e-3, False),
+    ]
+    assert reg.strength("0.weight", "l2") == 2e-3 and reg.strength("2.weight", "l2") == 2e-3
+    assert reg.strength("0.weight", "l1") == 1e-4
+    decays = {g["name"]: g["weight_decay"] for g in reg.param_groups(lr=0.1)}
+    assert sorted(decays.values()) == [0.0, 0.1]
+    # The penalty is the concrete file's: λ/2·Σw² on both weights (l1 is prox: in the step).
+    w0, w2 = model[0].weight.detach(), model[2].weight.detach()
+    expected = 2e-3 / 2 * (w0.square().sum() + w2.square().sum())
+    torch.testing.assert_close(reg.penalty().detach(), expected)
+
+
+def test_search_space_gives_optuna_distributions() -> None:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    space = regdsl.parse(RULES).search_space()
+    assert space == {
+        "head_l2": FloatDistribution(1e-5, 1e-2, log=True),
+        "decay:3": CategoricalDistribution((0.0, 0.01, 0.1)),
+        "l1:3": FloatDistribution(0.0, 1e-3),
+    }
+
+
+def test_an_optuna_study_tunes_the_file_and_the_best_file_is_the_checked_one() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = regdsl.parse("all l2 loguniform(1e-4, 1.0) as lam\nexclude bias\n")
+    target = torch.tensor([[3.0, -2.0, 1.0]])
+
+    def objective(trial: optuna.Trial) -> float:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1, bias=False)
+        reg = regdsl.compile(spec, model, trial=trial)
+        opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+        reg.attach(opt, fold=True)
+        for _ in range(50):  # fit w to target with l2: the ridge solution shrinks as lam grows
+            opt.zero_grad()
+            (model.weight - target).square().sum().div(2).backward()
+            opt.step()
+        return float((model.weight.detach() - target).square().sum())
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(objective, n_trials=8)
+    best = spec.with_values(study.best_params)
+    lam = study.best_params["lam"]
+    assert best.to_source() == f"all l2 {lam!r}\nexclude bias\n"
+    assert lam == min(t.params["lam"] for t in study.trials)  # the least shrinkage fits best
+
+
+# ---------------------------------------------------------------- grids
+
+
+def test_grid_enumerates_every_combination() -> None:
+    spec = regdsl.parse("all l2 loguniform(1e-4, 1e-2) as a\nall l1 choice(0, 1)\nall decay uniform(0, 1)\n")
+    points = list(regdsl.grid(spec, n=3))
+    assert len(points) == 3 * 2 * 3
+    assert points[0] == {"a": 1e-4, "l1:2": 0.0, "decay:3": 0.0}
+    assert points[-1] == {"a": 1e-2, "l1:2": 1.0, "decay:3": 1.0}
+    assert sorted({p["a"] for p in points}) == pytest.approx([1e-4, 1e-3, 1e-2], rel=1e-12)
+    assert sorted({p["decay:3"] for p in points}) == [0.0, 0.5, 1.0]
+    for values in points:  # each one compiles as it is
+        spec.with_values(values)
+
+
+def test_grid_of_one_point_is_the_stand_in_and_n_must_be_whole() -> None:
+    spec = regdsl.parse("all l2 loguniform(1e-4, 1e-2)\n")
+    assert list(regdsl.grid(spec, n=1)) == [{"l2:1": pytest.approx(1e-3)}]
+    assert list(regdsl.grid(regdsl.parse("all l2 1e-4"), n=4)) == [{}]
+    for bad in (0, 2.5, True):
+        with pytest.raises(RegUsageError, match="n must be"):
+            list(regdsl.grid(spec, n=bad))
+
+
+# ---------------------------------------------------------------- check, explain
+
+
+def test_check_and_explain_accept_spaces_and_show_them() -> None:
+    spec = regdsl.parse(RULES)
+    model = mlp()
+    assert [d.code for d in regdsl.check(spec, model)] == ["RD204", "RD204"]  # decay beside l2, as with numbers
+    rows = {r.name: r for r in regdsl.resolve(spec, model).rows}
+    table = regdsl.format_explain(list(rows.values()))
+    assert "loguniform(1e-05, 0.01) as head_l2" in table and "choice(0.0, 0.01, 0.1)" in table
+    assert "uniform(0.0, 0.001) prox" in table
+    # The stand-in that resolves a space is inside it and never 0 where the space allows more.
+    assert rows["0.weight"].terms["l2"].value == pytest.approx(math.sqrt(1e-5 * 1e-2))
+    assert rows["0.weight"].terms["decay"].value == 0.01
+    assert rows["0.weight"].terms["l1"].value == 5e-4
+    assert [g.name for g in regdsl.resolve(spec, model).groups_summary()] == ["decay=choice(0.0, 0.01, 0.1)", "no_decay"]
+
+
+def test_cli_check_explain_and_fmt_on_a_file_with_spaces(tmp_path: Path) -> None:
+    rules = tmp_path / "tune.reg"
+    rules.write_text(RULES)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "regdsl", *args], capture_output=True, text=True, check=False)
+
+    done = run("check", str(rules))
+    assert done.returncode == 0 and "All checks passed: 1 file, 5 statements." in done.stdout, done.stdout + done.stderr
+    done = run("fmt", "--check", str(rules))
+    assert done.returncode == 1  # the canonical text spells the numbers out
+    done = run("fmt", "--diff", str(rules))
+    assert "+layer 0.** l2 loguniform(1e-05, 0.01) as head_l2" in done.stdout, done.stdout + done.stderr
+    model = tmp_path / "model.py"
+    model.write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))\n")
+    done = run("check", str(rules), "--model", f"{model}:build")
+    assert done.returncode == 0 and "RD204" in done.stdout, done.stdout + done.stderr
+    done = run("explain", str(rules), "--model", f"{model}:build")
+    assert done.returncode == 0, done.stderr
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("2.weight")]
+    assert "choice(0.0, 0.01, 0.1)" in row and "head_l2" in row and "uniform(0.0, 0.001) prox" in row
+    bad = tmp_path / "bad.reg"
+    bad.write_text("all l2 loguniform(0, 1e-2)\n")
+    done = run("check", str(bad))
+    assert done.returncode == 1
+    assert f"{bad}:1:19: error: RD010 loguniform(a, b) needs a > 0" in done.stdout
+    assert "all l2 loguniform(0, 1e-2)\n" + " " * 18 + "^" in done.stdout
+
+
+# ---------------------------------------------------------------- the example
+
+
+@pytest.mark.parametrize("how", [("--trials", "6"), ("--grid", "2")])
+def test_the_tuning_example_prints_the_checked_file_with_the_winning_numbers(how: tuple[str, str]) -> None:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "tune.py"), *how], capture_output=True, text=True, check=False, cwd=root,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0 and not done.stderr, done.stdout + done.stderr
+    head = done.stdout.splitlines()[0]
+    assert head == "examples/tune.reg: wd ~ loguniform(0.01, 100.0), l1:6 ~ choice(0.0, 0.0001, 0.001)"
+    assert ("6 trials, " if how[0] == "--trials" else "grid of 6 points") in done.stdout
+    won = regdsl.parse(done.stdout.split("the file that won:\n", 1)[1])
+    tuned = regdsl.load(root / "examples" / "tune.reg")
+    (wd,) = {t.strength for s in won.statements if s.kind == "rule" for t in s.terms if t.kind == "decay"}
+    (l1,) = [t.strength for s in won.statements if s.kind == "rule" for t in s.terms if t.kind == "l1"]
+    assert won == tuned.with_values({"wd": wd, "l1:6": l1})  # the checked file, numbers in place of spaces
+    assert won.spaces() == {}
