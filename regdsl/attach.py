@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from .constraints import PostStepPlan
+from .entries import Members, ParamEntry
 from .errors import RegUsageError, name_list
 from .fold import Folding, FoldPlan, step_hooks
 from .guards import warn_decay_underflow
 from .penalties import PenaltyPlan
 from .resolution import GroupKey
 from .schedule import live, strength_at
-from .select import ParamEntry
 
 if TYPE_CHECKING:
     from .compiler import Regularizer
@@ -199,7 +199,7 @@ def _check_split(reg: Regularizer, stepped: Sequence[set[int]]) -> None:
         )
 
 
-def cut_groups(groups: list[tuple[Any, list[Any]]], ids: set[int]) -> list[tuple[Any, list[Any]]]:
+def cut_groups(groups: list[tuple[Any, Members]], ids: set[int]) -> list[tuple[Any, Members]]:
     """``(key, members)`` groups cut down to the tensors in ``ids``, the empty ones left out."""
-    cut = [(key, [e for e in members if id(e.param) in ids]) for key, members in groups]
+    cut = [(key, members.only(ids)) for key, members in groups]
     return [(key, members) for key, members in cut if members]

@@ -194,6 +194,10 @@ class Members(Sequence[ParamEntry]):
     def __iter__(self) -> Iterator[ParamEntry]:
         return map(self._entries.__getitem__, self.indices)
 
+    def only(self, ids: set[int]) -> Members:
+        """The members whose tensor's ``id`` is in ``ids``, in the same order."""
+        return Members(self._entries, [i for i, p in zip(self.indices, self.params) if id(p) in ids])
+
     @property
     def params(self) -> list[torch.Tensor]:
         """The tensors, a new list each time (an optimizer keeps the one it is given)."""
