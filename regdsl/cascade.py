@@ -12,6 +12,7 @@ statement and term, never per tensor.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -75,11 +76,10 @@ class Cascade:
                 step[before] = self._next(self.outcomes[before], statement, settings, kinds)
             self.of = list(map(step.__getitem__, of))
             return
-        for i in targets:
-            after = step.get(before := of[i])
-            if after is None:
-                after = step[before] = self._next(self.outcomes[before], statement, settings, kinds)
-            of[i] = after
+        # Each outcome met, in the order met, moved once; then every target moved in one C-level pass.
+        for before in dict.fromkeys(map(of.__getitem__, targets)):
+            step[before] = self._next(self.outcomes[before], statement, settings, kinds)
+        deque(map(of.__setitem__, targets, map(step.__getitem__, map(of.__getitem__, targets))), maxlen=0)
 
     def _settings(self, index: int, statement: Any) -> list[Setting]:
         if isinstance(statement, Exclude):

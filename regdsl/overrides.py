@@ -80,8 +80,8 @@ _REGULARIZERS = frozenset(k for k in PARAM_TERMS if k not in NOT_REGULARIZERS)
 def _last_setters(
     statements: Sequence[Rule | Exclude], trainable: Sequence[tuple[int, ...]], size: int
 ) -> dict[str, list[int]]:
-    """Per kind, per parameter: the index of the last rule that sets the kind on it (a 'none' clears
-    every regularizer), -1 if none does."""
+    """Per kind that some rule sets, per parameter: the index of the last rule that sets the kind on
+    it (a 'none' clears every regularizer), -1 if none does."""
     newest: dict[tuple[int, str], int] = {}  # (selection, kind) -> its last rule: selections repeat
     selections: dict[int, tuple[int, ...]] = {}
     for index, statement in enumerate(statements):
@@ -93,7 +93,8 @@ def _last_setters(
         selections[id(trainable[index])] = trainable[index]
         for kind in kinds:
             newest[id(trainable[index]), kind] = index
-    last = {kind: [-1] * size for kind in PARAM_TERMS}
+    # Only the kinds some rule sets: dead_rules() asks for no other, and each list is one per tensor.
+    last = {kind: [-1] * size for kind in dict.fromkeys(kind for _, kind in newest)}
     # In file order, so a later rule's index simply overwrites: one C-level pass per selection.
     for (selection, kind), index in sorted(newest.items(), key=lambda item: item[1]):
         deque(map(last[kind].__setitem__, selections[selection], repeat(index)), maxlen=0)
