@@ -73,8 +73,8 @@ class ParamTable:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self._names, self._modules, owners_of, self._hidden = walk(unwrap(model))
-        # Columns, one item per registration (see regdsl.entries): this loop runs once per tensor, makes
-        # no object, and leaves tied tensors' repeats to one pass in C afterwards (_drop_repeats).
+        # Columns, one item per registration (see regdsl.entries): this loop runs once per tensor and
+        # makes no object. Whether a tensor is registered twice (tied) is asked once afterwards, in C.
         params: list[torch.Tensor] = []
         names: list[str] = []
         owners: list[nn.Module] = []
@@ -136,7 +136,7 @@ class ParamTable:
         self, params: list[torch.Tensor], names: list[str], owners: list[nn.Module], computing: list[int]
     ) -> list[tuple[int, str | None, nn.Module, bool]]:
         """Remove (in place) every registration of a tensor after its first, renumbering the kinds;
-        returns what the loop's positions tell again, by the entries' indices."""
+        returns what the first names do not tell (as in __init__), by the entries' indices."""
         first: dict[int, int] = {}
         keep = [first.setdefault(id(p), at) == at for at, p in enumerate(params)]
         new_of = list(accumulate(keep, initial=-1))[1:]  # a kept position's index among the kept
