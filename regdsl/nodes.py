@@ -56,7 +56,10 @@ def relevant_errors(exc: ValidationError) -> list[Any]:
     return [e for e in errors if not (e["type"] == "too_short" and (e["loc"] in under or at[e["loc"]] > 1))]
 
 
-_ERROR_CODES = {"strength": "RD004", "pattern": "RD005", "duplicate_term": "RD006", "schedule": "RD007", "dim": "RD007", "selector": "RD008"}
+_ERROR_CODES = {
+    "strength": "RD004", "pattern": "RD005", "duplicate_term": "RD006", "schedule": "RD007", "dim": "RD007",
+    "selector": "RD008", "capture": "RD010", "depth": "RD011", "lr_decay": "RD011", "lr_decay_pairing": "RD011",
+}
 
 
 def error_code(error: Any) -> str:

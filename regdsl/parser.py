@@ -22,17 +22,22 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from .errors import Diagnostic, RegSyntaxError
 
 KEYWORDS_SELECTOR = ("all", "layer", "type", "bias", "norm", "embedding")
-KEYWORDS_TERM = ("decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "activity", "lr_mult", "none")
+KEYWORDS_TERM = ("decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "activity", "lr_mult", "depth", "none")
 KEYWORDS_SCHEDULE = ("warmup", "from", "until", "cosine")
-# Words that only continue a term: `l1 λ prox`, `l2 λ to init`, `dim=1`, `cosine to λ over N`.
-KEYWORDS_OPTION = ("prox", "to", "init", "ref", "dim", "over")
-KEYWORDS = KEYWORDS_SELECTOR + KEYWORDS_TERM + KEYWORDS_SCHEDULE + KEYWORDS_OPTION + ("exclude",)
+# Words that only continue a term: `l1 λ prox`, `l2 λ to init`, `dim=1`, `cosine to λ over N`, `depth last`.
+KEYWORDS_OPTION = ("prox", "to", "init", "ref", "dim", "over", "last")
+# Statements that are no rule: `exclude SELECTOR`, `lr_decay D`.
+KEYWORDS_STATEMENT = ("exclude", "lr_decay")
+KEYWORDS = KEYWORDS_SELECTOR + KEYWORDS_TERM + KEYWORDS_SCHEDULE + KEYWORDS_OPTION + KEYWORDS_STATEMENT
 
 # Lark's terminal names, in the words a user of the language knows.
 _TERMINAL_WORDS = {
     "GLOB": "a name pattern",
     "STRING": "a name pattern",
     "NUMBER": "a number",
+    "CAPTURE_NAME": "a capture name",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
     "COMMA": "','",
     "EQUAL": "'='",
     "_END": "end of statement",
@@ -226,7 +231,7 @@ def _diagnose(
             if expected:
                 message += f"; expected {_join(expected)}"
             previous = exc.token_history[-1] if exc.token_history else None
-            if previous is not None and previous.type == "GLOB" and previous.end_pos == offset:
+            if previous is not None and previous.type in ("GLOB", "CAPTURE_NAME") and previous.end_pos == offset:
                 message += "; a name pattern with such characters must be quoted, as in \"blocks@0.*\""
     else:  # pragma: no cover - lark raises only the two above from an LALR parse
         raise exc
@@ -271,8 +276,8 @@ def _token_message(token: lark.Token, expected: list[str], keywords: list[str]) 
     if word in KEYWORDS_SCHEDULE and any(w.startswith("a term") for w in expected) and not any(
         w.startswith("a schedule") for w in expected
     ):
-        return message + "; max_norm, lr_mult and none take no schedule"
-    if token.type not in ("GLOB", "NUMBER"):
+        return message + "; max_norm, lr_mult, depth and none take no schedule"
+    if token.type not in ("GLOB", "CAPTURE_NAME", "NUMBER"):
         return message
     # A misspelt keyword lexes as a pattern or number; offer the nearest allowed keyword
     # (a keyword out of place is not a misspelling of another one).
@@ -304,14 +309,13 @@ def _expected_words(terminals) -> list[str]:
         words.append(f"a term ({', '.join(sorted(terms, key=KEYWORDS_TERM.index))})")
     if atoms:
         words.append(f"a selector ({', '.join(sorted(atoms, key=KEYWORDS_SELECTOR.index))})")
-    if any(kw.get(n) == "exclude" for n in names):
-        words.append("'exclude'")
+    words += [f"'{w}'" for w in KEYWORDS_STATEMENT if any(kw.get(n) == w for n in names)]
     options = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_OPTION]
     words += [f"'{o}'" for o in sorted(options, key=KEYWORDS_OPTION.index)]
     steps = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_SCHEDULE]
     if steps:
         words.append(f"a schedule ({', '.join(sorted(steps, key=KEYWORDS_SCHEDULE.index))})")
-    for name in ("GLOB", "STRING", "NUMBER", "COMMA", "EQUAL", "_END", "$END"):
+    for name in ("GLOB", "STRING", "NUMBER", "CAPTURE_NAME", "PLUS", "MINUS", "COMMA", "EQUAL", "_END", "$END"):
         word = _TERMINAL_WORDS[name]
         if name in names and word not in words:
             words.append(word)

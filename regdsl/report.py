@@ -70,16 +70,22 @@ def format_explain(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) 
         return cell + "".join(f" [{numbers[n]}]" for n in row.notes)
 
     with_aliases = any(r.aliases for r in rows)
-    kinds = _shown_kinds(rows)
-    header = ["parameter", *(["aliases"] if with_aliases else []), "shape", "numel", *kinds, "set by (line)"]
+    with_depth = any(r.lr_factor is not None for r in rows)
+    # With depths, the depth column is each parameter's number, not the rule's expression.
+    kinds = [k for k in _shown_kinds(rows) if not (with_depth and k == "depth")]
+    header = ["parameter", *(["aliases"] if with_aliases else []), "shape", "numel", *kinds]
+    header += [*(["depth", "lr_factor"] if with_depth else []), "set by (line)"]
     body = []
     for row in rows:
         values = [_value(row.terms[k]) if k in row.terms else "-" for k in kinds]
+        if with_depth:
+            values += [str(row.depth), f"{row.lr_factor:g}"] if row.lr_factor is not None else ["-", "-"]
         aliases = [", ".join(row.aliases)] if with_aliases else []
         set_by = marked(_set_by(row, row.trainable), row)
         body.append([row.name, *aliases, _shape(row.shape), f"{row.numel:,}", *values, set_by])
     numel_column = header.index("numel")
-    text = _table(header, body, right=[numel_column])
+    right = [numel_column, *([header.index("depth"), header.index("lr_factor")] if with_depth else [])]
+    text = _table(header, body, right=right)
     if modules:
         module_body = [
             [
@@ -122,6 +128,7 @@ def explain_records(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ())
                 "cleared_by": _where(row.cleared_by),
                 "terms": _term_records(row.terms),
                 **_notes_record(row),
+                **_depth_record(row),
             }
             for row in rows
         ],
@@ -137,6 +144,11 @@ def explain_records(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ())
             for m in modules
         ],
     }
+
+
+def _depth_record(row: ParamRow) -> dict[str, Any]:
+    # Only files with lr_decay add the keys, as with notes.
+    return {"depth": row.depth, "lr_factor": row.lr_factor} if row.lr_factor is not None else {}
 
 
 def _notes_record(row: ParamRow | ModuleRow) -> dict[str, list[str]]:
@@ -155,6 +167,7 @@ def explain_csv(rows: Sequence[ParamRow]) -> str:
     ``notes`` when a row has notes (``ParamRow.notes``, joined by ``; ``).
     Activity terms act on modules and are in the table and JSON forms."""
     kinds = _shown_kinds(rows)
+    with_depth = any(r.lr_factor is not None for r in rows)
     detailed = any(_value(s) != repr(s.value) for r in rows for s in r.terms.values())
     noted = any(r.notes for r in rows)
     out = io.StringIO()
@@ -162,6 +175,7 @@ def explain_csv(rows: Sequence[ParamRow]) -> str:
     writer.writerow(
         ["name", "aliases", "shape", "numel", "trainable", "excluded_by_line"]
         + [c for k in kinds for c in (k, f"{k}_line")]
+        + (["depth", "lr_factor"] if with_depth else [])
         + (["details"] if detailed else [])
         + (["notes"] if noted else [])
     )
@@ -177,6 +191,9 @@ def explain_csv(rows: Sequence[ParamRow]) -> str:
         for kind in kinds:
             setting = row.terms.get(kind)
             cells += [setting.value, setting.pos.line if setting.pos else ""] if setting else ["", ""]
+        if with_depth:
+            # The depth kind's column is the rule's number (empty for 'i + 1'); this one, the parameter's.
+            cells += [row.depth, row.lr_factor] if row.lr_factor is not None else ["", ""]
         if detailed:
             cells.append("; ".join(f"{k} {_value(s)}" for k, s in row.terms.items() if _value(s) != repr(s.value)))
         if noted:
