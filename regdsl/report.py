@@ -166,8 +166,8 @@ def explain_csv(rows: Sequence[ParamRow]) -> str:
     a line column; ``details`` appears when a term has options or a schedule (``l1 0.01 prox``),
     ``notes`` when a row has notes (``ParamRow.notes``, joined by ``; ``).
     Activity terms act on modules and are in the table and JSON forms."""
-    kinds = _shown_kinds(rows)
     with_depth = any(r.lr_factor is not None for r in rows)
+    kinds = [k for k in _shown_kinds(rows) if not (with_depth and k == "depth")]
     detailed = any(_value(s) != repr(s.value) for r in rows for s in r.terms.values())
     noted = any(r.notes for r in rows)
     out = io.StringIO()
@@ -175,7 +175,7 @@ def explain_csv(rows: Sequence[ParamRow]) -> str:
     writer.writerow(
         ["name", "aliases", "shape", "numel", "trainable", "excluded_by_line"]
         + [c for k in kinds for c in (k, f"{k}_line")]
-        + (["depth", "lr_factor"] if with_depth else [])
+        + (["depth", "depth_line", "lr_factor"] if with_depth else [])
         + (["details"] if detailed else [])
         + (["notes"] if noted else [])
     )
@@ -192,8 +192,10 @@ def explain_csv(rows: Sequence[ParamRow]) -> str:
             setting = row.terms.get(kind)
             cells += [setting.value, setting.pos.line if setting.pos else ""] if setting else ["", ""]
         if with_depth:
-            # The depth kind's column is the rule's number (empty for 'i + 1'); this one, the parameter's.
-            cells += [row.depth, row.lr_factor] if row.lr_factor is not None else ["", ""]
+            # The parameter's depth (frozen ones too), not the rule's expression ('i + 1' is in details).
+            setting = row.terms.get("depth")
+            line = setting.pos.line if setting and setting.pos else ""
+            cells += [row.depth, line, row.lr_factor] if row.lr_factor is not None else ["", "", ""]
         if detailed:
             cells.append("; ".join(f"{k} {_value(s)}" for k, s in row.terms.items() if _value(s) != repr(s.value)))
         if noted:

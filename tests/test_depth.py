@@ -276,6 +276,11 @@ def test_explain_shows_depth_and_factor_per_parameter() -> None:
     assert cells["head.bias"][-3:] == ["3", "1", "depth:1"]
     records = regdsl.report.explain_records(rows)["parameters"]
     assert {r["name"]: (r["depth"], r["lr_factor"]) for r in records}["blocks.1.bias"] == (2, 0.5)
+    csv_lines = regdsl.report.explain_csv(rows).splitlines()
+    header = csv_lines[0].split(",")
+    assert header.count("depth") == 1 and header[header.index("depth") + 1 : header.index("depth") + 3] == ["depth_line", "lr_factor"]
+    frozen = dict(zip(header, next(line for line in csv_lines if line.startswith("blocks.0.weight,")).split(",")))
+    assert (frozen["name"], frozen["depth"], frozen["depth_line"], frozen["lr_factor"]) == ("blocks.0.weight", "1", "", "0.25")
     plain = regdsl.report.explain_records(regdsl.resolve(regdsl.parse("all l2 1"), model).rows)["parameters"]
     assert "depth" not in plain[0]  # files without lr_decay keep their records as they were
 
