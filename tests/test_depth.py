@@ -305,3 +305,26 @@ def test_lambda_lr_keeps_the_scales_through_steps() -> None:
         for name, f in factor.items():
             lr = 0.4 * 0.5**step * f  # the scheduled base lr times the parameter's factor
             torch.testing.assert_close(params[name].detach(), before[name] - lr, rtol=0, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the docs' examples
+
+
+def test_every_depth_example_in_the_docs_parses() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    blocks = []
+    for doc in ("README.md", "docs/language.md", "docs/integrations/timm.md"):
+        body: list[str] | None = None
+        for line in (root / doc).read_text(encoding="utf-8").splitlines():
+            if line.strip().startswith("```"):  # fences open and close in turn
+                if body is not None and any("lr_decay" in b for b in body):
+                    blocks.append((doc, "\n".join(body)))
+                body = [] if body is None else None
+            elif body is not None:
+                body.append(line.strip())
+    assert len(blocks) >= 5
+    for doc, body in blocks:
+        spec = regdsl.parse(body, doc)
+        assert spec.lr_decay is not None, (doc, body)
