@@ -353,7 +353,10 @@ statement_texts = st.builds(
     st.lists(st.sampled_from(["\n", ";", "\r\n", " # c\n", "; "]), min_size=6, max_size=6),
     st.sampled_from(["", "\n", "all", "layer", " # end"]),
 )
-LARK_NAMES = ("__ANON", "GLOB", "NUMBER", "_END", "$END", "STRING", "COMMA", "EQUAL", "_DIM", "_L1", "_TO")
+LARK_NAMES = (
+    "__ANON", "GLOB", "NUMBER", "_END", "$END", "STRING", "COMMA", "EQUAL", "_DIM", "_L1", "_TO", "CAPTURE_NAME", "PLUS",
+    "MINUS", "_LAST", "_DEPTH", "_LR_DECAY",
+)
 
 
 def check_outcome(text: str) -> Spec | None:
