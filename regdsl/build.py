@@ -221,8 +221,12 @@ def _to_data(tree: Tree) -> tuple[dict[str, Any], LeafSpans, list[tuple[dict[str
             if lr_decay is not None:
                 problems.append((_span(node.meta), f"a second lr_decay: the first is on line {lr_decay['pos']['line']}", "RD013"))
                 continue
-            lr_decay = {"kind": "lr_decay", "pos": _span(node.meta), "factor": number(token)}
-            leaf_spans[id(lr_decay), "factor"] = _span(token)
+            lr_decay = {"kind": "lr_decay", "pos": _span(node.meta)}
+            if isinstance(token, Token):
+                lr_decay["factor"] = number(token)
+                leaf_spans[id(lr_decay), "factor"] = _span(token)
+            else:  # a search space: lr_decay is tuned like any strength
+                lr_decay["factor"] = space(token)
             continue
         entry: dict[str, Any] = {"kind": str(node.data), "pos": _span(node.meta), "selector": selector(node.children[0])}
         if node.data == "rule":

@@ -12,12 +12,13 @@ import math
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .glob import glob_captures
 from .nodes import LayerAtom, Node, Selector, TypeAtom
 from .schedule_nodes import _whole_number
+from .space_nodes import SPACE_TYPES, Value, check_value
 
 
 def _whole_at_least_0(value: Any, what: str) -> int:
@@ -96,14 +97,29 @@ class LrDecay(Node):
     """``lr_decay D``: every parameter's lr multiplier is scaled by ``D ** (deepest - depth)``."""
 
     kind: Literal["lr_decay"] = "lr_decay"
-    factor: float
+    factor: Value  # a number, or a search space whose every value is in (0, 1]
+    # Set on the copies regdsl.spaces.stand_in makes: the space a stand-in value replaced.
+    _space: Any = PrivateAttr(default=None)
 
     @field_validator("factor")
     @classmethod
-    def _in_range(cls, value: float) -> float:
-        if not math.isfinite(value) or not 0 < value <= 1:
-            raise PydanticCustomError("lr_decay", "lr_decay must be a number in (0, 1], got {value}", {"value": value})
-        return value
+    def _in_range(cls, value: Any) -> Any:
+        return check_value(value, _check_decay)
+
+    @property
+    def value(self) -> Any:
+        return self.factor
+
+    @property
+    def space(self) -> Any:
+        """The search space the factor is drawn from, or None for a plain number."""
+        return self.factor if isinstance(self.factor, SPACE_TYPES) else self._space
+
+
+def _check_decay(value: float) -> float:
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise PydanticCustomError("lr_decay", "lr_decay must be a number in (0, 1], got {value}", {"value": value})
+    return value
 
 
 # ---------------------------------------------------------------- captures against terms

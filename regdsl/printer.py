@@ -76,7 +76,7 @@ def format_depth(term: DepthTerm) -> str:
 
 
 def format_lr_decay(statement: LrDecay) -> str:
-    return f"lr_decay {format_number(statement.factor)}"
+    return f"lr_decay {format_value(statement)}"
 
 
 def format_term_value(term: Any) -> str:

@@ -314,7 +314,7 @@ class Spec(Node):
                 raise PydanticCustomError(
                     "space",
                     "search space '{name}' is used here with other values than where it is defined",
-                    {"name": name, "at": f"{si}.terms.{ti}.{_field}"},
+                    {"name": name, "at": "lr_decay.factor" if si < 0 else f"statements.{si}.terms.{ti}.{_field}"},
                 )
         return self
 

@@ -280,7 +280,12 @@ def specs_with_spaces(draw):
                     defined.append(space)
             terms.append(term.model_copy(update={VALUE_FIELD.get(term.kind, "strength"): space}))
         statements.append(statement.model_copy(update={"terms": tuple(terms)}))
-    return Spec(statements=tuple(statements), lr_decay=spec.lr_decay)
+    lr_decay = spec.lr_decay
+    if lr_decay is not None and draw(st.booleans()):  # lr_decay tuned too: every value in (0, 1]
+        low, high = draw(_pair(lr_decays))
+        kind = draw(st.sampled_from([LogUniformSpace, UniformSpace]))
+        lr_decay = LrDecay(factor=kind(low=low, high=high, name=next(names, None)))
+    return Spec(statements=tuple(statements), lr_decay=lr_decay)
 
 
 specs = st.one_of(plain_specs, specs_with_spaces())
@@ -315,6 +320,8 @@ def test_every_grid_point_gives_a_concrete_spec_with_those_numbers(spec: Spec, n
                     assert space.contains(number), (number, space)
                     if space.name is not None:
                         assert number == values[space.name]
+        if spec.lr_decay is not None and spec.lr_decay.space is not None:
+            assert spec.lr_decay.space.contains(again.lr_decay.factor)
 
 
 @SETTINGS
