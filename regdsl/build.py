@@ -32,19 +32,22 @@ def parse(text: str, filename: str = "<string>") -> Spec:
 
 def _parse(text: str, filename: str) -> Spec:
     tree, diagnostics = parse_tree(text, filename)
-    data, leaf_spans, literal_problems = _to_data(tree)
+    root, leaf_spans, literal_problems = _to_data(tree)
     lines = text.split("\n")  # once: one split per diagnostic made many errors quadratic
-    diagnostics += [_diagnostic(lines, filename, span, message, "RD003") for span, message in literal_problems]
+    diagnostics += [_diagnostic(lines, filename, span, message, code) for span, message, code in literal_problems]
     spec = None
     try:
-        spec = Spec.model_validate({"statements": data, "origin": None if filename == "<string>" else filename})
+        spec = Spec.model_validate({**root, "origin": None if filename == "<string>" else filename})
     except ValidationError as exc:
         errors = relevant_errors(exc)
         # A bad literal was replaced by 0 to keep going; what the models say about that 0 is noise.
         bad_literals = {(d.line, d.column) for d in diagnostics if d.code == "RD003"}
+        if any(d.kind == "syntax" for d in diagnostics):
+            # A statement lost to a syntax error may be the depth rule or lr_decay the other one needs.
+            errors = [e for e in errors if e["type"] != "lr_decay_pairing"]
         diagnostics += [
             d
-            for d in (_from_pydantic(error, data, leaf_spans, lines, filename) for error in errors)
+            for d in (_from_pydantic(error, root, leaf_spans, lines, filename) for error in errors)
             if (d.line, d.column) not in bad_literals
         ]
     if diagnostics:
@@ -89,11 +92,11 @@ LeafSpans = dict[tuple[int, str | int], dict[str, int]]
 _SPACE_NODES = ("loguniform", "uniform", "choice", "space_ref")
 
 
-def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[dict[str, int], str]]]:
-    """Plain dicts for Pydantic, the spans of plain values in them (a strength's number),
-    and problems with number literals (which Pydantic never sees)."""
+def _to_data(tree: Tree) -> tuple[dict[str, Any], LeafSpans, list[tuple[dict[str, int], str, str]]]:
+    """Plain dicts for Pydantic (``statements`` and ``lr_decay``), the spans of plain values in
+    them (a strength's number), and problems Pydantic never sees (number literals, a second lr_decay)."""
     leaf_spans: LeafSpans = {}
-    problems: list[tuple[dict[str, int], str]] = []
+    problems: list[tuple[dict[str, int], str, str]] = []
 
     def whole(token: Token) -> float | int:
         # Step counts and dims read as ints when written as ints, so no count above 2**53 loses digits.
@@ -111,10 +114,10 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[di
         value = float(token)
         if math.isinf(value) and "inf" not in token.lower():
             sign = "-" if value < 0 else ""
-            problems.append((_span(token), f"number {_shown(token)} is too large: it overflows to {sign}infinity"))
+            problems.append((_span(token), f"number {_shown(token)} is too large: it overflows to {sign}infinity", "RD003"))
             return 0.0
         if value == 0 and _NONZERO_MANTISSA.search(re.split("[eE]", str(token))[0]):
-            problems.append((_span(token), f"number {_shown(token)} is too small: it underflows to 0"))
+            problems.append((_span(token), f"number {_shown(token)} is too small: it underflows to 0", "RD003"))
             return 0.0
         return value
 
@@ -191,27 +194,56 @@ def _to_data(tree: Tree) -> tuple[list[dict[str, Any]], LeafSpans, list[tuple[di
                 leaf_spans[id(out), "dim"] = _span(child.children[0])
             elif child.data == "schedule":
                 out["schedule"] = schedule(child)
+            elif str(child.data).startswith("depth_"):
+                out["expr"] = depth_expr(child)
         return out
 
-    statements = []
+    def depth_expr(node: Tree) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": str(node.data)[len("depth_"):], "pos": _span(node.meta)}
+        for child in node.children:
+            if isinstance(child, Token) and child.type == "NUMBER":
+                out["value"] = whole(child)
+                leaf_spans[id(out), "value"] = _span(child)
+            elif isinstance(child, Token):
+                out["name"] = str(child)
+            else:  # depth_offset: '+' or '-', then the number
+                sign, amount = child.children
+                out["op"] = str(sign)
+                out["amount"] = whole(amount)
+                leaf_spans[id(out), "amount"] = _span(amount)
+        return out
+
+    statements: list[dict[str, Any]] = []
+    lr_decay: dict[str, Any] | None = None
     for node in tree.children:
+        if node.data == "lr_decay":
+            (token,) = node.children
+            if lr_decay is not None:
+                problems.append((_span(node.meta), f"a second lr_decay: the first is on line {lr_decay['pos']['line']}", "RD013"))
+                continue
+            lr_decay = {"kind": "lr_decay", "pos": _span(node.meta)}
+            if isinstance(token, Token):
+                lr_decay["factor"] = number(token)
+                leaf_spans[id(lr_decay), "factor"] = _span(token)
+            else:  # a search space: lr_decay is tuned like any strength
+                lr_decay["factor"] = space(token)
+            continue
         entry: dict[str, Any] = {"kind": str(node.data), "pos": _span(node.meta), "selector": selector(node.children[0])}
         if node.data == "rule":
             entry["terms"] = [term(child) for child in node.children[1:]]
         statements.append(entry)
-    return statements, leaf_spans, problems
+    root: dict[str, Any] = {"statements": statements}
+    if lr_decay is not None:
+        root["lr_decay"] = lr_decay
+    return root, leaf_spans, problems
 
 
 # ---------------------------------------------------------------- errors
 
 
-def _from_pydantic(
-    error: Any, data: list[dict[str, Any]], leaf_spans: LeafSpans, lines: list[str], filename: str
-) -> Diagnostic:
+def _from_pydantic(error: Any, data: dict[str, Any], leaf_spans: LeafSpans, lines: list[str], filename: str) -> Diagnostic:
     """Point a Pydantic error at the innermost node on its location path that has a position."""
     loc = list(error["loc"])
-    if loc and loc[0] == "statements":
-        loc = loc[1:]
     # A validator may name the offending element itself ("at"), finer than its field.
     ctx = error.get("ctx") or {}
     if "at" in ctx:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .classes import base_class_match_of
+from .depth import Depths, resolve_depths
 from .entries import _uninitialized
 from .matching import selector_key
 from .resolution import ModuleRow, ParamRow, ParamRows, Resolution, Setting
@@ -137,7 +138,7 @@ class Cascade:
         return found
 
 
-def param_rows(table: ParamTable, params: Cascade) -> ParamRows:
+def param_rows(table: ParamTable, params: Cascade, depths: Depths | None = None) -> ParamRows:
     """One row per entry, in table order, each made when first read (see ParamRows). Shape and
     numel are read from the tensor when first asked (see ParamRow), but a lazy parameter's are
     set at once: None and 0, as the table saw it."""
@@ -163,6 +164,11 @@ def param_rows(table: ParamTable, params: Cascade) -> ParamRows:
         if uninitialized:
             setattr_(row, "shape", None)
             setattr_(row, "numel", 0)
+        if depths is not None:
+            mult = outcome.result.get("lr_mult")
+            factor = depths.factor(i) * (mult.value if mult is not None else 1.0)
+            setattr_(row, "depth", depths.of(i))
+            setattr_(row, "lr_factor", factor)
         return row
 
     return ParamRows(of, [outcome.result for outcome in outcomes], make)
@@ -216,7 +222,8 @@ def resolve_table(spec: Spec, table: ParamTable) -> Resolution:
         for i, (name, module) in enumerate(table.modules if with_activity else ())
         if (outcome := modules.outcome(i)).touched
     )
+    depths = resolve_depths(spec, table, matches)
     return Resolution(
-        spec, table, param_rows(table, params), tuple(matches), module_rows, tuple(module_matches),
-        outcomes=tuple(params.of), trainable_matches=tuple(trainable),
+        spec, table, param_rows(table, params, depths), tuple(matches), module_rows, tuple(module_matches),
+        outcomes=tuple(params.of), trainable_matches=tuple(trainable), depths=depths,
     )

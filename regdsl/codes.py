@@ -29,6 +29,8 @@ CODES: dict[str, Code] = {
     "RD009": Code("error", "an invalid spec (JSON input)"),
     "RD010": Code("error", "an invalid search space (bounds, a value its term refuses, a name defined twice or never)"),
     "RD011": Code("error", "a search space without a value, at compile"),
+    "RD012": Code("error", "a capture ('{i}') outside a rule whose depth names it, or a depth naming a capture its selector lacks"),
+    "RD013": Code("error", "an invalid depth or lr_decay: not a whole number >= 0 / not in (0, 1], a second lr_decay, one without the other"),
     # Against a model: rules that cannot do what they say.
     "RD101": Code("error", "a selector, or one pattern in it, matches no parameter"),
     "RD102": Code("error", "a type name matches no module class in the model"),
@@ -36,6 +38,7 @@ CODES: dict[str, Code] = {
     "RD105": Code("error", "a reference for 'l2 ... to ref' is missing, lacks a parameter, or has the wrong shape"),
     "RD106": Code("error", "an activity term on a module whose output is not a tensor"),
     "RD107": Code("error", "the model has nothing to train: no parameters, or all frozen"),
+    "RD108": Code("error", "a depth expression gives a parameter a depth below 0"),
     # Against a model: probably mistakes (errors under --strict; RegDslWarning from compile()).
     # RD103 was an error before compile() enforced diagnostics; a default followed by
     # overrides ("all l2 1e-4" then "type Linear l2 1e-3") is the usual way to write a file,
@@ -46,6 +49,7 @@ CODES: dict[str, Code] = {
     "RD203": Code("warning", "the aliases of a tied parameter are matched by different rules"),
     "RD204": Code("warning", "decay and l2 on the same parameter"),
     "RD205": Code("warning", "an activity term on a module its parent never calls"),
+    "RD206": Code("warning", "a trainable parameter that no depth rule selects, in a file with lr_decay"),
 }
 
 

@@ -137,7 +137,7 @@ class Regularizer:
             raise RegUsageError("param_groups(of=...) holds no parameter the rules train: every one given is frozen")
         if not lr_scale and "lr" not in defaults and any(key.lr_mult not in (None, 1.0) for key, _ in chosen):
             raise RegUsageError(
-                "the rule file sets lr_mult, so param_groups() needs the base learning rate: param_groups(lr=...) "
+                "the rule file scales learning rates (lr_mult, lr_decay), so param_groups() needs the base learning rate: param_groups(lr=...) "
                 "(or param_groups(lr_scale=True) for timm's schedulers)"
             )
         groups = []

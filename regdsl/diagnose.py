@@ -17,6 +17,7 @@ from typing import Any
 
 from . import sharded
 from .classes import is_embedding_class
+from .depth import depth_diagnostics
 from .entries import ParamEntry, _uninitialized
 from .errors import Diagnostic, RegCompileError, RegDslWarning, caller_stacklevel, name_list, shape_text
 from .findings import model_diagnostic
@@ -50,6 +51,7 @@ def diagnose(resolution: Resolution, reference: Mapping[str, Any] | None | objec
         diagnostics += tied_aliases(resolution)
         diagnostics += decay_and_l2(resolution)
         diagnostics += uncalled_modules(resolution)
+        diagnostics += depth_diagnostics(resolution)
         if reference is not NOT_GIVEN:
             diagnostics += reference_problems(resolution, reference)  # type: ignore[arg-type]
     return sorted(diagnostics, key=Diagnostic.sort_key)

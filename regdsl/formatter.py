@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .build import parse
 from .parser import split_line
-from .printer import format_statement
+from .printer import format_lr_decay, format_statement
 
 
 def format_source(text: str, filename: str = "<string>") -> str:
@@ -19,6 +19,9 @@ def format_source(text: str, filename: str = "<string>") -> str:
     # The text as parse() read it, BOM removed (fmt drops it), so line numbers match the spec's.
     text = spec.source or ""
     by_line: dict[int, list[str]] = {}
+    if spec.lr_decay is not None:
+        assert spec.lr_decay.pos is not None
+        by_line[spec.lr_decay.pos.line] = [format_lr_decay(spec.lr_decay)]
     for statement in spec.statements:
         assert statement.pos is not None  # parse() positions every node
         by_line.setdefault(statement.pos.line, []).append(format_statement(statement))

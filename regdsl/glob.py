@@ -28,8 +28,12 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
 
 
 @functools.lru_cache(maxsize=65536)
-def glob_source(pattern: str) -> str:
+def glob_source(pattern: str, named: bool = False) -> str:
     """The regex :func:`glob_regex` compiles, or :class:`GlobError`: what validation asks.
+
+    A capture segment ``{name}`` matches one path segment of digits. With ``named``, it is a
+    named group and each ``**`` takes as few segments as it can, so a capture binds the
+    leftmost segment that lets the glob match (:func:`capture_regex`); the names matched are the same.
 
     Every character of the glob becomes an escaped literal, a class of escaped members,
     or one of the fixed pieces below, so the source always compiles; validating without
@@ -44,6 +48,7 @@ def glob_source(pattern: str) -> str:
     segments = pattern.split(".")
     # Checked segment by segment, so the first problem from the left is the one reported.
     pieces: list[str | None] = []
+    captured: set[str] = set()
     for segment in segments:
         if not segment:
             raise GlobError(f"empty path segment in {pattern!r} (a leading, trailing or doubled '.')")
@@ -51,6 +56,11 @@ def glob_source(pattern: str) -> str:
             pieces.append(None)
         elif "**" in segment:
             raise GlobError(f"'**' must be a whole path segment, as in 'a.**.b', not {segment!r}")
+        elif name := _capture_name(segment):
+            if name in captured:
+                raise GlobError(f"capture '{{{name}}}' appears twice in {pattern!r}; give each its own name")
+            captured.add(name)
+            pieces.append(f"(?P<{name}>[0-9]+)" if named else "[0-9]+")
         else:
             pieces.append(_segment_regex(segment))
     # Consecutive '**' mean the same as one, and keeping them would make the regex ambiguous.
@@ -61,12 +71,47 @@ def glob_source(pattern: str) -> str:
     for i, piece in enumerate(pieces):
         if piece is None:
             # Leading: "x." repeated; elsewhere ".x" repeated, so each repetition starts at a dot.
-            out.append(r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*")
+            lazy = "?" if named else ""
+            out.append((r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*") + lazy)
             continue
         if i > 0 and not (i == 1 and pieces[0] is None):  # a leading '**' ate its dot
             out.append(r"\.")
         out.append(piece)
     return "".join(out)
+
+
+# A capture's name: an identifier that is no number word (``depth inf`` reads a number).
+_CAPTURE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NOT_CAPTURE_NAMES = frozenset({"inf", "infinity", "nan", "last"})
+
+
+def _capture_name(segment: str) -> str | None:
+    """The name of a capture segment ``{name}``, None for any other segment (a stray brace is
+    refused by :func:`_segment_regex`; inside a class, ``[{]``, it is a member)."""
+    if not (segment.startswith("{") and segment.endswith("}")):
+        return None
+    match = _CAPTURE.fullmatch(segment)
+    if match is None:
+        raise GlobError(
+            f"a capture is '{{name}}', name a letter or '_' then letters, digits or '_' (as in 'blocks.{{i}}.**'), "
+            f"not {segment!r}"
+        )
+    name = match.group(1)
+    if name.lower() in _NOT_CAPTURE_NAMES:
+        raise GlobError(f"'{name}' cannot name a capture: 'depth {name}' would read as a number or 'last'")
+    return name
+
+
+def glob_captures(pattern: str) -> tuple[str, ...]:
+    """The capture names of a valid glob, in order: ``blocks.{i}.**`` -> ``("i",)``."""
+    return tuple(name for s in pattern.split(".") if (name := _capture_name(s)))
+
+
+@functools.lru_cache(maxsize=4096)
+def capture_regex(pattern: str) -> re.Pattern[str]:
+    """Matches a name when the glob matches it or a dotted prefix of it (a layer's reading), with
+    each capture a named group: the first binding from the left."""
+    return re.compile(f"(?:{glob_source(pattern, named=True)})(?:\\..*)?", re.DOTALL)
 
 
 def _unbalanced(segment: str) -> GlobError:
@@ -86,6 +131,11 @@ def _segment_regex(segment: str) -> str:
             out.append(regex)
         elif c == "]":
             raise _unbalanced(segment)
+        elif c in "{}":
+            raise GlobError(
+                f"'{c}' in {segment!r}: a capture is a whole path segment, as in 'blocks.{{i}}.**'; "
+                f"a literal brace is '[{c}]'"
+            )
         else:
             out.append(re.escape(c))
         i += 1

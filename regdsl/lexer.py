@@ -14,11 +14,18 @@ import json
 import sys
 from typing import Any, ClassVar
 
-from .parser import KEYWORDS_OPTION, KEYWORDS_SCHEDULE, KEYWORDS_SELECTOR, KEYWORDS_SPACE, KEYWORDS_TERM
+from .parser import (
+    KEYWORDS_OPTION,
+    KEYWORDS_SCHEDULE,
+    KEYWORDS_SELECTOR,
+    KEYWORDS_SPACE,
+    KEYWORDS_STATEMENT,
+    KEYWORDS_TERM,
+)
 
 # The grammar's characters of a glob (GLOB in grammar/regdsl.lark): a keyword or a number must
 # not be followed by one, or it is part of a longer word (`l21`, `biased`).
-WORD = r"A-Za-z0-9_*?\[\]!.\-"
+WORD = r"A-Za-z0-9_*?\[\]!.\-{}"
 END = rf"(?![{WORD}])"
 NUMBER = rf"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?{END}|[+-]?(?:[Ii][Nn][Ff](?:[Ii][Nn][Ii][Tt][Yy])?|[Nn][Aa][Nn]){END}"
 STRING = r'"[^"\r\n]*"'
@@ -27,7 +34,7 @@ COMMENT = r"#[^\r\n]*"
 
 # (keywords, Pygments token name, TextMate scope), in the order they are tried.
 KEYWORD_CLASSES: tuple[tuple[tuple[str, ...], str, str], ...] = (
-    (("exclude",), "Keyword.Declaration", "keyword.control.exclude.regdsl"),
+    (KEYWORDS_STATEMENT, "Keyword.Declaration", "keyword.control.statement.regdsl"),
     (KEYWORDS_TERM, "Keyword", "keyword.other.term.regdsl"),
     (KEYWORDS_SELECTOR, "Name.Builtin", "support.function.selector.regdsl"),
     (KEYWORDS_SCHEDULE, "Keyword.Pseudo", "keyword.control.schedule.regdsl"),
@@ -48,7 +55,7 @@ def textmate() -> dict[str, Any]:
     patterns += [{"name": scope, "match": rf"(?<![{WORD}])" + _words(words)} for words, _, scope in KEYWORD_CLASSES]
     patterns.append({"name": "constant.numeric.regdsl", "match": rf"(?<![{WORD}])(?:{NUMBER})"})
     patterns.append({"name": "entity.name.tag.pattern.regdsl", "match": GLOB})
-    patterns.append({"name": "punctuation.separator.regdsl", "match": r"[,;=()]"})
+    patterns.append({"name": "punctuation.separator.regdsl", "match": r"[,;=+()]"})
     return {
         "$schema": "https://raw.githubusercontent.com/martinring/tmlanguage/master/tmlanguage.json",
         "name": "regdsl",
@@ -68,7 +75,7 @@ def _pygments_lexer() -> type:
     for keywords, token, _ in KEYWORD_CLASSES:
         ordered = sorted(keywords, key=len, reverse=True)
         rules.append((words(ordered, prefix=rf"(?<![{WORD}])", suffix=END), string_to_tokentype(token)))
-    rules += [(NUMBER, Number), (GLOB, Name), (r"[,;=()]", Punctuation)]
+    rules += [(NUMBER, Number), (GLOB, Name), (r"[,;=+()]", Punctuation)]
 
     class RegDslLexer(RegexLexer):
         """Rule files of regdsl (declarative regularization for PyTorch)."""

@@ -47,7 +47,7 @@ def literal_prefix(text: str) -> str:
     """The glob up to its first wildcard: every name it matches starts with this. A ``**`` segment
     may stand for no segment at all, taking its dot with it: ``a.**`` matches ``a``, so its prefix is ``a``."""
     for k, c in enumerate(text):
-        if c in "*?[":
+        if c in "*?[{":
             if text.startswith("**", k) and k > 0 and text[k - 1] == ".":
                 return text[: k - 1]
             return text[:k]
@@ -71,7 +71,7 @@ class Glob:
         self.text = text
         segments = text.split(".")
         k = 0
-        while k < len(segments) and not any(c in segments[k] for c in "*?["):
+        while k < len(segments) and not any(c in segments[k] for c in "*?[{"):
             k += 1
         rest = segments[k:]
         if not rest:

@@ -56,7 +56,11 @@ def relevant_errors(exc: ValidationError) -> list[Any]:
     return [e for e in errors if not (e["type"] == "too_short" and (e["loc"] in under or at[e["loc"]] > 1))]
 
 
-_ERROR_CODES = {"strength": "RD004", "pattern": "RD005", "duplicate_term": "RD006", "schedule": "RD007", "dim": "RD007", "selector": "RD008", "space": "RD010"}
+_ERROR_CODES = {
+    "strength": "RD004", "pattern": "RD005", "duplicate_term": "RD006", "schedule": "RD007", "dim": "RD007",
+    "selector": "RD008", "space": "RD010", "capture": "RD012", "depth": "RD013", "lr_decay": "RD013",
+    "lr_decay_pairing": "RD013",
+}
 
 
 def error_code(error: Any) -> str:

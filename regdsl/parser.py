@@ -22,13 +22,15 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from .errors import Diagnostic, RegSyntaxError
 
 KEYWORDS_SELECTOR = ("all", "layer", "type", "bias", "norm", "embedding")
-KEYWORDS_TERM = ("decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "activity", "lr_mult", "none")
+KEYWORDS_TERM = ("decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "activity", "lr_mult", "depth", "none")
 KEYWORDS_SCHEDULE = ("warmup", "from", "until", "cosine")
-# Words that only continue a term: `l1 λ prox`, `l2 λ to init`, `dim=1`, `cosine to λ over N`.
-KEYWORDS_OPTION = ("prox", "to", "init", "ref", "dim", "over")
+# Words that only continue a term: `l1 λ prox`, `l2 λ to init`, `dim=1`, `cosine to λ over N`, `depth last`.
+KEYWORDS_OPTION = ("prox", "to", "init", "ref", "dim", "over", "last")
 # Words of a search space: `loguniform(a, b) as name`, `uniform(a, b)`, `choice(v, ...)`.
 KEYWORDS_SPACE = ("loguniform", "uniform", "choice", "as")
-KEYWORDS = KEYWORDS_SELECTOR + KEYWORDS_TERM + KEYWORDS_SCHEDULE + KEYWORDS_OPTION + KEYWORDS_SPACE + ("exclude",)
+# Statements that are no rule: `exclude SELECTOR`, `lr_decay D`.
+KEYWORDS_STATEMENT = ("exclude", "lr_decay")
+KEYWORDS = KEYWORDS_SELECTOR + KEYWORDS_TERM + KEYWORDS_SCHEDULE + KEYWORDS_OPTION + KEYWORDS_SPACE + KEYWORDS_STATEMENT
 
 # Lark's terminal names, in the words a user of the language knows.
 _TERMINAL_WORDS = {
@@ -38,6 +40,9 @@ _TERMINAL_WORDS = {
     "NAME": "a search space's name",
     "LPAR": "'('",
     "RPAR": "')'",
+    "CAPTURE_NAME": "a capture name",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
     "COMMA": "','",
     "EQUAL": "'='",
     "_END": "end of statement",
@@ -231,7 +236,7 @@ def _diagnose(
             if expected:
                 message += f"; expected {_join(expected)}"
             previous = exc.token_history[-1] if exc.token_history else None
-            if previous is not None and previous.type == "GLOB" and previous.end_pos == offset:
+            if previous is not None and previous.type in ("GLOB", "CAPTURE_NAME") and previous.end_pos == offset:
                 message += "; a name pattern with such characters must be quoted, as in \"blocks@0.*\""
     else:  # pragma: no cover - lark raises only the two above from an LALR parse
         raise exc
@@ -276,8 +281,8 @@ def _token_message(token: lark.Token, expected: list[str], keywords: list[str]) 
     if word in KEYWORDS_SCHEDULE and any(w.startswith("a term") for w in expected) and not any(
         w.startswith("a schedule") for w in expected
     ):
-        return message + "; max_norm, lr_mult and none take no schedule"
-    if token.type not in ("GLOB", "NUMBER", "NAME"):
+        return message + "; max_norm, lr_mult, depth and none take no schedule"
+    if token.type not in ("GLOB", "CAPTURE_NAME", "NUMBER", "NAME"):
         return message
     # A misspelt keyword lexes as a pattern or number; offer the nearest allowed keyword
     # (a keyword out of place is not a misspelling of another one).
@@ -309,8 +314,7 @@ def _expected_words(terminals) -> list[str]:
         words.append(f"a term ({', '.join(sorted(terms, key=KEYWORDS_TERM.index))})")
     if atoms:
         words.append(f"a selector ({', '.join(sorted(atoms, key=KEYWORDS_SELECTOR.index))})")
-    if any(kw.get(n) == "exclude" for n in names):
-        words.append("'exclude'")
+    words += [f"'{w}'" for w in KEYWORDS_STATEMENT if any(kw.get(n) == w for n in names)]
     options = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_OPTION]
     words += [f"'{o}'" for o in sorted(options, key=KEYWORDS_OPTION.index)]
     steps = [kw_text for name, kw_text in kw.items() if name in names and kw_text in KEYWORDS_SCHEDULE]
@@ -321,7 +325,7 @@ def _expected_words(terminals) -> list[str]:
         words.append(f"a search space ({', '.join(sorted(spaces, key=KEYWORDS_SPACE.index))})")
     if any(kw.get(n) == "as" for n in names):
         words.append("'as'")
-    for name in ("GLOB", "STRING", "NUMBER", "NAME", "LPAR", "COMMA", "RPAR", "EQUAL", "_END", "$END"):
+    for name in ("GLOB", "STRING", "NUMBER", "NAME", "CAPTURE_NAME", "PLUS", "MINUS", "LPAR", "COMMA", "RPAR", "EQUAL", "_END", "$END"):
         word = _TERMINAL_WORDS[name]
         if name in names and word not in words:
             words.append(word)

@@ -5,7 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from .parser import bare_pattern_ok
-from .spec import Exclude, LayerAtom, NoneTerm, Pattern, Rule, Schedule, Selector, TypeAtom, kind_label
+from .spec import (
+    DepthNumber,
+    DepthTerm,
+    Exclude,
+    LayerAtom,
+    LrDecay,
+    NoneTerm,
+    Pattern,
+    Rule,
+    Schedule,
+    Selector,
+    TypeAtom,
+    kind_label,
+)
 
 
 def format_number(value: float) -> str:
@@ -53,8 +66,23 @@ def format_value(term: Any) -> str:
     return format_space(space) if space is not None else format_number(term.value)
 
 
+def format_depth(term: DepthTerm) -> str:
+    """``3``, ``i``, ``i + 1``, ``last``, ``last - 1``."""
+    expr = term.expr
+    if isinstance(expr, DepthNumber):
+        return str(expr.value)
+    base = expr.name if expr.kind == "capture" else "last"
+    return f"{base} {expr.op} {expr.amount}" if expr.op else base
+
+
+def format_lr_decay(statement: LrDecay) -> str:
+    return f"lr_decay {format_value(statement)}"
+
+
 def format_term_value(term: Any) -> str:
-    """A term without its keyword: ``1e-4 prox warmup 100``, ``0.01 to init``, ``3.0 dim=1``."""
+    """A term without its keyword: ``1e-4 prox warmup 100``, ``0.01 to init``, ``3.0 dim=1``, ``i + 1``."""
+    if isinstance(term, DepthTerm):
+        return format_depth(term)
     parts = [format_value(term)]
     if getattr(term, "prox", False):
         parts.append("prox")

@@ -70,16 +70,22 @@ def format_explain(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) 
         return cell + "".join(f" [{numbers[n]}]" for n in row.notes)
 
     with_aliases = any(r.aliases for r in rows)
-    kinds = _shown_kinds(rows)
-    header = ["parameter", *(["aliases"] if with_aliases else []), "shape", "numel", *kinds, "set by (line)"]
+    with_depth = any(r.lr_factor is not None for r in rows)
+    # With depths, the depth column is each parameter's number, not the rule's expression.
+    kinds = [k for k in _shown_kinds(rows) if not (with_depth and k == "depth")]
+    header = ["parameter", *(["aliases"] if with_aliases else []), "shape", "numel", *kinds]
+    header += [*(["depth", "lr_factor"] if with_depth else []), "set by (line)"]
     body = []
     for row in rows:
         values = [_value(row.terms[k]) if k in row.terms else "-" for k in kinds]
+        if with_depth:
+            values += [str(row.depth), f"{row.lr_factor:g}"] if row.lr_factor is not None else ["-", "-"]
         aliases = [", ".join(row.aliases)] if with_aliases else []
         set_by = marked(_set_by(row, row.trainable), row)
         body.append([row.name, *aliases, _shape(row.shape), f"{row.numel:,}", *values, set_by])
     numel_column = header.index("numel")
-    text = _table(header, body, right=[numel_column])
+    right = [numel_column, *([header.index("depth"), header.index("lr_factor")] if with_depth else [])]
+    text = _table(header, body, right=right)
     if modules:
         module_body = [
             [
@@ -122,6 +128,7 @@ def explain_records(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ())
                 "cleared_by": _where(row.cleared_by),
                 "terms": _term_records(row.terms),
                 **_notes_record(row),
+                **_depth_record(row),
             }
             for row in rows
         ],
@@ -139,6 +146,11 @@ def explain_records(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ())
     }
 
 
+def _depth_record(row: ParamRow) -> dict[str, Any]:
+    # Only files with lr_decay add the keys, as with notes.
+    return {"depth": row.depth, "lr_factor": row.lr_factor} if row.lr_factor is not None else {}
+
+
 def _notes_record(row: ParamRow | ModuleRow) -> dict[str, list[str]]:
     # Only rows with notes get the key: a record of a plain model stays what it always was.
     return {"notes": list(row.notes)} if row.notes else {}
@@ -154,7 +166,8 @@ def explain_csv(rows: Sequence[ParamRow]) -> str:
     a line column; ``details`` appears when a term has options or a schedule (``l1 0.01 prox``),
     ``notes`` when a row has notes (``ParamRow.notes``, joined by ``; ``).
     Activity terms act on modules and are in the table and JSON forms."""
-    kinds = _shown_kinds(rows)
+    with_depth = any(r.lr_factor is not None for r in rows)
+    kinds = [k for k in _shown_kinds(rows) if not (with_depth and k == "depth")]
     detailed = any(_value(s) != repr(s.value) for r in rows for s in r.terms.values())
     noted = any(r.notes for r in rows)
     out = io.StringIO()
@@ -162,6 +175,7 @@ def explain_csv(rows: Sequence[ParamRow]) -> str:
     writer.writerow(
         ["name", "aliases", "shape", "numel", "trainable", "excluded_by_line"]
         + [c for k in kinds for c in (k, f"{k}_line")]
+        + (["depth", "depth_line", "lr_factor"] if with_depth else [])
         + (["details"] if detailed else [])
         + (["notes"] if noted else [])
     )
@@ -177,6 +191,11 @@ def explain_csv(rows: Sequence[ParamRow]) -> str:
         for kind in kinds:
             setting = row.terms.get(kind)
             cells += [setting.value, setting.pos.line if setting.pos else ""] if setting else ["", ""]
+        if with_depth:
+            # The parameter's depth (frozen ones too), not the rule's expression ('i + 1' is in details).
+            setting = row.terms.get("depth")
+            line = setting.pos.line if setting and setting.pos else ""
+            cells += [row.depth, line, row.lr_factor] if row.lr_factor is not None else ["", "", ""]
         if detailed:
             cells.append("; ".join(f"{k} {_value(s)}" for k, s in row.terms.items() if _value(s) != repr(s.value)))
         if noted:

@@ -67,6 +67,10 @@ class ParamRow:
     # What the row's name alone does not say: a 'type' that matched through a base class,
     # a tensor that is the original of a parametrized one. explain() prints them.
     notes: tuple[str, ...] = ()
+    # With lr_decay in the file (else None): its depth (the deepest where no rule gave one) and
+    # its lr multiplier, lr_mult · lr_decay ** (deepest − depth) (regdsl.depth).
+    depth: int | None = None
+    lr_factor: float | None = None
 
     def __getattr__(self, name: str) -> Any:
         # resolve() leaves shape and numel to be read from the tensor when first asked: through
@@ -188,6 +192,8 @@ class Resolution:
     outcomes: tuple[int, ...] = field(default=(), compare=False, repr=False)
     # Per statement: the trainable entries among its matches (the same tuple for the same selector).
     trainable_matches: tuple[tuple[int, ...], ...] = field(default=(), compare=False, repr=False)
+    # Each entry's depth and lr factor (regdsl.depth.Depths), for a file with lr_decay; else None.
+    depths: Any = field(default=None, compare=False, repr=False)
 
     def outcome_of(self) -> tuple[int, ...] | range:
         """:attr:`outcomes`, or every row on its own for a resolution built without them."""
@@ -225,14 +231,17 @@ class Resolution:
         foreach/fused paths, and the order is reproducible.
         """
         groups: dict[GroupKey, list[int]] = {}
-        members_of: dict[int, list[int]] = {}  # by outcome: one key per outcome, not per tensor
+        key_of: dict[int, GroupKey] = {}  # by outcome: one key per outcome, not per tensor
         for outcome, i in self.representatives().items():
             terms = self.terms_of(i)
             decay, mult = terms.get("decay"), terms.get("lr_mult")
             term = decay.term if decay is not None and not always_zero(decay.term) else None
             # lr_mult 1 is the optimizer's own lr: the same group as no lr_mult at all.
             factor = mult.value if mult is not None and mult.value != 1.0 else None
-            members_of[outcome] = groups.setdefault(GroupKey(term, factor), [])
+            key_of[outcome] = GroupKey(term, factor)
+        if self.depths is not None:
+            return self._depth_groups(key_of)
+        members_of = {outcome: groups.setdefault(key, []) for outcome, key in key_of.items()}
         # Each trainable entry's index appended to its group's list in one C-level pass (tens of
         # thousands of tensors); the groups make no entry (regdsl.entries).
         flags = self.table.trainable
@@ -240,6 +249,21 @@ class Resolution:
         deque(map(list.append, lists, compress(range(len(flags)), flags)), maxlen=0)
         entries = self.table.entries
         return [(k, Members(entries, m)) for k, m in sorted(groups.items(), key=lambda group: group[1][:1]) if m]
+
+    def _depth_groups(self, key_of: dict[int, GroupKey]) -> list[tuple[GroupKey, Members]]:
+        """:meth:`groups` with depths: entries of one outcome part by lr factor, the multiplier
+        being ``lr_mult · lr_decay ** (deepest − depth)`` (regdsl.depth)."""
+        groups: dict[GroupKey, list[int]] = {}
+        outcomes, depths, flags = self.outcome_of(), self.depths, self.table.trainable
+        for i in compress(range(len(flags)), flags):
+            key = key_of[outcomes[i]]
+            factor = depths.factor(i)
+            if factor != 1.0:
+                mult = factor if key.lr_mult is None else key.lr_mult * factor
+                key = GroupKey(key.decay, None if mult == 1.0 else mult)
+            groups.setdefault(key, []).append(i)
+        entries = self.table.entries
+        return [(k, Members(entries, m)) for k, m in sorted(groups.items(), key=lambda group: group[1][0])]
 
     def groups_summary(self) -> list[GroupSummary]:
         return [

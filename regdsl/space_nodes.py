@@ -234,8 +234,15 @@ def bind_names(data: Any) -> Any:
         for field in VALUE_FIELDS
         if isinstance(term.get(field), dict)
     ]
+    lr_decay = data.get("lr_decay")
+    if isinstance(lr_decay, BaseModel):
+        lr_decay = lr_decay.model_dump()
+    if isinstance(lr_decay, dict) and isinstance(lr_decay.get("factor"), dict):
+        slots.append((lr_decay, "factor"))
     if not slots:
         return data if statements == list(data["statements"]) else {**data, "statements": statements}
+    if lr_decay is not None:
+        data = {**data, "lr_decay": lr_decay}
     defined: dict[str, dict[str, Any]] = {}
     for term, field in slots:
         value = term[field]

@@ -19,8 +19,13 @@ from .space_nodes import SPACE_TYPES, VALUE_FIELDS, ChoiceSpace, LogUniformSpace
 if TYPE_CHECKING:  # pragma: no cover
     from .spec import Spec
 
-# (statement index, term index, field, the space, its name)
+# (statement index, term index, field, the space, its name); the file's lr_decay is statement -1.
 Use = tuple[int, int, str, Any, str]
+LR_DECAY = -1
+
+
+def _term_at(spec: Spec, si: int, ti: int) -> Any:
+    return spec.lr_decay if si == LR_DECAY else spec.statements[si].terms[ti]  # type: ignore[union-attr]
 
 
 def _uses(spec: Spec) -> list[Use]:
@@ -31,9 +36,11 @@ def _uses(spec: Spec) -> list[Use]:
         for field in VALUE_FIELDS
         if isinstance(value := getattr(term, field, None), SPACE_TYPES)
     ]
+    if spec.lr_decay is not None and isinstance(spec.lr_decay.factor, SPACE_TYPES):
+        found.insert(0, (LR_DECAY, 0, "factor", spec.lr_decay.factor))  # where the canonical text puts it
 
     def auto(si: int, ti: int) -> str:
-        term = spec.statements[si].terms[ti]  # type: ignore[union-attr]
+        term = _term_at(spec, si, ti)
         return f"{term.kind}:{term.pos.line}" if term.pos is not None else f"{term.kind}:{si + 1}"
 
     counts: dict[str, int] = {}
@@ -46,7 +53,7 @@ def _uses(spec: Spec) -> list[Use]:
         if name is None:
             name = auto(si, ti)
             if counts[name] > 1:  # two unnamed spaces of one kind on one line: the column tells them apart
-                term = spec.statements[si].terms[ti]  # type: ignore[union-attr]
+                term = _term_at(spec, si, ti)
                 name += f":{term.pos.column if term.pos is not None else ti + 1}"
         uses.append((si, ti, field, space, name))
     return uses
@@ -65,14 +72,19 @@ def _replaced(spec: Spec, value_of: Callable[[str, Any], float], keep_space: boo
         return spec
     statements = list(spec.statements)
     terms_of: dict[int, list[Any]] = {}
+    lr_decay = spec.lr_decay
     for si, ti, field, space, name in uses:
+        if si == LR_DECAY:
+            lr_decay = spec.lr_decay.model_copy(update={field: value_of(name, space)})  # type: ignore[union-attr]
+            lr_decay._space = space if keep_space else None
+            continue
         terms = terms_of.setdefault(si, list(statements[si].terms))  # type: ignore[union-attr]
         term = terms[ti].model_copy(update={field: value_of(name, space)})
         term._space = space if keep_space else None
         terms[ti] = term
     for si, terms in terms_of.items():
         statements[si] = statements[si].model_copy(update={"terms": tuple(terms)})
-    out = spec.model_copy(update={"statements": tuple(statements)})
+    out = spec.model_copy(update={"statements": tuple(statements), "lr_decay": lr_decay})
     out._source = spec._source if keep_space else None  # a concrete spec is no longer its file's text
     return out
 

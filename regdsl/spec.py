@@ -16,6 +16,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from pydantic_core import PydanticCustomError
 
 # The building blocks live in nodes.py; they are part of the spec's vocabulary, so importable from here too.
+from .depth_nodes import DepthCapture, DepthLast, DepthNumber, DepthTerm, LrDecay, check_captures, check_lr_decay
 from .nodes import (
     AllAtom,
     Atom,
@@ -51,10 +52,15 @@ __all__ = [
     "BiasAtom",
     "ChoiceSpace",
     "CosineStep",
+    "DepthCapture",
+    "DepthLast",
+    "DepthNumber",
+    "DepthTerm",
     "EmbeddingAtom",
     "FromStep",
     "LayerAtom",
     "LogUniformSpace",
+    "LrDecay",
     "NormAtom",
     "Pattern",
     "Schedule",
@@ -219,18 +225,19 @@ class NoneTerm(Node):
 
 ValueTerm = (
     DecayTerm | L1Term | L2Term | GroupLassoTerm | OrthogonalTerm | MaxNormTerm | ActivityL1Term | ActivityL2Term | LrMultTerm
+    | DepthTerm
 )
 Term = Annotated[ValueTerm | NoneTerm, Field(discriminator="kind")]
 
 # Term kinds that carry a value, in the order explain() and the docs list them.
 VALUE_TERMS: tuple[str, ...] = (
-    "decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "lr_mult", "activity_l1", "activity_l2"
+    "decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "lr_mult", "depth", "activity_l1", "activity_l2"
 )
 # Kinds that act on a module's output rather than on its parameters.
 MODULE_TERMS: tuple[str, ...] = ("activity_l1", "activity_l2")
 PARAM_TERMS: tuple[str, ...] = tuple(k for k in VALUE_TERMS if k not in MODULE_TERMS)
-# Kinds that 'exclude' and 'none' leave alone: an optimizer setting, not a regularizer.
-NOT_REGULARIZERS: tuple[str, ...] = ("lr_mult",)
+# Kinds that 'exclude' and 'none' leave alone: optimizer settings, not regularizers.
+NOT_REGULARIZERS: tuple[str, ...] = ("lr_mult", "depth")
 
 # ---------------------------------------------------------------- statements
 
@@ -266,6 +273,7 @@ class Rule(Node):
                 "'{term}' penalizes module outputs, but 'bias' selects parameters, never a module",
                 {"term": kind_label(activity.kind), "at": f"selector.atoms.{bias}"},
             )
+        check_captures(self.selector, self.terms)
         return self
 
 
@@ -275,6 +283,11 @@ class Exclude(Node):
     kind: Literal["exclude"] = "exclude"
     selector: Selector
 
+    @model_validator(mode="after")
+    def _no_captures(self) -> Exclude:
+        check_captures(self.selector, None)
+        return self
+
 
 Statement = Annotated[Rule | Exclude, Field(discriminator="kind")]
 
@@ -283,6 +296,7 @@ class Spec(Node):
     """A whole rule file. ``origin`` names the file it was read from (ignored by ==)."""
 
     statements: tuple[Statement, ...] = ()
+    lr_decay: LrDecay | None = None
     origin: str | None = None
     _source: str | None = PrivateAttr(default=None)
 
@@ -300,12 +314,17 @@ class Spec(Node):
                 raise PydanticCustomError(
                     "space",
                     "search space '{name}' is used here with other values than where it is defined",
-                    {"name": name, "at": f"{si}.terms.{ti}.{_field}"},
+                    {"name": name, "at": "lr_decay.factor" if si < 0 else f"statements.{si}.terms.{ti}.{_field}"},
                 )
         return self
 
     def _meaning(self) -> tuple[Any, ...]:
-        return (self.statements,)
+        return (self.statements, self.lr_decay)
+
+    @model_validator(mode="after")
+    def _depth_with_lr_decay(self) -> Spec:
+        check_lr_decay(self.statements, self.lr_decay)
+        return self
 
     def spaces(self) -> dict[str, Any]:
         """``{name: space}`` for every search space, in file order; unnamed ones are named
@@ -334,9 +353,10 @@ class Spec(Node):
 
     def to_source(self) -> str:
         """Canonical ``.reg`` text: one statement a line. ``parse(spec.to_source()) == spec``."""
-        from .printer import format_statement
+        from .printer import format_lr_decay, format_statement
 
-        return "".join(format_statement(s) + "\n" for s in self.statements)
+        head = f"{format_lr_decay(self.lr_decay)}\n" if self.lr_decay is not None else ""
+        return head + "".join(format_statement(s) + "\n" for s in self.statements)
 
     def to_json(self, **kwargs: Any) -> str:
         return self.model_dump_json(**kwargs)

@@ -181,7 +181,9 @@ class _Nearest:
 def only_frozen(res: Resolution) -> Iterable[Diagnostic]:
     entries = res.table.entries
     for statement, matched, trainable in zip(res.spec.statements, res.matches, res.trainable_of()):
-        if isinstance(statement, Rule) and matched and not trainable and acts_on_params(statement):
+        # A depth counts on frozen parameters too: it decides the deepest depth (regdsl.depth).
+        only_depth = isinstance(statement, Rule) and all(t.kind in ("depth", *MODULE_TERMS) for t in statement.terms)
+        if isinstance(statement, Rule) and matched and not trainable and acts_on_params(statement) and not only_depth:
             yield model_diagnostic(
                 res.spec, statement.selector.pos, "RD202",
                 f"rule matches only frozen parameters (requires_grad=False): "

@@ -53,7 +53,9 @@ def test_corpus_is_present_and_well_formed():
 
 
 def test_corpus_covers_every_model_level_code():
-    assert MODEL_LEVEL_CODES == {"RD101", "RD102", "RD103", "RD104", "RD107", "RD201", "RD202", "RD203", "RD204", "RD205"}
+    assert MODEL_LEVEL_CODES == {
+        "RD101", "RD102", "RD103", "RD104", "RD107", "RD108", "RD201", "RD202", "RD203", "RD204", "RD205", "RD206"
+    }
     found = {EXPECTED_LINE.fullmatch(line).group(4) for path in CASES for line in expected_lines(path)}
     assert MODEL_LEVEL_CODES <= found, f"no golden case for {sorted(MODEL_LEVEL_CODES - found)}"
     # And at least one clean case, where check() must say nothing at all.

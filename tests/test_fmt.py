@@ -82,6 +82,15 @@ CASES = {
     "term-order-is-meaning": ("all l2 1  none   decay 2\n", "all l2 1.0 none decay 2.0\n"),
     "comments-only": ("\n\n#\n\n\n   # b   \n\n", "#\n\n# b\n"),
     "blank": ("\n \n\t\n", ""),
+    # Depths: spaces around '+' and '-', '+ 0' dropped; lr_decay keeps its line.
+    "depths": (
+        "layer  blocks.{i}.**  depth i+1 # blocks\nall depth last-0;layer \"{j}.x\", a.{j} depth j -2\n lr_decay   .75\n",
+        "layer blocks.{i}.** depth i + 1  # blocks\nall depth last\nlayer {j}.x, a.{j} depth j - 2\nlr_decay 0.75\n",
+    ),
+    "lr-decay-first-in-the-file": (
+        "lr_decay 1;all depth 03\n",
+        "lr_decay 1.0\nall depth 3\n",
+    ),
     "empty": ("", ""),
 }
 

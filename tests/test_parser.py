@@ -108,7 +108,7 @@ def test_fuzzed_errors_use_user_words():
         ("exclude", ("a selector (all, layer, type, bias, norm, embedding)",)),
         (
             "layer fc2.* l3 1",
-            ("a term (decay, l1, l2, group_lasso, orthogonal, max_norm, activity, lr_mult, none)", "a selector (all, layer, type, bias, norm, embedding)", "','"),
+            ("a term (decay, l1, l2, group_lasso, orthogonal, max_norm, activity, lr_mult, depth, none)", "a selector (all, layer, type, bias, norm, embedding)", "','"),
         ),
     ],
 )

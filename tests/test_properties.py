@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import regdsl
 from regdsl import RegDslError, RegSyntaxError, RegValidationError
+from regdsl.glob import glob_captures
 from regdsl.spec import (
     MODULE_TERMS,
     VALUE_TERMS,
@@ -26,6 +27,10 @@ from regdsl.spec import (
     ChoiceSpace,
     CosineStep,
     DecayTerm,
+    DepthCapture,
+    DepthLast,
+    DepthNumber,
+    DepthTerm,
     EmbeddingAtom,
     Exclude,
     FromStep,
@@ -34,6 +39,7 @@ from regdsl.spec import (
     L2Term,
     LayerAtom,
     LogUniformSpace,
+    LrDecay,
     LrMultTerm,
     MaxNormTerm,
     NoneTerm,
@@ -73,7 +79,8 @@ def _valid_pattern(text: str) -> bool:
         Pattern(text=text)
     except ValueError:  # pydantic.ValidationError is a ValueError
         return False
-    return True
+    # A capture ('{i}') is valid only beside a depth that names it: rules() adds those itself.
+    return not glob_captures(text)
 
 
 segments = st.one_of(
@@ -142,7 +149,8 @@ STRENGTH_TERMS = {
 }
 # fmt: off
 TERM_KINDS = [
-    "decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "activity_l1", "activity_l2", "lr_mult", "none",
+    "decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "activity_l1", "activity_l2", "lr_mult", "depth",
+    "none",
 ]
 # fmt: on
 
@@ -154,6 +162,8 @@ def _term(draw, kind: str):
         return MaxNormTerm(norm=draw(norms), dim=draw(dims))
     if kind == "lr_mult":
         return LrMultTerm(factor=draw(strengths))
+    if kind == "depth":
+        return DepthTerm(expr=draw(st.one_of(st.builds(DepthNumber, value=whole), _offsets(DepthLast))))
     strength, schedule = draw(strengths), draw(schedules())
     if kind == "l1":
         return L1Term(strength=strength, prox=draw(st.booleans()), schedule=schedule)
@@ -162,6 +172,37 @@ def _term(draw, kind: str):
     if kind == "group_lasso":
         return GroupLassoTerm(strength=strength, dim=draw(dims), schedule=schedule)
     return STRENGTH_TERMS[kind](strength=strength, schedule=schedule)
+
+
+def _offsets(cls, **fields):
+    """``last``/a capture, alone or with ``+ N`` / ``- N`` (N >= 1: ``+ 0`` is printed as nothing)."""
+    bare = st.builds(cls, **fields)
+    offset = st.builds(cls, op=st.sampled_from(["+", "-"]), amount=whole.filter(lambda n: n > 0), **fields)
+    return st.one_of(bare, offset)
+
+
+CAPTURE_NAMES = st.sampled_from(["i", "s", "block_2", "_", "layer", "depth", "Lst"])
+
+
+@st.composite
+def capture_rules(draw):
+    """A depth from a capture: one layer atom whose every pattern binds it, at a random segment."""
+    name = draw(CAPTURE_NAMES)
+
+    def bind(pattern: Pattern) -> Pattern:
+        parts = pattern.text.split(".")
+        parts.insert(draw(st.integers(0, len(parts))), f"{{{name}}}")
+        return Pattern(text=".".join(parts))
+
+    layer = LayerAtom(patterns=tuple(bind(p) for p in draw(pattern_tuples)))
+    others = draw(st.lists(atoms.filter(lambda a: not isinstance(a, LayerAtom)), max_size=2))
+    where = draw(st.integers(0, len(others)))
+    selector = Selector(atoms=(*others[:where], layer, *others[where:]))
+    depth = DepthTerm(expr=draw(_offsets(DepthCapture, name=st.just(name))))
+    kinds = draw(st.lists(st.sampled_from([k for k in TERM_KINDS if k not in (*MODULE_TERMS, "depth")]), max_size=2, unique=True))
+    terms = [_term(draw, kind) for kind in kinds]
+    terms.insert(draw(st.integers(0, len(terms))), depth)
+    return Rule(selector=selector, terms=tuple(terms))
 
 
 @st.composite
@@ -175,9 +216,22 @@ def rules(draw):
 
 statements = st.one_of(
     rules(),
+    capture_rules(),
     st.builds(Exclude, selector=selectors),
 )
-plain_specs = st.builds(Spec, statements=st.lists(statements, max_size=6).map(tuple))
+lr_decays = st.one_of(st.floats(min_value=5e-324, max_value=1.0), st.sampled_from([1.0, 0.75, 0.5, 1e-300]))
+
+
+@st.composite
+def depth_specs(draw):
+    """lr_decay exactly when some rule has a depth: either alone is an error (RD013)."""
+    body = tuple(draw(st.lists(statements, max_size=6)))
+    with_depth = any(t.kind == "depth" for s in body if isinstance(s, Rule) for t in s.terms)
+    return Spec(statements=body, lr_decay=LrDecay(factor=draw(lr_decays)) if with_depth else None)
+
+
+plain_specs = depth_specs()
+
 
 # Search spaces: any term's number may become one, named or not, and a later (or earlier) term
 # may reuse a named one by its bare name when every value of it suits that term.
@@ -211,7 +265,7 @@ def specs_with_spaces(draw):
             continue
         terms = []
         for term in statement.terms:
-            if isinstance(term, NoneTerm) or not draw(st.booleans()):
+            if isinstance(term, (NoneTerm, DepthTerm)) or not draw(st.booleans()):
                 terms.append(term)
                 continue
             floor = 1.0 if term.kind == "max_norm" else 0.0  # max_norm needs values > 0
@@ -226,7 +280,12 @@ def specs_with_spaces(draw):
                     defined.append(space)
             terms.append(term.model_copy(update={VALUE_FIELD.get(term.kind, "strength"): space}))
         statements.append(statement.model_copy(update={"terms": tuple(terms)}))
-    return Spec(statements=tuple(statements))
+    lr_decay = spec.lr_decay
+    if lr_decay is not None and draw(st.booleans()):  # lr_decay tuned too: every value in (0, 1]
+        low, high = draw(_pair(lr_decays))
+        kind = draw(st.sampled_from([LogUniformSpace, UniformSpace]))
+        lr_decay = LrDecay(factor=kind(low=low, high=high, name=next(names, None)))
+    return Spec(statements=tuple(statements), lr_decay=lr_decay)
 
 
 specs = st.one_of(plain_specs, specs_with_spaces())
@@ -261,6 +320,19 @@ def test_every_grid_point_gives_a_concrete_spec_with_those_numbers(spec: Spec, n
                     assert space.contains(number), (number, space)
                     if space.name is not None:
                         assert number == values[space.name]
+        if spec.lr_decay is not None and spec.lr_decay.space is not None:
+            assert spec.lr_decay.space.contains(again.lr_decay.factor)
+
+
+@SETTINGS
+@given(capture_rules(), lr_decays)
+def test_capture_depths_round_trip(rule: Rule, factor: float):
+    # specs() mixes these with everything else; here every example has a capture and an lr_decay.
+    spec = Spec(statements=(rule,), lr_decay=LrDecay(factor=factor))
+    text = spec.to_source()
+    again = regdsl.parse(text)
+    assert again == spec and again.lr_decay == spec.lr_decay
+    assert again.to_source() == text
 
 
 def test_spec_strategy_covers_every_term_kind():
@@ -295,7 +367,8 @@ VOCAB = [
     # keywords, right and wrong
     "all", "layer", "type", "bias", "norm", "embedding", "exclude", "decay", "l1", "l2", "none", "l3", "dacay",
     "group_lasso", "orthogonal", "max_norm", "activity", "lr_mult", "prox", "to", "init", "ref", "dim", "=",
-    "dim=1", "warmup", "from", "until", "cosine", "over", "warmpu",
+    "dim=1", "warmup", "from", "until", "cosine", "over", "warmpu", "depth", "lr_decay", "last", "lats", "+", "i",
+    "blocks.{i}.**", "{i}", "{", "}", "a.{1}",
     # patterns, valid and not
     "fc2.*", "**", "a.**.b", "[qkv]", "x[", "a..b", "a**b", ".a", "torch.nn.Linear", "*Norm",
     '"my mod"', '""', '"', '"a;b"', '"x#y"',
@@ -313,7 +386,10 @@ vocab_texts = st.lists(st.sampled_from(VOCAB), max_size=25).map("".join)
 
 # Token soup is nearly always a syntax error; statement-shaped text with sometimes-wrong
 # parts also reaches the validator and the mix of syntax and validation errors.
-FUZZ_PATTERNS = ["fc2.*", "**.bias", "norm", '"a b"', '"x#y;z"', "a..b", '""', "a**", "x[1", "[!0-9]"]
+FUZZ_PATTERNS = [
+    "fc2.*", "**.bias", "norm", '"a b"', '"x#y;z"', "a..b", '""', "a**", "x[1", "[!0-9]", "blocks.{i}.**", "a.{j}",
+    "{i}x", "[{]",
+]
 FUZZ_NUMBERS = ["0", "0.01", ".5", "5E-3", "1e308", "5e-324", "-1", "nan", "inf", "1e400", "1e-400", "1.5", "7"]
 fuzz_patterns = st.lists(st.sampled_from(FUZZ_PATTERNS), min_size=1, max_size=3).map(", ".join)
 fuzz_atoms = st.one_of(
@@ -348,7 +424,15 @@ fuzz_terms = st.one_of(
         fuzz_steps,
     ),
 )
+# Depths, right and wrong: a capture the selector may lack, offsets that are not whole, a missing lr_decay.
+fuzz_depths = st.builds(
+    lambda base, tail: f"depth {base}{tail}",
+    st.sampled_from(["i", "j", "last", "3", "-1", "1.5", "lats", ""]),
+    st.sampled_from(["", " + 1", " - 2", "+1", " - ", " + 0.5", " + i"]),
+)
 fuzz_statements = st.one_of(
+    st.builds(lambda a, d: " ".join([*a, d]), st.lists(fuzz_atoms, min_size=1, max_size=2), fuzz_depths),
+    st.builds(lambda n: f"lr_decay {n}", fuzz_numbers),
     st.builds(
         lambda a, t: " ".join(a + t),
         st.lists(fuzz_atoms, min_size=1, max_size=3),
@@ -365,7 +449,7 @@ statement_texts = st.builds(
 )
 LARK_NAMES = (
     "__ANON", "GLOB", "NUMBER", "_END", "$END", "STRING", "COMMA", "EQUAL", "_DIM", "_L1", "_TO", "NAME", "LPAR", "RPAR",
-    "_AS", "_CHOICE",
+    "_AS", "_CHOICE", "CAPTURE_NAME", "PLUS", "MINUS", "_LAST", "_DEPTH", "_LR_DECAY",
 )  # fmt: skip
 
 

@@ -354,3 +354,20 @@ def test_the_tuning_example_prints_the_checked_file_with_the_winning_numbers(how
     (l1,) = [t.strength for s in won.statements if s.kind == "rule" for t in s.terms if t.kind == "l1"]
     assert won == tuned.with_values({"wd": wd, "l1:6": l1})  # the checked file, numbers in place of spaces
     assert won.spaces() == {}
+
+
+def test_lr_decay_can_be_tuned_and_its_space_named() -> None:
+    spec = regdsl.parse("lr_decay uniform(0.5, 1) as d\nlayer 0 depth 0\nlayer 2 depth last lr_mult d\n")
+    assert list(spec.spaces()) == ["d"]
+    assert spec.to_source() == "lr_decay uniform(0.5, 1.0) as d\nlayer 0 depth 0\nlayer 2 depth last lr_mult d\n"
+    trial = RecordingTrial({"d": 0.8})
+    model = mlp()
+    reg = regdsl.compile(spec, model, trial=trial)
+    assert trial.calls == [("float", "d", 0.5, 1.0, False)]
+    lr = {id(p): g["lr"] for g in reg.param_groups(lr=1.0) for p in g["params"]}
+    # depth 0 of 1 deepest: 0.8 ** 1; the last depth: lr_mult 0.8 times 0.8 ** 0.
+    assert lr[id(model[0].weight)] == pytest.approx(0.8) and lr[id(model[2].weight)] == pytest.approx(0.8)
+    assert errors("lr_decay loguniform(1e-3, 2)\nall depth 0")[0][2:] == (
+        "RD013", "lr_decay must be a number in (0, 1], got 2.0 (a value of loguniform(0.001, 2.0))"
+    )
+

@@ -389,6 +389,20 @@ REFERENCES: dict[str, list[Reference]] = {
             group=lambda lr, s: {"weight_decay": 0.0, "lr": s * lr, "lr_mult": s},
         ),
     ],
+    # {s} is lr_decay D. Parameters no depth rule reaches would count as the deepest; here
+    # 'all' gives every other one a depth, so no RD206.
+    "depth": [
+        StepRef(
+            "lr_decay {s}\nall depth 2\n{sel} depth 0", 0.5,  # deepest 2: the targets get D²
+            update=lambda w, g, lr, s: w - s**2 * lr * g,
+            group=lambda lr, s: {"weight_decay": 0.0, "lr": s**2 * lr, "lr_mult": s**2},
+        ),
+        StepRef(
+            "lr_decay {s}\nall depth last\n{sel} depth 1", 0.5,  # last = 1 + 1: the targets get D¹
+            update=lambda w, g, lr, s: w - s * lr * g,
+            group=lambda lr, s: {"weight_decay": 0.0, "lr": s * lr, "lr_mult": s},
+        ),
+    ],
     "activity_l1": [
         ActivityRef("{sel} activity l1 {s}", 0.3, value=lambda a: a.abs().sum() / a.shape[0]),
     ],
@@ -406,8 +420,8 @@ def test_every_kind_has_a_reference() -> None:
         for ref in refs:
             # The rule text really sets this kind (explain() reads back only the kind's name).
             spec = regdsl.parse(ref.rule.format(sel="all", s=1))
-            (rule,) = spec.statements
-            assert [t.kind for t in rule.terms] == [kind], ref.rule
+            # A depth rule needs lr_decay and a default depth beside it; every rule sets only this kind.
+            assert spec.statements and all([t.kind for t in rule.terms] == [kind] for rule in spec.statements), ref.rule
 
 
 # ================================================================ the battery
@@ -577,7 +591,7 @@ def test_battery(kind: str, dtype: torch.dtype, layout: str) -> None:
 
 
 @pytest.mark.parametrize("layout", ["linear", "conv"])
-@pytest.mark.parametrize("kind", VALUE_TERMS)
+@pytest.mark.parametrize("kind", [k for k in VALUE_TERMS if k != "depth"])  # a depth is no number to tune
 def test_battery_with_the_strength_from_a_search_space(kind: str, layout: str) -> None:
     # The same references, the strength written as `choice(...) as lam` and set by with_values.
     case = LAYOUTS[layout]
