@@ -1,9 +1,11 @@
-"""Helpers shared by the CLI and report tests."""
+"""Helpers shared by the tests: the CLI and report tests, and the timm tests' second environment."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +21,23 @@ def entry_point() -> list[str]:
     if found is None:
         pytest.skip("the regdsl entry point is not installed")
     return [found]
+
+
+# The interpreter of the environment .ci/run builds for timm (README, Quick start): timm needs a
+# torchvision that imports, which this environment's CPU torch has none of.
+TIMM_PYTHON = os.environ.get("REGDSL_TIMM_PYTHON")
+NO_TIMM = "no timm here and REGDSL_TIMM_PYTHON unset: see README, Quick start"
+
+
+def run_in_timm_environment(test_file: str) -> None:
+    """Run ``test_file`` with REGDSL_TIMM_PYTHON: every test there must pass, none skip, nothing warn."""
+    assert TIMM_PYTHON is not None
+    done = subprocess.run(
+        [TIMM_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+        capture_output=True, text=True, timeout=900, check=False, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert " passed" in done.stdout and " skipped" not in done.stdout and "warning" not in done.stdout, done.stdout
 
 
 def table_columns(lines: list[str]) -> list[tuple[int, int]]:

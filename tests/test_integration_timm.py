@@ -12,10 +12,6 @@ neither exists is it skipped, saying how to make one (README, "Quick start").
 
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 
 try:
@@ -24,17 +20,11 @@ except ImportError:  # torchvision missing or broken beside this torch
     timm = None
 
 if timm is None:
-    OTHER = os.environ.get("REGDSL_TIMM_PYTHON")
+    from support import NO_TIMM, TIMM_PYTHON, run_in_timm_environment
 
-    @pytest.mark.skipif(not OTHER, reason="no timm here and REGDSL_TIMM_PYTHON unset: see README, Quick start")
+    @pytest.mark.skipif(not TIMM_PYTHON, reason=NO_TIMM)
     def test_in_the_timm_environment() -> None:
-        assert OTHER is not None
-        done = subprocess.run(
-            [OTHER, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-            capture_output=True, text=True, timeout=900, check=False, cwd=Path(__file__).resolve().parents[1],
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-        assert " passed" in done.stdout and " skipped" not in done.stdout and "warning" not in done.stdout, done.stdout
+        run_in_timm_environment(__file__)
 
 else:
     import torch
