@@ -300,8 +300,11 @@ class Spec(Node):
     origin: str | None = None
     _source: str | None = PrivateAttr(default=None)
 
-    # Bare names become copies of the spaces they name before any term validates its value.
-    _bind_names = model_validator(mode="before")(classmethod(lambda cls, data: bind_names(data)))
+    @model_validator(mode="before")
+    @classmethod
+    def _bind_names(cls, data: Any) -> Any:
+        # Bare names become copies of the spaces they name before any term validates its value.
+        return bind_names(data)
 
     @model_validator(mode="after")
     def _refs_match(self) -> Spec:
