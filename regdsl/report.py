@@ -210,7 +210,7 @@ def format_groups(groups: Sequence[GroupSummary]) -> str:
     body = [
         [
             g.name,
-            f"{g.weight_decay:g}",
+            g.space or f"{g.weight_decay:g}",
             *([g.schedule or "-"] if with_schedule else []),
             *([f"{g.lr_mult:g}"] if with_mult else []),
             str(len(g.params)),
@@ -232,6 +232,7 @@ def group_records(groups: Sequence[GroupSummary]) -> list[dict[str, Any]]:
             "tensors": len(g.params),
             "elements": g.numel,
             "params": list(g.params),
+            **({"space": g.space} if g.space else {}),  # weight_decay is then the space's stand-in
         }
         for g in groups
     ]

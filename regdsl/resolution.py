@@ -163,6 +163,7 @@ class GroupSummary:
     numel: int
     lr_mult: float = 1.0
     schedule: str = ""  # the decay's schedule as written ("warmup 100"), or ""
+    space: str = ""  # the decay's search space ("loguniform(0.001, 0.1)"); weight_decay is then its stand-in
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,7 @@ class Resolution:
                 numel=members.numel,
                 lr_mult=key.lr_mult if key.lr_mult is not None else 1.0,
                 schedule=format_schedule(key.decay.schedule) if key.decay else "",
+                space=str(key.decay.space) if key.decay is not None and key.decay.space is not None else "",
             )
             for key, members in self.groups()
         ]

@@ -302,7 +302,10 @@ def test_check_and_explain_accept_spaces_and_show_them() -> None:
     assert rows["0.weight"].terms["l2"].value == pytest.approx(math.sqrt(1e-5 * 1e-2))
     assert rows["0.weight"].terms["decay"].value == 0.01
     assert rows["0.weight"].terms["l1"].value == 5e-4
-    assert [g.name for g in regdsl.resolve(spec, model).groups_summary()] == ["decay=choice(0.0, 0.01, 0.1)", "no_decay"]
+    groups = regdsl.resolve(spec, model).groups_summary()
+    assert [(g.name, g.space) for g in groups] == [("decay=choice(0.0, 0.01, 0.1)", "choice(0.0, 0.01, 0.1)"), ("no_decay", "")]
+    table = regdsl.format_groups(groups).splitlines()
+    assert table[2].split()[:3] == ["decay=choice(0.0,", "0.01,", "0.1)"] and "choice(0.0, 0.01, 0.1)  " in table[2]
 
 
 def test_cli_check_explain_and_fmt_on_a_file_with_spaces(tmp_path: Path) -> None:
