@@ -156,8 +156,11 @@ def shape_text(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
 
-def model_diagnostic(spec: Spec, pos: Span | None, code: str, message: str) -> Diagnostic:
-    """A diagnostic about the spec against a model, pinned to ``pos`` in the spec's source."""
+def model_diagnostic(
+    spec: Spec, pos: Span | None, code: str, message: str, kind: Literal["model", "compile"] = "model"
+) -> Diagnostic:
+    """A diagnostic about the spec against a model (or, ``kind="compile"``, about compiling it),
+    pinned to ``pos`` in the spec's source."""
     line, column = (pos.line, pos.column) if pos else (0, 0)
     return Diagnostic(
         line=line,
@@ -167,7 +170,7 @@ def model_diagnostic(spec: Spec, pos: Span | None, code: str, message: str) -> D
         message=message,
         file=spec.origin or "<string>",
         severity=CODES[code].severity,
-        kind="model",
+        kind=kind,
         code=code,
         source_line=source_line_at(spec.source, line) if spec.source and pos else "",
     )

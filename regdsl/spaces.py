@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .errors import Diagnostic, RegUsageError, source_line_at
+from .errors import RegUsageError, model_diagnostic
 from .space_nodes import SPACE_TYPES, VALUE_FIELDS, ChoiceSpace, LogUniformSpace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,19 +133,12 @@ def require_values(spec: Spec) -> None:
     if not uses:
         return
     diagnostics = [
-        Diagnostic(
-            line=space.pos.line if space.pos else 0,
-            column=space.pos.column if space.pos else 0,
-            end_line=space.pos.end_line if space.pos else None,
-            end_column=space.pos.end_column if space.pos else None,
-            message=(
-                f"search space '{name}' ({space!s}) has no value: compile "
-                "spec.with_values({...}), or pass trial= to regdsl.compile"
-            ),
-            file=spec.origin or "<string>",
+        model_diagnostic(
+            spec,
+            space.pos,
+            "RD011",
+            f"search space '{name}' ({space!s}) has no value: compile spec.with_values({{...}}), or pass trial= to regdsl.compile",
             kind="compile",
-            code="RD011",
-            source_line=source_line_at(spec.source, space.pos.line) if spec.source and space.pos else "",
         )
         for *_, space, name in uses
     ]

@@ -311,8 +311,9 @@ class Spec(Node):
         # JSON holds each use of a named space whole: every use must repeat its definition.
         from .spaces import _uses
 
-        defined = {space.name: space for *_, space, _ in _uses(self) if not space.ref}
-        for si, ti, _field, space, name in _uses(self):
+        uses = _uses(self)
+        defined = {space.name: space for *_, space, _ in uses if not space.ref}
+        for si, ti, _field, space, name in uses:
             if space.ref and defined.get(name) != space.model_copy(update={"ref": False}):
                 raise PydanticCustomError(
                     "space",
