@@ -20,20 +20,22 @@ or group is touched.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .compiled_step import compiled_step
 from .constraints import PostStepPlan
 from .entries import Members, ParamEntry
 from .errors import RegUsageError, name_list
-from .fold import Folding, FoldPlan, step_hooks
+from .fold import Folding, FoldPlan
 from .guards import warn_decay_underflow
 from .penalties import PenaltyPlan
 from .resolution import GroupKey
 from .schedule import live, strength_at
+from .step_hooks import step_hooks
 
 if TYPE_CHECKING:
     from .compiler import Regularizer
@@ -137,6 +139,7 @@ class Attachment:
             checked.append((post, decay))
         folding = Folding(reg._loss_items, stepped, reg.step) if fold else None
         self._folding = folding
+        self._fold_hook = fold_hook
         self.rest: PenaltyPlan | None = folding.rest if folding is not None else None
         self._owners = [
             _Owner(optimizer, post, decay, folding.plans[k] if folding is not None else None)
@@ -163,12 +166,28 @@ class Attachment:
             raise RegUsageError("this optimizer is not attached to the regularizer: pass one of those given to attach()")
         return owner
 
+    def compiled_step(self, optimizer: torch.optim.Optimizer | None, options: dict[str, Any]) -> Callable[..., Any]:
+        owner = self.owner(optimizer)
+        stepping = owner.optimizer()
+        if owner.fold is None or stepping is None or not self._fold_hook:
+            raise RegUsageError(
+                "compiled_step() folds the terms in the optimizer's step: it needs attach(optimizer, fold=True)"
+                + (", not fold_hook=False, which leaves them to reg.fold()" if owner.fold is not None else "")
+            )
+        return compiled_step(stepping, owner.fold, options)
+
     def fold(self, optimizer: torch.optim.Optimizer | None) -> None:
         owner = self.owner(optimizer)
         stepping = owner.optimizer()
         if owner.fold is None or stepping is None:
             raise RegUsageError("fold() needs attach(optimizer, fold=True, fold_hook=False) first")
         owner.fold(getattr(stepping, "grad_scale", None))
+
+    def retire(self) -> None:
+        """At ``detach()``: a compiled step made for these optimizers must not fold any more."""
+        for owner in self._owners:
+            if owner.fold is not None:
+                owner.fold.retired = True
 
     def set_step(self, step: int) -> None:
         if self._folding is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,11 +26,7 @@ from .build import load
 from .constraints import PostStepPlan
 from .ddp import DeferredPenalty, ddp_of, defers
 from .diagnose import diagnose, enforce
-from .errors import (
-    RegUsageError,
-    name_list,
-    shape_text,
-)
+from .errors import RegUsageError
 from .gcpause import paused_gc
 from .guards import check_parameters_current, warn_not_listening, warn_untaken
 from .items import step_items
@@ -193,6 +189,14 @@ class Regularizer:
             raise RegUsageError("fold() needs attach(optimizer, fold=True, fold_hook=False) first")
         self._attached.fold(optimizer)
 
+    def compiled_step(self, optimizer: torch.optim.Optimizer | None = None, **options: Any) -> Callable[..., Any]:
+        """``optimizer.step`` compiled with the folded terms inside the update's own graph, for
+        ``opt.step = reg.compiled_step(opt)`` after ``attach(opt, fold=True)``; ``options`` go to
+        ``torch.compile``. With several optimizers attached, name the one (docs/fold.md)."""
+        if self._attached is None:
+            raise RegUsageError("compiled_step() needs attach(optimizer, fold=True) first")
+        return self._attached.compiled_step(optimizer, options)
+
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call right after ``optimizer.step()`` when not attached: proximal steps and constraints
         with this step's strengths, then the step counter advances and every scheduled strength
@@ -231,6 +235,8 @@ class Regularizer:
     def detach(self) -> None:
         """Remove the optimizer hooks (the fold's too: penalty() is whole again) and the activity forward hooks."""
         _remove_all(self._hooks)
+        if self._attached is not None:
+            self._attached.retire()
         self._attached = None
         self._activity.remove()
 
@@ -269,19 +275,8 @@ class Regularizer:
         saved before layouts were recorded loads with a :class:`RegDslWarning`. Nothing changes
         when it raises.
         """
-        step = state.get("step")
-        if not isinstance(step, int) or step < 0:
-            raise RegUsageError(f"state_dict 'step' must be a whole number >= 0, got {step!r}")
-        saved = state.get("references", {})
-        missing = [name for name in self._references if name not in saved]
-        if missing:
-            raise RegUsageError(f"state_dict has no reference for {name_list(missing)}")
-        for name, item in self._references.items():
-            if tuple(saved[name].shape) != tuple(item.param.shape):
-                raise RegUsageError(
-                    f"state_dict reference for '{name}' has shape {shape_text(tuple(saved[name].shape))}, "
-                    f"the parameter {shape_text(tuple(item.param.shape))}"
-                )
+        step = resume.saved_step(state)
+        saved = resume.saved_references(state, {name: item.param for name, item in self._references.items()})
         if strict:
             resume.check_layout(state, resume.layout(self.groups_summary()))
         for name, item in self._references.items():
@@ -300,9 +295,7 @@ class Regularizer:
         ``name`` and ``lr_mult`` come from the rules, the rest of a group (``lr``, ``betas``,
         ``initial_lr``...) from the saved group it continues. See :mod:`regdsl.state`.
         """
-        step = state.get("step")
-        if not isinstance(step, int) or step < 0:
-            raise RegUsageError(f"state_dict 'step' must be a whole number >= 0, got {step!r}")
+        step = resume.saved_step(state)
         decays = [strength_at(key.decay, step) if key.decay else 0.0 for key, _ in self._groups]
         current = resume.layout(self.groups_summary())
         if of is not None:

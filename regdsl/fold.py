@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from . import sharded
-from .errors import RegUsageError
 from .penalties import LossItem, PenaltyPlan, accumulation_dtype, autocast_device_type
 from .schedule import is_scheduled, live, strength_at
 
@@ -102,22 +101,41 @@ class _Bucket:
         p = self.params[0]
         return p.dtype != self.dtype or p.device != self.device
 
-    def fold(self, scale: torch.Tensor | None) -> None:
+    def strength(self, scale: torch.Tensor | None) -> torch.Tensor:
+        """The strength as a 0-dim tensor (traced as a graph input), times a fused optimizer's ``grad_scale``."""
+        return self.tensor if scale is None else self.tensor * scale.to(self.device)
+
+    def slice_factors(self, scale: torch.Tensor | None) -> list[torch.Tensor | None] | None:
+        """``group_lasso``: per parameter of two or more dimensions, ``λ/‖w_i‖₂`` of each slice (0 on an
+        all-zero slice); None for other terms. Computed apart from the update only by
+        :mod:`regdsl.compiled_step`: inductor fails to compile this reduction fused into an update."""
+        if self.family != "group_lasso":
+            return None
+        s = self.strength(scale)
+        return [None if p.ndim == 1 else self._slice_factor(p, dims, s) for p, dims in zip(self.params, self.others)]
+
+    def _slice_factor(self, p: torch.Tensor, dims: tuple[int, ...], s: torch.Tensor) -> torch.Tensor:
+        # A where, not _norms: s/tiny overflows to inf at a GradScaler's scale, and inf·0 is NaN.
+        norms = torch.linalg.vector_norm(p, 2, dim=dims, keepdim=True, dtype=self.acc)
+        return torch.where(norms > 0, s / norms, torch.zeros_like(norms))
+
+    def fold(self, scale: torch.Tensor | None, factors: list[torch.Tensor | None] | None = None) -> None:
         params, grads, kept = _gradients(self.params)
         if not params:
             return
+        if factors is not None and len(kept) < len(self.params):
+            factors = [factors[k] for k in kept]
         refs = (
             [self.items[k].ref for k in kept] if self.family == "l2_to" else []
         )  # read now: load_state_dict() replaces them
         if self.sharded:
             lam = self.value * (float(scale) if scale is not None else 1.0)
             if lam:  # eager even inside a compiled step: DTensor shards are not traced here
-                (_eager(sharded.fold) if torch.compiler.is_compiling() else sharded.fold)(
+                (eager(sharded.fold) if torch.compiler.is_compiling() else sharded.fold)(
                     self.family, self.term, lam, params, grads, refs, self.acc
                 )
         elif scale is not None or torch.compiler.is_compiling():
-            strength = self.tensor if scale is None else self.tensor * scale.to(self.device)
-            self._fold_tensor(params, grads, refs, strength)
+            self._fold_tensor(params, grads, refs, self.strength(scale), factors)
         elif self.value:
             views = self.views if len(kept) == len(self.params) else [self.views[k] for k in kept]
             if self.autocast is None:
@@ -170,7 +188,12 @@ class _Bucket:
         return norms.clamp_min_(self.tiny)
 
     def _fold_tensor(
-        self, params: list[torch.Tensor], grads: list[torch.Tensor], refs: list[torch.Tensor], s: torch.Tensor
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        refs: list[torch.Tensor],
+        s: torch.Tensor,
+        factors: list[torch.Tensor | None] | None,
     ) -> None:
         """The same terms with a tensor strength: under torch.compile these fuse, and no value
         read from Python becomes a constant of the graph."""
@@ -183,9 +206,7 @@ class _Bucket:
             elif family == "l1" or (family == "group_lasso" and p.ndim == 1):
                 g.addcmul_(torch.sign(p), s)
             elif family == "group_lasso":
-                # A where, not _norms: s/tiny overflows to inf at a GradScaler's scale, and inf·0 is NaN.
-                norms = torch.linalg.vector_norm(p, 2, dim=_others(p, self.term.dim), keepdim=True, dtype=self.acc)
-                g.addcmul_(p, torch.where(norms > 0, s / norms, torch.zeros_like(norms)))
+                g.addcmul_(p, factors[k] if factors is not None else self._slice_factor(p, _others(p, self.term.dim), s))
             else:
                 m, gram, wide = _gram_minus_identity(p, self.acc)
                 g.addcmul_((gram @ m if wide else m @ gram).reshape(p.shape), 4 * s)
@@ -222,7 +243,10 @@ def _gram_minus_identity(p: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tenso
     m = p.reshape(p.shape[0], -1).to(acc)
     wide = m.shape[0] <= m.shape[1]
     gram = m @ m.T if wide else m.T @ m
-    gram.diagonal().sub_(1)
+    if torch.compiler.is_compiling():  # inductor's lowering of diagonal() raises a FutureWarning of torch's own
+        gram = gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    else:
+        gram.diagonal().sub_(1)
     return m, gram, wide
 
 
@@ -253,6 +277,9 @@ class FoldPlan:
     def __init__(self, items: Sequence[LossItem], step: int = 0):
         self.items = live(items)
         self._step = step
+        # Set while a compiled step (regdsl.compiled_step) runs the pre-hooks: it folds inside its own graph.
+        self.deferred = False
+        self.retired = False  # detach() has run: penalty() holds these terms again
         self._build()
 
     def _build(self) -> None:
@@ -292,14 +319,29 @@ class FoldPlan:
         for bucket in self._scheduled:
             bucket.set_step(step)
 
-    @torch.no_grad()
     def __call__(self, scale: torch.Tensor | None = None) -> None:
         """Add every term's gradient to ``p.grad`` now; ``scale`` multiplies them (a fused
         optimizer's ``grad_scale`` under ``GradScaler``)."""
+        if not self.deferred:
+            self.refresh()
+            self.apply(scale)
+
+    def refresh(self) -> None:
         if any(b.stale() for b in self._buckets):
             self._build()
-        for b in self._buckets:
-            b.fold(scale)
+
+    @property
+    def has_slices(self) -> bool:
+        return any(b.family == "group_lasso" for b in self._buckets)
+
+    def slice_factors(self, scale: torch.Tensor | None) -> list[list[torch.Tensor | None] | None]:
+        return [b.slice_factors(scale) for b in self._buckets]
+
+    @torch.no_grad()
+    def apply(self, scale: torch.Tensor | None, factors: list[list[torch.Tensor | None] | None] | None = None) -> None:
+        """The terms' gradients into ``p.grad``; ``factors``: :meth:`slice_factors` of this step."""
+        for k, b in enumerate(self._buckets):
+            b.fold(scale, factors[k] if factors is not None else None)
 
 
 class Folding:
@@ -322,58 +364,9 @@ class Folding:
         self.rest.set_step(step)
 
 
-def step_hooks(reg_ref: Any, optimizer: torch.optim.Optimizer, plan: FoldPlan | None, busy: bool) -> list[Any]:
-    """The hooks ``attach()`` installs on one optimizer, as handles; ``plan``: what it folds.
-
-    ``busy`` (post-step terms, activity values to drop, anything scheduled) needs the full
-    bookkeeping after each step (``reg._advance``). Otherwise a step only counts: inside the
-    fold's pre-hook when there is one, else in a post-hook that does nothing more.
-    """
-    handles = []
-    count = functools.partial(_eager(_count), reg_ref)
-    counts = plan is not None and bool(plan) and not busy
-    if plan is not None and plan:
-        handles.append(optimizer.register_step_pre_hook(functools.partial(_fold_hook, plan, count if counts else None)))
-    if not counts:
-        post = functools.partial(_eager(_advance), reg_ref) if busy else functools.partial(_count_after, count)
-        handles.append(optimizer.register_step_post_hook(post))
-    return handles
-
-
 @functools.cache
-def _eager(fn: Callable[..., None]) -> Callable[..., None]:
+def eager(fn: Callable[..., None]) -> Callable[..., None]:
     """``fn``, always run eagerly. Traced into a compiled optimizer step, the bookkeeping would
     read the step counter, guard the graph on it and recompile at every step. Made on first
     use, not at import: ``torch.compiler.disable`` imports dynamo, as building an optimizer does."""
     return torch.compiler.disable(fn)
-
-
-def _advance(reg_ref: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    reg = reg_ref()
-    if reg is not None:
-        reg._advance(optimizer)
-
-
-def _count(reg_ref: Any) -> None:
-    reg = reg_ref()
-    if reg is not None:
-        reg._step += 1  # nothing is scheduled: no strength moves, only reg.step and state_dict() read it
-
-
-def _count_after(count: Callable[[], None], optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    count()
-
-
-def _fold_hook(
-    plan: FoldPlan, count: Callable[[], None] | None, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
-) -> None:
-    # args[0] is the optimizer itself; a closure comes positionally or by keyword.
-    if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
-        # The closure recomputes the gradients inside step(), after this hook: the terms would be lost.
-        raise RegUsageError(
-            "attach(optimizer, fold=True) cannot fold into a step that takes a closure (LBFGS): "
-            "attach without fold and add reg.penalty() to the loss the closure computes"
-        )
-    plan(getattr(optimizer, "grad_scale", None))
-    if count is not None:
-        count()

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Any
 
-from .errors import RegDslWarning, RegStateError, caller_stacklevel, name_list
+from .errors import RegDslWarning, RegStateError, RegUsageError, caller_stacklevel, name_list, shape_text
 from .resolution import GroupSummary
 
 Layout = list[dict[str, Any]]
@@ -37,6 +37,28 @@ _HOW = (
     "    optimizer.load_state_dict(reg.remap_optimizer_state(saved_optimizer_state, saved_reg_state))\n"
     "    reg.load_state_dict(saved_reg_state, strict=False)"
 )
+
+
+def saved_step(state: Mapping[str, Any]) -> int:
+    step = state.get("step")
+    if not isinstance(step, int) or step < 0:
+        raise RegUsageError(f"state_dict 'step' must be a whole number >= 0, got {step!r}")
+    return step
+
+
+def saved_references(state: Mapping[str, Any], params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The saved ``w0`` of ``l2 ... to init|ref``: one for each of ``params`` (by name), of its shape."""
+    saved = state.get("references", {})
+    missing = [name for name in params if name not in saved]
+    if missing:
+        raise RegUsageError(f"state_dict has no reference for {name_list(missing)}")
+    for name, param in params.items():
+        if tuple(saved[name].shape) != tuple(param.shape):
+            raise RegUsageError(
+                f"state_dict reference for '{name}' has shape {shape_text(tuple(saved[name].shape))}, "
+                f"the parameter {shape_text(tuple(param.shape))}"
+            )
+    return saved
 
 
 def layout(groups: Sequence[GroupSummary]) -> Layout:

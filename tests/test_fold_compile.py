@@ -1,7 +1,9 @@
-"""The compiled path: attach(optimizer, fold=True) under an optimizer step compiled with torch.compile.
+"""The compiled paths: attach(optimizer, fold=True) under an optimizer step compiled with torch.compile,
+as ``torch.compile(opt.step)`` (the fold's pre-hook traced, a graph of its own) and as
+``reg.compiled_step(opt)`` (the fold inside the update's graph).
 
-The fold's pre-hook is traced into the compiled step with tensor strengths, so a schedule
-moving every strength recompiles nothing, and the values are the eager fold's.
+The fold is traced with tensor strengths, so a schedule moving every strength recompiles
+nothing, and the values are the eager fold's.
 """
 
 from __future__ import annotations
@@ -34,14 +36,17 @@ def fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
 
 
-def train(compiled: bool) -> list[dict[str, torch.Tensor]]:
+def train(compiled: str | None) -> list[dict[str, torch.Tensor]]:
+    """``compiled``: None (eager), "hooked" (torch.compile(opt.step)) or "fused" (reg.compiled_step)."""
     seeded(0)
     model = MLP()
     reg = regdsl.parse(RULES).compile(model)
     opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)  # no momentum: no state appears after step 1
     reg.attach(opt, fold=True)
-    if compiled:
+    if compiled == "hooked":
         opt.step = torch.compile(opt.step)
+    elif compiled == "fused":
+        opt.step = reg.compiled_step(opt)
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
     y = torch.randn(16, 3, generator=torch.Generator().manual_seed(2))
     weights = []
@@ -50,7 +55,7 @@ def train(compiled: bool) -> list[dict[str, torch.Tensor]]:
         F.mse_loss(model(x), y).backward()
         if compiled and step == 1:
             graphs = counters["stats"]["unique_graphs"]
-        with torch._dynamo.config.patch(error_on_recompile=compiled and step >= 1):
+        with torch._dynamo.config.patch(error_on_recompile=compiled is not None and step >= 1):
             opt.step()
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
     if compiled:
@@ -59,15 +64,15 @@ def train(compiled: bool) -> list[dict[str, torch.Tensor]]:
     return weights
 
 
-def test_a_compiled_step_folds_without_recompiling_as_the_schedules_move(monkeypatch: pytest.MonkeyPatch) -> None:
-    eager = train(compiled=False)
+@pytest.mark.parametrize("compiled", ["hooked", "fused"])
+def test_a_compiled_step_folds_without_recompiling_as_the_schedules_move(monkeypatch: pytest.MonkeyPatch, compiled: str) -> None:
+    eager = train(compiled=None)
 
     def not_eager(*args: object) -> None:
         raise AssertionError("the fold ran eagerly inside the compiled step")
 
     monkeypatch.setattr(fold._Bucket, "_fold_float", not_eager)
-    compiled = train(compiled=True)
-    for step, (got, want) in enumerate(zip(compiled, eager)):
+    for step, (got, want) in enumerate(zip(train(compiled), eager)):
         for name, value in want.items():
             torch.testing.assert_close(
                 got[name], value, rtol=1e-5, atol=1e-7, msg=lambda m, s=step, n=name: f"{s} {n}: {m}"

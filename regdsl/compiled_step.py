@@ -1,0 +1,96 @@
+"""``reg.compiled_step(optimizer)``: the folded terms and the optimizer's update in one compiled graph.
+
+``torch.compile(opt.step)`` traces the fold's pre-hook too, but torch's optimizers break the
+graph where ``step()`` begins (``_use_grad_for_differentiable`` does, so that the update is traced
+with gradients off and updates its tensors in place). The fold is then a graph of its own: one
+more pass that reads every weight and gradient and writes the gradient back.
+
+The step built here enters the optimizer's own ``step`` below that break, with gradients already
+off, and traces the fold and the update as one function. Inductor then computes each term's
+gradient inside the update's loop over the weight: no pass of its own. ``group_lasso``'s slice
+norms (a reduction) are a small graph before it, since inductor's CPU backend fails to compile
+that reduction fused into an update. Everything else a step does runs as ``opt.step()`` runs it,
+eagerly and in the same order: the pre-hooks (the fold's counts the step and leaves the terms to
+the graph), then the graph, then the post-hooks (regdsl's bookkeeping, the schedules).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .errors import RegUsageError
+from .fold import FoldPlan
+
+
+def compiled_step(optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dict[str, Any]) -> Callable[..., Any]:
+    """A bound method to put in place of ``optimizer.step``: ``opt.step = reg.compiled_step(opt)``.
+    A method, not just a callable: an LR scheduler built afterwards wraps ``opt.step`` through
+    its ``__func__`` to count the steps."""
+    compiled = CompiledStep(optimizer, plan, options)
+
+    def step(self: torch.optim.Optimizer, closure: Any = None) -> Any:
+        return compiled(self, closure)
+
+    return types.MethodType(step, optimizer)
+
+
+class CompiledStep:
+    """What :func:`compiled_step` runs for one optimizer and its fold plan."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dict[str, Any]):
+        self._plan = plan
+        self._update = _inner_step(type(optimizer).step)
+        self._factors = torch.compile(plan.slice_factors, **options) if plan.has_slices else None
+        self._graph = torch.compile(self._fold_and_update, **options)
+        # torch's own wrapper: the global and the optimizer's step hooks, around _run.
+        self._hooked = torch.optim.Optimizer.profile_hook_step(self._run)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, closure: Any = None) -> Any:
+        if self._plan.retired:
+            raise RegUsageError(
+                "this compiled step folds for a regularizer that was detached (penalty() holds its terms again): "
+                "del optimizer.step to step without it, or make a new one with reg.compiled_step(optimizer) after attach"
+            )
+        args = (optimizer,) if closure is None else (optimizer, closure)
+        self._plan.deferred = True
+        try:
+            return self._hooked(*args)  # the fold's pre-hook refuses a closure, as on opt.step()
+        finally:
+            self._plan.deferred = False
+
+    def _run(self, optimizer: torch.optim.Optimizer, closure: Any = None) -> Any:
+        if closure is not None:  # no fold pre-hook (nothing to fold) refused it: the update would recompute the gradients
+            raise RegUsageError("reg.compiled_step(optimizer) takes no closure: see docs/fold.md, Closures")
+        self._plan.refresh()  # eagerly: re-bucketing after model.to(...) is not for a graph to trace
+        scale = getattr(optimizer, "grad_scale", None)
+        # Off before the graph starts, as _use_grad_for_differentiable turns it off after its break.
+        with torch.set_grad_enabled(bool(optimizer.defaults.get("differentiable", False))):
+            factors = self._factors(scale) if self._factors is not None else None
+            return self._graph(optimizer, scale, factors)
+
+    def _fold_and_update(self, optimizer: torch.optim.Optimizer, scale: Any, factors: Any) -> Any:
+        self._plan.apply(scale, factors)
+        return self._update(optimizer)
+
+
+@functools.cache
+def _torch_wrappers() -> frozenset[Any]:
+    """The code of the two wrappers torch puts around every optimizer's ``step``: the hooks'
+    (``Optimizer.profile_hook_step``) and the grad mode's, whose graph break this step avoids."""
+    wrappers = [torch.optim.Optimizer.profile_hook_step]
+    # Private in torch: without it (a later torch), the step still runs, the fold as a graph of its own.
+    wrappers += [getattr(sys.modules.get("torch.optim.optimizer"), "_use_grad_for_differentiable", None)]
+    return frozenset(wrap(lambda *args: None).__code__ for wrap in wrappers if wrap is not None)
+
+
+def _inner_step(step: Any) -> Any:
+    """The optimizer class's ``step`` without torch's wrappers (and nothing else unwrapped)."""
+    while getattr(step, "__code__", None) in _torch_wrappers() and hasattr(step, "__wrapped__"):
+        step = step.__wrapped__
+    return step

@@ -1,0 +1,214 @@
+"""``reg.compiled_step(opt)``: the folded terms inside the optimizer update's own compiled graph.
+
+The weights are checked against a reference written out here (the terms' gradients by hand,
+then the same optimizer's step compiled as ``torch.compile(opt.step)``), the graph structure by dynamo's counters, and the step's hooks by
+counting their calls.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import CNN, MLP, seeded
+from torch._dynamo.utils import counters
+
+import regdsl
+from regdsl import RegUsageError
+
+ELASTIC = "layer fc1.weight l1 0.05 l2 0.1\nlayer fc2.weight l2 0.2 to init\n"
+EVERY_TERM = ELASTIC + "layer fc2.weight group_lasso 0.05\nlayer head.weight orthogonal 0.02\n"
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def by_hand(model: MLP, init: dict[str, torch.Tensor], group_lasso: bool) -> None:
+    """The terms of EVERY_TERM (ELASTIC alone without ``group_lasso``) added to the gradients."""
+    w1, w2, w3 = model.fc1.weight, model.fc2.weight, model.head.weight
+    w1.grad += 0.05 * torch.sign(w1) + 0.1 * w1
+    w2.grad += 0.2 * (w2 - init["fc2.weight"])
+    if group_lasso:
+        w2.grad += 0.05 * w2 / w2.norm(dim=1, keepdim=True)
+        gram = w3 @ w3.T - torch.eye(w3.shape[0], dtype=w3.dtype)
+        w3.grad += 4 * 0.02 * gram @ w3
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.0),
+}
+
+
+@pytest.mark.parametrize("rules", [ELASTIC, EVERY_TERM], ids=["elastic", "every term"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_compiled_step_matches_the_terms_written_by_hand(rules: str, name: str) -> None:
+    seeded(0)
+    model = MLP().double()
+    reference = MLP().double()
+    reference.load_state_dict(model.state_dict())
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reg = regdsl.parse(rules).compile(model)
+    opt = OPTIMIZERS[name](model.parameters())
+    reg.attach(opt, fold=True)
+    opt.step = reg.compiled_step(opt)
+    ref_opt = OPTIMIZERS[name](reference.parameters())
+    # torch's own compiled step: compiled Adam's float32 step count moves float64 weights by ~1e-7 from eager's.
+    ref_opt.step = torch.compile(ref_opt.step)
+    x = torch.randn(32, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for _ in range(4):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+        with torch.no_grad():
+            by_hand(reference, init, group_lasso=rules == EVERY_TERM)
+        opt.step()
+        ref_opt.step()
+    assert reg.step == 4
+    for (n, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_the_fold_and_the_update_are_one_graph() -> None:
+    """torch.compile(opt.step) makes the fold a graph of its own; compiled_step does not."""
+    seeded(0)
+    model = CNN()
+    reg = regdsl.parse("all l1 1e-3 l2 1e-3\nexclude bias\nexclude norm\n").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+    reg.attach(opt, fold=True)
+    opt.step = reg.compiled_step(opt)
+    F.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+
+
+def test_the_step_runs_every_hook_once_and_counts() -> None:
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse(ELASTIC).compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    reg.attach(opt, fold=True)
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.step = reg.compiled_step(opt)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(2, 6)).sum().backward()
+        opt.step()
+    assert calls == ["pre", "post"] * 3
+    assert reg.step == 3
+
+
+def test_a_parameter_without_gradient_gets_the_term_alone() -> None:
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse("layer fc1.weight l2 0.5\n").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+    reg.attach(opt, fold=True)
+    opt.step = reg.compiled_step(opt)
+    before = model.fc1.weight.detach().clone()
+    opt.step()  # no backward: fc1.weight's gradient is the term's
+    torch.testing.assert_close(model.fc1.weight.detach(), before - 0.1 * 0.5 * before)
+
+
+def test_compiled_step_refuses_what_it_cannot_do() -> None:
+    model = MLP()
+    reg = regdsl.parse(ELASTIC).compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+    with pytest.raises(RegUsageError, match="needs attach"):
+        reg.compiled_step(opt)
+    reg.attach(opt)
+    with pytest.raises(RegUsageError, match="fold=True"):
+        reg.compiled_step(opt)
+    reg.detach()
+    reg.attach(opt, fold=True, fold_hook=False)
+    with pytest.raises(RegUsageError, match="fold_hook=False"):
+        reg.compiled_step(opt)
+    reg.detach()
+    reg.attach(opt, fold=True)
+    step = reg.compiled_step(opt)
+    with pytest.raises(RegUsageError, match="closure"):
+        step(lambda: 0.0)
+    assert reg.step == 0
+
+
+def test_several_optimizers_each_get_their_own_step() -> None:
+    seeded(0)
+    model = MLP()
+    reference = MLP()
+    reference.load_state_dict(model.state_dict())
+    reg = regdsl.parse("layer fc1.weight l2 0.5\nlayer head.weight l1 0.1\n").compile(model)
+    opt_a = torch.optim.SGD(reg.param_groups(of=model.fc1, lr=0.1), lr=0.1)
+    opt_b = torch.optim.SGD(reg.param_groups(of=[*model.fc2.parameters(), *model.head.parameters()], lr=0.1), lr=0.1)
+    reg.attach([opt_a, opt_b], fold=True)
+    with pytest.raises(RegUsageError, match="pass the one"):
+        reg.compiled_step()
+    opt_a.step = reg.compiled_step(opt_a)
+    x = torch.randn(8, 6)
+    model(x).sum().backward()
+    reference(x).sum().backward()
+    opt_a.step()  # fc1 alone, with its term; head's term waits for opt_b's step
+    with torch.no_grad():
+        reference.fc1.weight -= 0.1 * (reference.fc1.weight.grad + 0.5 * reference.fc1.weight)
+        reference.fc1.bias -= 0.1 * reference.fc1.bias.grad
+    for (n, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, msg=lambda m, n=n: f"{n}: {m}")
+    assert reg.step == 1
+
+
+def test_after_detach_the_compiled_step_refuses_to_fold_again() -> None:
+    model = MLP()
+    reg = regdsl.parse(ELASTIC).compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+    reg.attach(opt, fold=True)
+    opt.step = reg.compiled_step(opt)
+    reg.detach()  # penalty() is whole again: folding too would count every term twice
+    model(torch.randn(2, 6)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RegUsageError, match="detached"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    del opt.step  # the optimizer's own step again
+    opt.step()
+    assert not torch.equal(model.fc1.weight, before[0])
+
+
+def test_an_lr_scheduler_built_afterwards_wraps_the_compiled_step() -> None:
+    """Schedulers wrap opt.step through its __func__ to check the call order; lr is a tensor so
+    the scheduler's moves do not recompile."""
+    seeded(0)
+    model = MLP()
+    reference = MLP()
+    reference.load_state_dict(model.state_dict())
+    reg = regdsl.parse("layer fc1.weight l2 0.5\n").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=torch.tensor(0.1)), lr=torch.tensor(0.1))
+    reg.attach(opt, fold=True)
+    opt.step = reg.compiled_step(opt)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x = torch.randn(8, 6)
+    for step in range(3):
+        opt.zero_grad()
+        model(x).sum().backward()
+        reference.zero_grad()
+        reference(x).sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "optimizer.step() has been overridden" warning
+            opt.step()
+            scheduler.step()
+        with torch.no_grad():
+            lr = 0.1 * 0.5**step
+            for name, q in reference.named_parameters():
+                q -= lr * (q.grad + 0.5 * q if name == "fc1.weight" else q.grad)
+    for (n, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, msg=lambda m, n=n: f"{n}: {m}")
