@@ -8,8 +8,8 @@ more pass that reads every weight and gradient and writes the gradient back.
 The step built here enters the optimizer's own ``step`` below that break, with gradients already
 off, and traces the fold and the update as one function. Inductor then computes each term's
 gradient inside the update's loop over the weight: no pass of its own. ``group_lasso``'s slice
-norms (a reduction) are a small graph before it, since inductor's CPU backend fails to compile
-that reduction fused into an update. Everything else a step does runs as ``opt.step()`` runs it,
+norms (a reduction) are computed eagerly before it, into one buffer the graph reads: inductor's
+CPU backend fails to compile that reduction fused into an update (torch 2.13). Everything else a step does runs as ``opt.step()`` runs it,
 eagerly and in the same order: the pre-hooks (the fold's counts the step and leaves the terms to
 the graph), then the graph, then the post-hooks (regdsl's bookkeeping, the schedules).
 """
@@ -46,7 +46,6 @@ class CompiledStep:
     def __init__(self, optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dict[str, Any]):
         self._plan = plan
         self._update = _inner_step(type(optimizer).step)
-        self._factors = torch.compile(plan.slice_factors, **options) if plan.has_slices else None
         self._graph = torch.compile(self._fold_and_update, **options)
         # torch's own wrapper: the global and the optimizer's step hooks, around _run.
         self._hooked = torch.optim.Optimizer.profile_hook_step(self._run)
@@ -71,11 +70,11 @@ class CompiledStep:
         scale = getattr(optimizer, "grad_scale", None)
         # Off before the graph starts, as _use_grad_for_differentiable turns it off after its break.
         with torch.set_grad_enabled(bool(optimizer.defaults.get("differentiable", False))):
-            factors = self._factors(scale) if self._factors is not None else None
-            return self._graph(optimizer, scale, factors)
+            norms = self._plan.slice_norms() if self._plan.has_slices else None
+            return self._graph(optimizer, scale, norms)
 
-    def _fold_and_update(self, optimizer: torch.optim.Optimizer, scale: Any, factors: Any) -> Any:
-        self._plan.apply(scale, factors)
+    def _fold_and_update(self, optimizer: torch.optim.Optimizer, scale: Any, norms: Any) -> Any:
+        self._plan.apply(scale, norms)
         return self._update(optimizer)
 
 

@@ -30,6 +30,8 @@ docs/fold.md says where this path differs from the loss path.
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,6 +80,7 @@ class _Bucket:
         # group_lasso: the dimensions each slice's norm runs over, worked out once.
         self.others = [_others(p, term.dim) if family == "group_lasso" else () for p in self.params]
         self.tiny = torch.finfo(self.acc).tiny
+        self._norm_buffer: torch.Tensor | None = None  # slice_norms', made on first use
 
     def needs_scratch(self, p: torch.Tensor) -> bool:
         if not self.on_scratch or self.family not in ("l1", "l2_to", "group_lasso"):
@@ -105,26 +108,37 @@ class _Bucket:
         """The strength as a 0-dim tensor (traced as a graph input), times a fused optimizer's ``grad_scale``."""
         return self.tensor if scale is None else self.tensor * scale.to(self.device)
 
-    def slice_factors(self, scale: torch.Tensor | None) -> list[torch.Tensor | None] | None:
-        """``group_lasso``: per parameter of two or more dimensions, ``λ/‖w_i‖₂`` of each slice (0 on an
-        all-zero slice); None for other terms. Computed apart from the update only by
-        :mod:`regdsl.compiled_step`: inductor fails to compile this reduction fused into an update."""
-        if self.family != "group_lasso":
+    @torch.no_grad()
+    def slice_norms(self) -> torch.Tensor | None:
+        """``group_lasso``: ``‖w_i‖₂`` of every slice of every parameter of two or more dimensions, computed
+        now into one flat buffer kept across steps (None for other terms). Only :mod:`regdsl.compiled_step`
+        asks, eagerly before its graph: inductor fails to compile this reduction fused into an update."""
+        if self.family != "group_lasso" or self.sharded:
             return None
-        s = self.strength(scale)
-        return [None if p.ndim == 1 else self._slice_factor(p, dims, s) for p, dims in zip(self.params, self.others)]
+        if self._norm_buffer is None:
+            shapes = [None if p.ndim == 1 else tuple(1 if d in dims else n for d, n in enumerate(p.shape)) for p, dims in zip(self.params, self.others)]
+            ends = list(itertools.accumulate(math.prod(s) if s else 0 for s in shapes))
+            self._spans = [None if s is None else (end - math.prod(s), end, s) for s, end in zip(shapes, ends)]
+            self._norm_buffer = torch.empty(ends[-1], dtype=self.acc, device=self.device)
+            self._norm_views = self.norm_views(self._norm_buffer)
+        for p, dims, out in zip(self.params, self.others, self._norm_views):
+            if out is not None:
+                torch.linalg.vector_norm(p, 2, dim=dims, keepdim=True, dtype=self.acc, out=out)
+        return self._norm_buffer
 
-    def _slice_factor(self, p: torch.Tensor, dims: tuple[int, ...], s: torch.Tensor) -> torch.Tensor:
-        # A where, not _norms: s/tiny overflows to inf at a GradScaler's scale, and inf·0 is NaN.
-        norms = torch.linalg.vector_norm(p, 2, dim=dims, keepdim=True, dtype=self.acc)
-        return torch.where(norms > 0, s / norms, torch.zeros_like(norms))
+    def norm_views(self, norms: torch.Tensor) -> list[torch.Tensor | None]:
+        """Each parameter's slice norms in :meth:`slice_norms`' buffer (traced: slicing costs the graph nothing)."""
+        return [None if span is None else norms[span[0] : span[1]].view(span[2]) for span in self._spans]
 
-    def fold(self, scale: torch.Tensor | None, factors: list[torch.Tensor | None] | None = None) -> None:
+    def fold(self, scale: torch.Tensor | None, norms: torch.Tensor | None = None) -> None:
+        """``norms``: this step's :meth:`slice_norms` (a compiled step), else they are computed here."""
         params, grads, kept = _gradients(self.params)
         if not params:
             return
-        if factors is not None and len(kept) < len(self.params):
-            factors = [factors[k] for k in kept]
+        per_param = None
+        if norms is not None:
+            views = self.norm_views(norms)
+            per_param = views if len(kept) == len(self.params) else [views[k] for k in kept]
         refs = (
             [self.items[k].ref for k in kept] if self.family == "l2_to" else []
         )  # read now: load_state_dict() replaces them
@@ -135,7 +149,7 @@ class _Bucket:
                     self.family, self.term, lam, params, grads, refs, self.acc
                 )
         elif scale is not None or torch.compiler.is_compiling():
-            self._fold_tensor(params, grads, refs, self.strength(scale), factors)
+            self._fold_tensor(params, grads, refs, self.strength(scale), per_param)
         elif self.value:
             views = self.views if len(kept) == len(self.params) else [self.views[k] for k in kept]
             if self.autocast is None:
@@ -193,7 +207,7 @@ class _Bucket:
         grads: list[torch.Tensor],
         refs: list[torch.Tensor],
         s: torch.Tensor,
-        factors: list[torch.Tensor | None] | None,
+        norms: list[torch.Tensor | None] | None,
     ) -> None:
         """The same terms with a tensor strength: under torch.compile these fuse, and no value
         read from Python becomes a constant of the graph."""
@@ -206,7 +220,11 @@ class _Bucket:
             elif family == "l1" or (family == "group_lasso" and p.ndim == 1):
                 g.addcmul_(torch.sign(p), s)
             elif family == "group_lasso":
-                g.addcmul_(p, factors[k] if factors is not None else self._slice_factor(p, _others(p, self.term.dim), s))
+                n = norms[k] if norms is not None else None
+                if n is None:
+                    n = torch.linalg.vector_norm(p, 2, dim=_others(p, self.term.dim), keepdim=True, dtype=self.acc)
+                # A where, not _norms: s/tiny overflows to inf at a GradScaler's scale, and inf·0 is NaN.
+                g.addcmul_(p, torch.where(n > 0, s / n, torch.zeros_like(n)))
             else:
                 m, gram, wide = _gram_minus_identity(p, self.acc)
                 g.addcmul_((gram @ m if wide else m @ gram).reshape(p.shape), 4 * s)
@@ -334,14 +352,14 @@ class FoldPlan:
     def has_slices(self) -> bool:
         return any(b.family == "group_lasso" for b in self._buckets)
 
-    def slice_factors(self, scale: torch.Tensor | None) -> list[list[torch.Tensor | None] | None]:
-        return [b.slice_factors(scale) for b in self._buckets]
+    def slice_norms(self) -> list[torch.Tensor | None]:
+        return [b.slice_norms() for b in self._buckets]
 
     @torch.no_grad()
-    def apply(self, scale: torch.Tensor | None, factors: list[list[torch.Tensor | None] | None] | None = None) -> None:
-        """The terms' gradients into ``p.grad``; ``factors``: :meth:`slice_factors` of this step."""
+    def apply(self, scale: torch.Tensor | None, norms: list[torch.Tensor | None] | None = None) -> None:
+        """The terms' gradients into ``p.grad``; ``norms``: :meth:`slice_norms` of this step."""
         for k, b in enumerate(self._buckets):
-            b.fold(scale, factors[k] if factors is not None else None)
+            b.fold(scale, norms[k] if norms is not None else None)
 
 
 class Folding:

@@ -212,3 +212,38 @@ def test_an_lr_scheduler_built_afterwards_wraps_the_compiled_step() -> None:
                 q -= lr * (q.grad + 0.5 * q if name == "fc1.weight" else q.grad)
     for (n, got), want in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_group_lasso_slices_of_a_cnn_match_by_hand(dim: int) -> None:
+    """Conv filters (4-D) and a Linear grouped along ``dim``; with dim=0 the 1-D BatchNorm weights too
+    (each element a slice; dim=1 does not exist for them, RD104)."""
+    seeded(0)
+    model = CNN().double()
+    reference = CNN().double()
+    reference.load_state_dict(model.state_dict())
+    rules = f"all group_lasso 0.05 dim={dim}\nexclude bias\n" + ("exclude norm\n" if dim else "")
+    reg = regdsl.parse(rules).compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.05), lr=0.05, momentum=0.9)
+    reg.attach(opt, fold=True)
+    opt.step = reg.compiled_step(opt)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+        with torch.no_grad():
+            for name, w in reference.named_parameters():
+                if name.endswith("bias") or (dim and w.ndim == 1):
+                    continue
+                if w.ndim == 1:  # each element its own slice
+                    w.grad += 0.05 * torch.sign(w)
+                else:
+                    others = tuple(d for d in range(w.ndim) if d != dim)
+                    w.grad += 0.05 * w / w.pow(2).sum(dim=others, keepdim=True).sqrt()
+        opt.step()
+        ref_opt.step()
+    for (n, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
