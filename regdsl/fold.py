@@ -116,7 +116,10 @@ class _Bucket:
         if self.family != "group_lasso" or self.sharded:
             return None
         if self._norm_buffer is None:
-            shapes = [None if p.ndim == 1 else tuple(1 if d in dims else n for d, n in enumerate(p.shape)) for p, dims in zip(self.params, self.others)]
+            shapes = [
+                None if p.ndim == 1 else tuple(1 if d in dims else n for d, n in enumerate(p.shape))
+                for p, dims in zip(self.params, self.others)
+            ]
             ends = list(itertools.accumulate(math.prod(s) if s else 0 for s in shapes))
             self._spans = [None if s is None else (end - math.prod(s), end, s) for s, end in zip(shapes, ends)]
             self._norm_buffer = torch.empty(ends[-1], dtype=self.acc, device=self.device)
