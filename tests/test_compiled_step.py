@@ -8,7 +8,7 @@ counting their calls.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -23,12 +23,7 @@ ELASTIC = "layer fc1.weight l1 0.05 l2 0.1\nlayer fc2.weight l2 0.2 to init\n"
 EVERY_TERM = ELASTIC + "layer fc2.weight group_lasso 0.05\nlayer head.weight orthogonal 0.02\n"
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def by_hand(model: MLP, init: dict[str, torch.Tensor], group_lasso: bool) -> None:

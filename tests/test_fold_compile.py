@@ -8,8 +8,6 @@ nothing, and the values are the eager fold's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,12 +26,7 @@ RULES = (
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def train(compiled: str | None) -> list[dict[str, torch.Tensor]]:
