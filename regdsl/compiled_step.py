@@ -70,7 +70,7 @@ class CompiledStep:
         scale = getattr(optimizer, "grad_scale", None)
         # Off before the graph starts, as _use_grad_for_differentiable turns it off after its break.
         with torch.set_grad_enabled(bool(optimizer.defaults.get("differentiable", False))):
-            norms = self._plan.slice_norms() if self._plan.has_slices else None
+            norms = self._plan.slice_norms()  # None for each bucket not group_lasso
             return self._graph(optimizer, scale, norms)
 
     def _fold_and_update(self, optimizer: torch.optim.Optimizer, scale: Any, norms: Any) -> Any:

@@ -80,7 +80,10 @@ class _Bucket:
         # group_lasso: the dimensions each slice's norm runs over, worked out once.
         self.others = [_others(p, term.dim) if family == "group_lasso" else () for p in self.params]
         self.tiny = torch.finfo(self.acc).tiny
-        self._norm_buffer: torch.Tensor | None = None  # slice_norms', made on first use
+        # slice_norms' buffer, each parameter's (start, end, shape) in it and its view there: made on first use.
+        self._norm_buffer: torch.Tensor | None = None
+        self._spans: list[tuple[int, int, tuple[int, ...]] | None] = []
+        self._norm_views: list[torch.Tensor | None] = []
 
     def needs_scratch(self, p: torch.Tensor) -> bool:
         if not self.on_scratch or self.family not in ("l1", "l2_to", "group_lasso"):
@@ -350,10 +353,6 @@ class FoldPlan:
     def refresh(self) -> None:
         if any(b.stale() for b in self._buckets):
             self._build()
-
-    @property
-    def has_slices(self) -> bool:
-        return any(b.family == "group_lasso" for b in self._buckets)
 
     def slice_norms(self) -> list[torch.Tensor | None]:
         return [b.slice_norms() for b in self._buckets]
