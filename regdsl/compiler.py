@@ -383,7 +383,11 @@ def compile(
     ``trial`` (an Optuna trial) gives each search space of the rules its value, through
     ``trial.suggest_float``/``suggest_categorical`` under the space's name.
     """
-    spec = rules if isinstance(rules, Spec) else load(rules)
+    try:
+        spec = rules if isinstance(rules, Spec) else load(rules)
+    except FileNotFoundError as error:  # rule text passed for a path reads as a missing file
+        hint = "regdsl.compile takes a .reg file's path or a Spec; rule text goes through regdsl.parse(text).compile(model)"
+        raise FileNotFoundError(error.errno, f"{error.strerror} ({hint})", error.filename) from None
     if trial is not None:
         spec = spec.with_values(suggest(spec, trial))
     return spec.compile(model, reference=reference, accumulation_steps=accumulation_steps)

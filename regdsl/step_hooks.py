@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from .errors import RegUsageError
-from .fold import FoldPlan, eager
+from .fold import FoldPlan
+from .fold_kernels import eager
 
 
 def step_hooks(reg_ref: Any, optimizer: torch.optim.Optimizer, plan: FoldPlan | None, busy: bool) -> list[Any]:

@@ -53,6 +53,16 @@ def test_load_of_a_missing_file_raises_oserror(tmp_path: Path) -> None:
         regdsl.load(tmp_path / "nope.reg")
 
 
+def test_compile_of_rule_text_says_it_takes_a_path(tmp_path: Path) -> None:
+    # A FileNotFoundError still (what an except clause around a path expects), that names the way to compile text.
+    with pytest.raises(FileNotFoundError, match=r"regdsl\.parse\(text\)\.compile\(model\)") as caught:
+        regdsl.compile("all l2 0.1", nn.Linear(2, 2))
+    assert caught.value.filename == "all l2 0.1"
+    with pytest.raises(FileNotFoundError) as caught:
+        regdsl.compile(tmp_path / "nope.reg", nn.Linear(2, 2))
+    assert caught.value.filename == str(tmp_path / "nope.reg")
+
+
 def test_every_error_is_a_regdsl_error() -> None:
     for cls in (regdsl.RegSyntaxError, regdsl.RegValidationError, regdsl.RegCompileError, regdsl.RegUsageError):
         assert issubclass(cls, regdsl.RegDslError)

@@ -15,7 +15,7 @@ from models import MLP, seeded
 from torch._dynamo.utils import counters
 
 import regdsl
-from regdsl import fold
+from regdsl import fold_kernels
 
 RULES = (
     "layer fc1.weight l1 0.05 warmup 3\n"
@@ -64,7 +64,7 @@ def test_a_compiled_step_folds_without_recompiling_as_the_schedules_move(monkeyp
     def not_eager(*args: object) -> None:
         raise AssertionError("the fold ran eagerly inside the compiled step")
 
-    monkeypatch.setattr(fold._Bucket, "_fold_float", not_eager)
+    monkeypatch.setattr(fold_kernels.Bucket, "_fold_float", not_eager)
     for step, (got, want) in enumerate(zip(train(compiled), eager)):
         for name, value in want.items():
             torch.testing.assert_close(

@@ -11,7 +11,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import regdsl
-from regdsl import fold
+from regdsl import fold, fold_kernels
 from regdsl.errors import RegUsageError
 
 RULES = (
@@ -169,7 +169,8 @@ def test_precision(dtype: torch.dtype) -> None:
 def test_chunked_kernels_for_devices_with_a_caching_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
     # Off the CPU, sign(w) and w − w₀ go through _foreach temporaries a chunk at a time.
     monkeypatch.setattr(fold.FoldPlan, "scratch_devices", ())
-    monkeypatch.setattr(fold, "CHUNK", 160)  # bytes: every tensor its own chunk, or two small ones together
+    monkeypatch.setattr(fold_kernels, "FEW", 0)  # every bucket through _foreach calls
+    monkeypatch.setattr(fold_kernels, "CHUNK", 160)  # bytes: every tensor its own chunk, or two small ones together
     model, reg, w0 = setup(rules=RULES + "layer fc1.bias l1 0.05\nlayer head.bias l1 0.05")
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     reg.attach(opt, fold=True)
@@ -253,9 +254,12 @@ def test_the_fold_on_cuda_is_the_fold_on_cpu() -> None:
         torch.testing.assert_close(results["cuda"][name], value, rtol=1e-4, atol=1e-5)
 
 
-def test_large_and_small_tensors_of_one_term_fold_alike() -> None:
+@pytest.mark.parametrize("few", [0, 3])
+def test_large_and_small_tensors_of_one_term_fold_alike(few: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # On the CPU a large tensor's sign(w) goes through the scratch buffer, small ones through one
-    # _foreach batch: one rule covering both must give λ·sign(w) and λ·(w − w₀) everywhere.
+    # _foreach batch (or a loop, in a bucket of at most FEW tensors): one rule covering them all
+    # must give λ·sign(w) and λ·(w − w₀) everywhere.
+    monkeypatch.setattr(fold_kernels, "FEW", few)
     model = Wide()
     model.f = nn.Parameter(torch.randn(3, 5))
     model.g = nn.Parameter(torch.randn(7))

@@ -1,0 +1,286 @@
+"""The closed-form gradients one bucket of folded terms adds to ``p.grad`` (:mod:`regdsl.fold`
+buckets the terms and runs them before each optimizer step).
+
+A bucket holds the parameters of one term kind and one term (so one strength at every step)
+on one device and dtype. Eagerly it folds with a Python float strength, batching small
+tensors into ``_foreach`` calls and writing ``sign(w)`` or ``w − w₀`` of large ones into the
+plan's scratch buffer; under ``torch.compile`` or a fused ``GradScaler`` step, with a 0-dim
+strength tensor. :mod:`regdsl.fold`'s docstring has the formulas.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import sharded
+from .penalties import LossItem, accumulation_dtype, autocast_device_type
+from .schedule import is_scheduled, strength_at
+
+# Bytes per _foreach batch off the CPU: bounds the temporaries a step holds at once.
+CHUNK = 64 << 20
+# On the CPU a tensor this small (bytes) gets its sign(w) or w − w₀ as a _foreach temporary:
+# glibc serves blocks this size from its heap, not from fresh pages, and one _foreach call for
+# many small tensors costs less than two kernels each. Batches stay under SMALL_BATCH bytes.
+SMALL = 64 << 10
+SMALL_BATCH = 1 << 20
+# A bucket of at most this many tensors is folded one tensor at a time: measured inside a CPU
+# training step, a _foreach call over one to three small tensors costs more than their kernels.
+FEW = 3
+
+
+class Bucket:
+    """Items of one family and one term (so one strength at every step) on one device and dtype."""
+
+    def __init__(self, family: str, term: Any, items: list[LossItem], step: int, scratch_devices: Sequence[str]):
+        self.family, self.term, self.items = family, term, items
+        self.params = [i.param for i in items]
+        self.device, self.dtype = self.params[0].device, self.params[0].dtype
+        self.acc = accumulation_dtype(self.dtype)
+        self.autocast = autocast_device_type(self.device) if family == "orthogonal" else None
+        self.scheduled = is_scheduled(term)
+        self.value = strength_at(term, step)
+        # Read only inside torch.compile or under a fused GradScaler step.
+        self.tensor = torch.tensor(self.value, dtype=self.acc, device=self.device)
+        self.sharded = sharded.is_sharded(self.params[0])  # FSDP2: folded on the local shards (regdsl.sharded)
+        self.on_scratch = self.device.type in scratch_devices and not self.sharded
+        # Per parameter, its view of the plan's scratch buffer (set by the plan): made once, since
+        # slicing a view at each step costs as much as the kernels on small tensors.
+        self.views: list[torch.Tensor | None] = [None] * len(self.params)
+        self.batch = SMALL_BATCH if self.on_scratch else CHUNK
+        self.loose = list(range(len(self.params)))  # the parameters without a view
+        self.chunks = _chunks(self.params, self.batch)
+        # group_lasso: the dimensions each slice's norm runs over, worked out once.
+        self.others = [_others(p, term.dim) if family == "group_lasso" else () for p in self.params]
+        self.tiny = torch.finfo(self.acc).tiny
+        # slice_norms' buffer, each parameter's (start, end, shape) in it and its view there: made on first use.
+        self._norm_buffer: torch.Tensor | None = None
+        self._spans: list[tuple[int, int, tuple[int, ...]] | None] = []
+        self._norm_views: list[torch.Tensor | None] = []
+
+    def needs_scratch(self, p: torch.Tensor) -> bool:
+        if not self.on_scratch or self.family not in ("l1", "l2_to", "group_lasso"):
+            return False
+        if self.family == "group_lasso":
+            return p.ndim == 1
+        return p.numel() * p.element_size() > SMALL
+
+    def set_views(self, views: list[torch.Tensor | None]) -> None:
+        """Give each parameter its scratch view (None: a _foreach temporary), then batch the rest."""
+        self.views = views
+        self.loose = [k for k, v in enumerate(views) if v is None]
+        self.chunks = _chunks([self.params[k] for k in self.loose], self.batch)
+
+    def set_step(self, step: int) -> None:
+        if self.scheduled:
+            self.value = strength_at(self.term, step)
+            self.tensor.fill_(self.value)
+
+    def stale(self) -> bool:
+        p = self.params[0]
+        return p.dtype != self.dtype or p.device != self.device
+
+    def strength(self, scale: torch.Tensor | None) -> torch.Tensor:
+        """The strength as a 0-dim tensor (traced as a graph input), times a fused optimizer's ``grad_scale``."""
+        return self.tensor if scale is None else self.tensor * scale.to(self.device)
+
+    @torch.no_grad()
+    def slice_norms(self) -> torch.Tensor | None:
+        """``group_lasso``: ``‖w_i‖₂`` of every slice of every parameter of two or more dimensions, computed
+        now into one flat buffer kept across steps (None for other terms). Only :mod:`regdsl.compiled_step`
+        asks, eagerly before its graph: inductor fails to compile this reduction fused into an update."""
+        if self.family != "group_lasso" or self.sharded:
+            return None
+        if self._norm_buffer is None:
+            shapes = [
+                None if p.ndim == 1 else tuple(1 if d in dims else n for d, n in enumerate(p.shape))
+                for p, dims in zip(self.params, self.others)
+            ]
+            ends = list(itertools.accumulate(math.prod(s) if s else 0 for s in shapes))
+            self._spans = [None if s is None else (end - math.prod(s), end, s) for s, end in zip(shapes, ends)]
+            self._norm_buffer = torch.empty(ends[-1], dtype=self.acc, device=self.device)
+            self._norm_views = self.norm_views(self._norm_buffer)
+        for p, dims, out in zip(self.params, self.others, self._norm_views):
+            if out is not None:
+                torch.linalg.vector_norm(p, 2, dim=dims, keepdim=True, dtype=self.acc, out=out)
+        return self._norm_buffer
+
+    def norm_views(self, norms: torch.Tensor) -> list[torch.Tensor | None]:
+        """Each parameter's slice norms in :meth:`slice_norms`' buffer (traced: slicing costs the graph nothing)."""
+        return [None if span is None else norms[span[0] : span[1]].view(span[2]) for span in self._spans]
+
+    def fold(self, scale: torch.Tensor | None, norms: torch.Tensor | None = None) -> None:
+        """``norms``: this step's :meth:`slice_norms` (a compiled step), else they are computed here."""
+        params, grads, kept = _gradients(self.params)
+        if not params:
+            return
+        whole = len(kept) == len(self.params)
+        refs = [self.items[k].ref for k in kept] if self.family == "l2_to" else []  # now: load_state_dict() replaces them
+        if not (self.sharded or scale is not None or torch.compiler.is_compiling()):  # eager, float strength
+            if self.value:
+                views = self.views if whole else [self.views[k] for k in kept]
+                if self.autocast is None:
+                    self._fold_float(params, grads, refs, views)
+                else:
+                    with torch.autocast(device_type=self.autocast, enabled=False):
+                        self._fold_float(params, grads, refs, views)
+        elif self.sharded:
+            lam = self.value * (float(scale) if scale is not None else 1.0)
+            if lam:  # eager even inside a compiled step: DTensor shards are not traced here
+                (eager(sharded.fold) if torch.compiler.is_compiling() else sharded.fold)(
+                    self.family, self.term, lam, params, grads, refs, self.acc
+                )
+        else:
+            per_param = None
+            if norms is not None:
+                views = self.norm_views(norms)
+                per_param = views if whole else [views[k] for k in kept]
+            self._fold_tensor(params, grads, refs, self.strength(scale), per_param)
+
+    def _fold_float(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], refs: list[torch.Tensor], views: list[Any]
+    ) -> None:
+        lam, family = self.value, self.family
+        if family == "l2":
+            if len(params) > FEW:
+                torch._foreach_add_(grads, params, alpha=lam)
+            else:
+                for p, g in zip(params, grads):
+                    g.add_(p, alpha=lam)
+        elif family in ("l1", "l2_to"):
+            whole = len(params) == len(self.params)
+            loose = self.loose if whole else [k for k, v in enumerate(views) if v is None]
+            if len(loose) < len(params):  # the large ones, each through its scratch view
+                for k, out in enumerate(views):
+                    if out is not None:
+                        delta = torch.sign(params[k], out=out) if not refs else torch.sub(params[k], refs[k], out=out)
+                        grads[k].add_(delta, alpha=lam)
+                params, grads = [params[k] for k in loose], [grads[k] for k in loose]
+                refs = [refs[k] for k in loose] if refs else refs
+            if len(params) <= FEW:
+                for k, (p, g) in enumerate(zip(params, grads)):
+                    g.add_(torch.sign(p) if not refs else torch.sub(p, refs[k]), alpha=lam)
+                return
+            chunks = self.chunks if whole else _chunks(params, self.batch)
+            for a, b in chunks:
+                delta = torch._foreach_sign(params[a:b]) if not refs else torch._foreach_sub(params[a:b], refs[a:b])
+                torch._foreach_add_(grads[a:b], delta, alpha=lam)
+        elif family == "group_lasso":
+            others = self.others if len(params) == len(self.params) else None
+            for k, (p, g, out) in enumerate(zip(params, grads, views)):
+                if p.ndim == 1:  # each element its own slice: λ·sign(w)
+                    g.add_(torch.sign(p) if out is None else torch.sign(p, out=out), alpha=lam)
+                else:
+                    dims = others[k] if others is not None else _others(p, self.term.dim)
+                    g.addcdiv_(p, self._norms(p, dims), value=lam)
+        else:
+            for p, g in zip(params, grads):
+                m, gram, wide = _gram_minus_identity(p, self.acc)
+                if g.dtype == self.acc and g.is_contiguous():
+                    rows = g.view(m.shape)
+                    rows.addmm_(gram, m, alpha=4 * lam) if wide else rows.addmm_(m, gram, alpha=4 * lam)
+                else:
+                    g.add_((gram @ m if wide else m @ gram).reshape(p.shape), alpha=4 * lam)
+
+    def _norms(self, p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """``‖w_i‖₂`` per slice, an all-zero slice's read as the smallest normal number: its
+        ``w_i/‖w_i‖`` is then 0 with no mask (two kernels fewer than a ``where``). A NaN stays NaN."""
+        norms = torch.linalg.vector_norm(p, 2, dim=dims, keepdim=True, dtype=self.acc)
+        return norms.clamp_min_(self.tiny)
+
+    def _fold_tensor(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        refs: list[torch.Tensor],
+        s: torch.Tensor,
+        norms: list[torch.Tensor | None] | None,
+    ) -> None:
+        """The same terms with a tensor strength: under torch.compile these fuse, and no value
+        read from Python becomes a constant of the graph."""
+        family = self.family
+        for k, (p, g) in enumerate(zip(params, grads)):
+            if family == "l2":
+                g.addcmul_(p, s)
+            elif family == "l2_to":
+                g.addcmul_(p - refs[k], s)
+            elif family == "l1" or (family == "group_lasso" and p.ndim == 1):
+                g.addcmul_(torch.sign(p), s)
+            elif family == "group_lasso":
+                n = norms[k] if norms is not None else None
+                if n is None:
+                    n = torch.linalg.vector_norm(p, 2, dim=_others(p, self.term.dim), keepdim=True, dtype=self.acc)
+                # A where, not _norms: s/tiny overflows to inf at a GradScaler's scale, and inf·0 is NaN.
+                g.addcmul_(p, torch.where(n > 0, s / n, torch.zeros_like(n)))
+            else:
+                m, gram, wide = _gram_minus_identity(p, self.acc)
+                g.addcmul_((gram @ m if wide else m @ gram).reshape(p.shape), 4 * s)
+
+
+def _gradients(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], range | list[int]]:
+    """Each parameter's gradient, ready for in-place adds, and the indices of the parameters kept.
+    A parameter without one gets zeros (the term alone is its gradient, as the loss path would
+    give it); a sparse one (``Embedding(sparse=True)``) turns dense, as autograd's sum with a
+    dense term would make it."""
+    grads = [p.grad for p in params]
+    for g in grads:  # a loop, not any(...): a generator costs as much as the check on a few tensors
+        if g is None or g.layout != torch.strided:
+            break
+    else:
+        return params, grads, range(len(params))  # type: ignore[return-value]
+    kept, out = [], []
+    for k, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            if not p.requires_grad:
+                continue  # frozen since compile(): the loss path gives it no gradient either
+            p.grad = g = torch.zeros_like(p)
+        elif g.layout != torch.strided:
+            p.grad = g = g.to_dense()
+        kept.append(k)
+        out.append(g)
+    return [params[k] for k in kept], out, kept
+
+
+def _others(p: torch.Tensor, dim: int) -> tuple[int, ...]:
+    """The dimensions of ``p`` other than ``dim``: a slice's norm runs over them."""
+    keep = dim % p.ndim if p.ndim else 0
+    return tuple(d for d in range(p.ndim) if d != keep)
+
+
+def _gram_minus_identity(p: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    m = p.reshape(p.shape[0], -1).to(acc)
+    wide = m.shape[0] <= m.shape[1]
+    gram = m @ m.T if wide else m.T @ m
+    if torch.compiler.is_compiling():  # inductor's lowering of diagonal() raises a FutureWarning of torch's own
+        gram = gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    else:
+        gram.diagonal().sub_(1)
+    return m, gram, wide
+
+
+def _chunks(params: Sequence[torch.Tensor], limit: int) -> list[tuple[int, int]]:
+    """Consecutive index ranges of at most ``limit`` bytes (a larger tensor alone)."""
+    out, start, size = [], 0, 0
+    for k, p in enumerate(params):
+        nbytes = p.numel() * p.element_size()
+        if size and size + nbytes > limit:
+            out.append((start, k))
+            start, size = k, 0
+        size += nbytes
+    if start < len(params):
+        out.append((start, len(params)))
+    return out
+
+
+
+@functools.cache
+def eager(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn``, always run eagerly. Traced into a compiled optimizer step, the bookkeeping would
+    read the step counter, guard the graph on it and recompile at every step. Made on first
+    use, not at import: ``torch.compiler.disable`` imports dynamo, as building an optimizer does."""
+    return torch.compiler.disable(fn)
