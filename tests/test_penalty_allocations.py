@@ -18,6 +18,15 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import regdsl
+from regdsl import penalties
+
+
+@pytest.fixture(autouse=True)
+def _closed_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    # These counts are the closed-form Function's contract. A bucket of at most penalties.FEW
+    # tensors of at most 64 KiB (this model's) is plain autograd ops instead, whose temporaries
+    # are that small: test_few_small_tensors_allocate_only_small_temporaries below.
+    monkeypatch.setattr(penalties, "FEW", 0)
 
 
 def _model() -> nn.Module:
@@ -126,3 +135,21 @@ def test_a_large_weight_is_summed_in_slices_that_stay_small() -> None:
     penalty = reg.penalty()
     events, _ = _record(penalty.backward)
     assert [n for n in events if n > (1 << 20)] == [big.weight.numel() * 4]  # the gradient, and only it
+
+
+def test_few_small_tensors_allocate_only_small_temporaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(penalties, "FEW", 3)
+    model = _model()  # 3 weights of 20 to 64 KiB: plain autograd ops
+    reg = regdsl.parse(RULES["elastic net"]).compile(model)
+    largest = max(w.numel() * w.element_size() for w in _weights(model))
+    assert largest <= penalties.SMALL
+    events, ops = _record(lambda: reg.penalty().backward())
+    assert max(events) <= largest and ops["aten::abs"] == 3, ops
+    # A weight over 64 KiB takes the whole bucket to the closed-form Function, whose backward
+    # allocates each gradient and nothing else of that size.
+    big = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(256, 256, bias=False))
+    reg = regdsl.parse(RULES["elastic net"]).compile(big)
+    penalty = reg.penalty()
+    events, ops = _record(penalty.backward)
+    assert ops["aten::abs"] == 0 and ops["aten::sign"] == 2, ops
+    assert [n for n in events if n > (1 << 10)] == [256 * 256 * 4]

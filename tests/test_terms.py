@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import regdsl
+from regdsl import penalties
 from regdsl.spec import VALUE_TERMS
 
 LR = 0.1
@@ -573,10 +574,14 @@ def _run_activity(layout: Layout, ref: ActivityRef, dtype: torch.dtype, form: st
     assert float(reg.penalty().detach()) == 0.0  # consumed by the first penalty()
 
 
+@pytest.mark.parametrize("few", [0, 3], ids=["function", "autograd"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("kind", VALUE_TERMS)
-def test_battery(kind: str, dtype: torch.dtype, layout: str) -> None:
+def test_battery(kind: str, dtype: torch.dtype, layout: str, few: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # l1/l2 of at most penalties.FEW small tensors are plain ops autograd differentiates, more
+    # tensors one closed-form Function: every layout here has 1 to 3 tensors, so both are run.
+    monkeypatch.setattr(penalties, "FEW", few)
     refs = REFERENCES.get(kind)
     assert refs, f"'{kind}' has no entry in REFERENCES"
     case = LAYOUTS[layout]
