@@ -12,7 +12,7 @@ would have put there (the formulas of :mod:`regdsl.penalties`)::
 
 Nothing goes through autograd and nothing is allocated per step beyond what the math
 needs (:mod:`regdsl.fold_kernels` runs each bucket): ``l2`` is one ``_foreach_add_`` per bucket
-(an ``add_`` per tensor in a bucket of at most :data:`~regdsl.fold_kernels.FEW`); ``l1`` and ``l2 ... to`` write
+(an ``add_`` per tensor in a CPU bucket of at most :data:`~regdsl.fold_kernels.FEW`); ``l1`` and ``l2 ... to`` write
 ``sign(w)`` or ``w − w₀`` of a large tensor into a scratch buffer kept across steps (CPU,
 where a freed large block goes back to the OS and every step would fault it in again), and
 otherwise into ``_foreach`` temporaries, a batch of at most ``SMALL_BATCH`` bytes (CPU)

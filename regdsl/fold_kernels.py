@@ -29,8 +29,8 @@ CHUNK = 64 << 20
 # many small tensors costs less than two kernels each. Batches stay under SMALL_BATCH bytes.
 SMALL = 64 << 10
 SMALL_BATCH = 1 << 20
-# A bucket of at most this many tensors is folded one tensor at a time: measured inside a CPU
-# training step, a _foreach call over one to three small tensors costs more than their kernels.
+# On the CPU a bucket of at most this many tensors is folded one tensor at a time: measured inside
+# a training step, a _foreach call over one to three small tensors costs more than their kernels.
 FEW = 3
 
 
@@ -147,7 +147,7 @@ class Bucket:
     ) -> None:
         lam, family = self.value, self.family
         if family == "l2":
-            if len(params) > FEW:
+            if len(params) > FEW or not self.on_scratch:
                 torch._foreach_add_(grads, params, alpha=lam)
             else:
                 for p, g in zip(params, grads):
@@ -162,7 +162,7 @@ class Bucket:
                         grads[k].add_(delta, alpha=lam)
                 params, grads = [params[k] for k in loose], [grads[k] for k in loose]
                 refs = [refs[k] for k in loose] if refs else refs
-            if len(params) <= FEW:
+            if len(params) <= FEW and self.on_scratch:
                 for k, (p, g) in enumerate(zip(params, grads)):
                     g.add_(torch.sign(p) if not refs else torch.sub(p, refs[k]), alpha=lam)
                 return

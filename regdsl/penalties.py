@@ -13,7 +13,7 @@ Formulas (the contract; docs/language.md repeats them), for one parameter ``w``:
 Parameters are bucketed once, at compile time, by device and dtype. ``l1``, ``l2`` and
 ``l2 ... to`` of a bucket are one autograd Function whose closed-form backward allocates
 one tensor per parameter, the gradient autograd must be handed (elastic net on one
-tensor is one output); a bucket of at most :data:`FEW` tensors of at most 64 KiB is plain
+tensor is one output); a CPU bucket of at most :data:`FEW` tensors of at most 64 KiB is plain
 ops that autograd differentiates (there the Function's own cost is more than the kernels').
 No full-size temporaries: memory freed after a step goes back to the OS, so each one
 page-faults in again at every step, and a ``_foreach`` op (one kernel per tensor on CPU
@@ -49,7 +49,7 @@ from .term_math import (
     unit_value,
 )
 
-# A closed-form bucket of at most FEW tensors of at most SMALL bytes each is differentiated by
+# A closed-form CPU bucket of at most FEW tensors of at most SMALL bytes each is differentiated by
 # autograd (measured inside a CPU training step: on the tiny MLP's 2 weights, 15 to 40 µs less
 # per step; on 9 weights of 64x64, the Function is faster).
 FEW = 3
@@ -134,7 +134,7 @@ class _ClosedFormBucket(_Bucket):
 
 
 class _FewTensorsBucket(_ClosedFormBucket):
-    """The same terms on at most :data:`FEW` small float32/float64 tensors, written as plain torch
+    """The same terms on at most :data:`FEW` small float32/float64 CPU tensors, written as plain torch
     ops that autograd differentiates: there an autograd Function's own cost (a Python forward and
     backward) is more than the kernels', and the temporaries autograd keeps are a few KiB."""
 
@@ -142,7 +142,10 @@ class _FewTensorsBucket(_ClosedFormBucket):
     def fits(items: list[LossItem]) -> bool:
         params = list({id(i.param): i.param for i in items}.values())
         return len(params) <= FEW and all(
-            p.dtype in (torch.float32, torch.float64) and p.numel() * p.element_size() <= SMALL and not sharded.is_sharded(p)
+            p.device.type == "cpu"
+            and p.dtype in (torch.float32, torch.float64)
+            and p.numel() * p.element_size() <= SMALL
+            and not sharded.is_sharded(p)
             for p in params
         )
 
