@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from . import sharded
-from .fold_kernels import Bucket, eager
+from .fold_kernels import Bucket
 from .penalties import LossItem, PenaltyPlan
 from .schedule import live
 
@@ -150,4 +150,4 @@ class Folding:
         self.rest.set_step(step)
 
 
-__all__ = ["FAMILIES", "FoldPlan", "Folding", "can_fold", "eager"]
+__all__ = ["FAMILIES", "FoldPlan", "Folding", "can_fold"]

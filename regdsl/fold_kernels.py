@@ -55,8 +55,13 @@ class Bucket:
         self.batch = SMALL_BATCH if self.on_scratch else CHUNK
         self.loose = list(range(len(self.params)))  # the parameters without a view
         self.chunks = _chunks(self.params, self.batch)
-        # group_lasso: the dimensions each slice's norm runs over, worked out once.
+        # group_lasso: the dimensions each slice's norm runs over, worked out once, and the runs of
+        # small same-shaped tensors whose norms one stacked kernel computes (the rest: one each).
         self.others = [_others(p, term.dim) if family == "group_lasso" else () for p in self.params]
+        stacks = family == "group_lasso" and self.on_scratch
+        self.runs = _same_shape_runs(self.params, SMALL, SMALL_BATCH) if stacks else []
+        in_runs = {k for a, b in self.runs for k in range(a, b)}
+        self.singles = [k for k in range(len(self.params)) if k not in in_runs]
         self.tiny = torch.finfo(self.acc).tiny
         # slice_norms' buffer, each parameter's (start, end, shape) in it and its view there: made on first use.
         self._norm_buffer: torch.Tensor | None = None
@@ -105,10 +110,21 @@ class Bucket:
             self._spans = [None if s is None else (end - math.prod(s), end, s) for s, end in zip(shapes, ends)]
             self._norm_buffer = torch.empty(ends[-1], dtype=self.acc, device=self.device)
             self._norm_views = self.norm_views(self._norm_buffer)
-        for p, dims, out in zip(self.params, self.others, self._norm_views):
+        for a, b in self.runs:  # consecutive in the buffer too
+            first, last = self._spans[a], self._spans[b - 1]
+            assert first is not None and last is not None
+            out = self._norm_buffer[first[0] : last[1]].view(b - a, *first[2])
+            stacked = torch.stack(self.params[a:b])
+            torch.linalg.vector_norm(stacked, 2, dim=self._stacked_dims(a), keepdim=True, dtype=self.acc, out=out)
+        for k in self.singles:
+            out = self._norm_views[k]
             if out is not None:
-                torch.linalg.vector_norm(p, 2, dim=dims, keepdim=True, dtype=self.acc, out=out)
+                p = self.params[k]
+                torch.linalg.vector_norm(p, 2, dim=self.others[k], keepdim=True, dtype=self.acc, out=out)
         return self._norm_buffer
+
+    def _stacked_dims(self, a: int) -> tuple[int, ...]:
+        return tuple(d + 1 for d in self.others[a])
 
     def norm_views(self, norms: torch.Tensor) -> list[torch.Tensor | None]:
         """Each parameter's slice norms in :meth:`slice_norms`' buffer (traced: slicing costs the graph nothing)."""
@@ -171,8 +187,16 @@ class Bucket:
                 delta = torch._foreach_sign(params[a:b]) if not refs else torch._foreach_sub(params[a:b], refs[a:b])
                 torch._foreach_add_(grads[a:b], delta, alpha=lam)
         elif family == "group_lasso":
-            others = self.others if len(params) == len(self.params) else None
-            for k, (p, g, out) in enumerate(zip(params, grads, views)):
+            whole = len(params) == len(self.params)
+            others = self.others if whole else None
+            # A run's norms from one stacked copy (at most SMALL_BATCH bytes), then one _foreach call:
+            # four calls where the tensors one at a time make three each.
+            for a, b in self.runs if whole else ():
+                stacked = torch.stack(params[a:b])
+                norms = torch.linalg.vector_norm(stacked, 2, dim=self._stacked_dims(a), keepdim=True, dtype=self.acc)
+                torch._foreach_addcdiv_(grads[a:b], params[a:b], norms.clamp_min_(self.tiny).unbind(0), value=lam)
+            for k in self.singles if whole else range(len(params)):
+                p, g, out = params[k], grads[k], views[k]
                 if p.ndim == 1:  # each element its own slice: λ·sign(w)
                     g.add_(torch.sign(p) if out is None else torch.sign(p, out=out), alpha=lam)
                 else:
@@ -261,6 +285,21 @@ def _gram_minus_identity(p: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tenso
     else:
         gram.diagonal().sub_(1)
     return m, gram, wide
+
+
+def _same_shape_runs(params: Sequence[torch.Tensor], small: int, limit: int) -> list[tuple[int, int]]:
+    """Index ranges of at least 2 consecutive tensors of one shape (two or more dimensions), each of
+    at most ``small`` bytes and together at most ``limit``."""
+    out, start = [], 0
+    for k in range(1, len(params) + 1):
+        first = params[start]
+        nbytes = first.numel() * first.element_size()
+        if k < len(params) and params[k].shape == first.shape and (k - start + 1) * nbytes <= limit:
+            continue
+        if k - start >= 2 and first.ndim >= 2 and nbytes <= small:
+            out.append((start, k))
+        start = k
+    return out
 
 
 def _chunks(params: Sequence[torch.Tensor], limit: int) -> list[tuple[int, int]]:

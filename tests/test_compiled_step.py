@@ -242,3 +242,27 @@ def test_group_lasso_slices_of_a_cnn_match_by_hand(dim: int) -> None:
         ref_opt.step()
     for (n, got), want in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_group_lasso_of_same_shaped_weights_stacked_for_their_norms(dim: int) -> None:
+    """Five Linear(6, 6) take their slice norms from one stacked copy, before the graph."""
+    seeded(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(6, 6) for _ in range(5)], torch.nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        (model[2].weight[1] if dim == 0 else model[2].weight[:, 1]).zero_()
+    reg = regdsl.parse(f"all group_lasso 0.05 dim={dim}\nexclude bias").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    opt.step = reg.compiled_step(opt)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for _ in range(2):  # the second step reuses the norm buffer
+        for n, p in model.named_parameters():
+            p.grad = grads[n].clone()
+        opt.step()
+    for name, w in model.named_parameters():
+        want = grads[name].clone()
+        if name.endswith("weight"):
+            norms = w.detach().pow(2).sum(dim=1 - dim, keepdim=True).sqrt()
+            want += torch.where(norms > 0, 0.05 * w.detach() / norms, torch.zeros_like(w))
+        torch.testing.assert_close(w.grad, want, rtol=1e-12, atol=1e-14, msg=lambda m, n=name: f"{n}: {m}")

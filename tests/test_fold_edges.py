@@ -297,3 +297,36 @@ def test_group_lasso_fold_at_a_zero_slice_and_a_nan(lam: float) -> None:
     assert torch.equal(grad[0], torch.zeros(4))
     torch.testing.assert_close(grad[1], lam * w[1] / w[1].norm())
     assert grad[2].isnan().all()
+
+
+def same_shaped_stack(dim: int) -> nn.Module:
+    """Five Linear(6, 6) (one run of same-shaped weights), then a Linear(6, 3); one all-zero slice."""
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(5)], nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        (model[2].weight[1] if dim == 0 else model[2].weight[:, 1]).zero_()
+    return model
+
+
+def group_lasso_by_hand(model: nn.Module, lam: float, dim: int) -> dict[str, torch.Tensor]:
+    want = {}
+    for name, w in model.named_parameters():
+        if name.endswith("weight"):
+            norms = w.detach().pow(2).sum(dim=1 - dim, keepdim=True).sqrt()
+            want[name] = torch.where(norms > 0, lam * w.detach() / norms, torch.zeros_like(w))
+    return want
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_group_lasso_of_same_shaped_weights_takes_their_norms_in_one_stacked_kernel(dim: int) -> None:
+    seeded(0)
+    model = same_shaped_stack(dim)
+    reg = regdsl.parse(f"all group_lasso 0.05 dim={dim}\nexclude bias").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = folded_grads(model, opt)
+    assert sum(e.name == "aten::stack" for e in prof.events()) == 1  # the five Linear(6, 6), not the last
+    want = group_lasso_by_hand(model, 0.05, dim)
+    assert_grads({n: g for n, g in got.items()}, {n: w for n, w in want.items() if w.abs().sum() > 0})
+    zero_slice = model[2].weight.grad[1] if dim == 0 else model[2].weight.grad[:, 1]
+    assert torch.equal(zero_slice, torch.zeros(6, dtype=torch.float64))
