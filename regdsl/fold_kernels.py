@@ -19,15 +19,14 @@ from typing import Any
 import torch
 
 from . import sharded
-from .penalties import LossItem, accumulation_dtype, autocast_device_type
+from .penalties import SMALL, LossItem, accumulation_dtype, autocast_device_type
 from .schedule import is_scheduled, strength_at
 
 # Bytes per _foreach batch off the CPU: bounds the temporaries a step holds at once.
 CHUNK = 64 << 20
-# On the CPU a tensor this small (bytes) gets its sign(w) or w − w₀ as a _foreach temporary:
-# glibc serves blocks this size from its heap, not from fresh pages, and one _foreach call for
-# many small tensors costs less than two kernels each. Batches stay under SMALL_BATCH bytes.
-SMALL = 64 << 10
+# On the CPU a tensor of at most SMALL bytes (penalties.SMALL: its temporaries come from glibc's
+# heap) gets its sign(w) or w − w₀ as a _foreach temporary: one _foreach call for many small
+# tensors costs less than two kernels each. Batches stay under SMALL_BATCH bytes.
 SMALL_BATCH = 1 << 20
 # On the CPU a bucket of at most this many tensors is folded one tensor at a time: measured inside
 # a training step, a _foreach call over one to three small tensors costs more than their kernels.
@@ -59,8 +58,10 @@ class Bucket:
         # small same-shaped tensors whose norms one stacked kernel computes (the rest: one each).
         self.others = [_others(p, term.dim) if family == "group_lasso" else () for p in self.params]
         stacks = family == "group_lasso" and self.on_scratch
-        self.runs = _same_shape_runs(self.params, SMALL, SMALL_BATCH) if stacks else []
-        in_runs = {k for a, b in self.runs for k in range(a, b)}
+        runs = _same_shape_runs(self.params, SMALL, SMALL_BATCH) if stacks else []
+        # (start, end, the norm's dimensions in the stacked copy)
+        self.runs = [(a, b, tuple(d + 1 for d in self.others[a])) for a, b in runs]
+        in_runs = {k for a, b in runs for k in range(a, b)}
         self.singles = [k for k in range(len(self.params)) if k not in in_runs]
         self.tiny = torch.finfo(self.acc).tiny
         # slice_norms' buffer, each parameter's (start, end, shape) in it and its view there: made on first use.
@@ -110,21 +111,18 @@ class Bucket:
             self._spans = [None if s is None else (end - math.prod(s), end, s) for s, end in zip(shapes, ends)]
             self._norm_buffer = torch.empty(ends[-1], dtype=self.acc, device=self.device)
             self._norm_views = self.norm_views(self._norm_buffer)
-        for a, b in self.runs:  # consecutive in the buffer too
+        for a, b, dims in self.runs:  # consecutive in the buffer too
             first, last = self._spans[a], self._spans[b - 1]
             assert first is not None and last is not None
             out = self._norm_buffer[first[0] : last[1]].view(b - a, *first[2])
             stacked = torch.stack(self.params[a:b])
-            torch.linalg.vector_norm(stacked, 2, dim=self._stacked_dims(a), keepdim=True, dtype=self.acc, out=out)
+            torch.linalg.vector_norm(stacked, 2, dim=dims, keepdim=True, dtype=self.acc, out=out)
         for k in self.singles:
             out = self._norm_views[k]
             if out is not None:
                 p = self.params[k]
                 torch.linalg.vector_norm(p, 2, dim=self.others[k], keepdim=True, dtype=self.acc, out=out)
         return self._norm_buffer
-
-    def _stacked_dims(self, a: int) -> tuple[int, ...]:
-        return tuple(d + 1 for d in self.others[a])
 
     def norm_views(self, norms: torch.Tensor) -> list[torch.Tensor | None]:
         """Each parameter's slice norms in :meth:`slice_norms`' buffer (traced: slicing costs the graph nothing)."""
@@ -191,9 +189,9 @@ class Bucket:
             others = self.others if whole else None
             # A run's norms from one stacked copy (at most SMALL_BATCH bytes), then one _foreach call:
             # four calls where the tensors one at a time make three each.
-            for a, b in self.runs if whole else ():
+            for a, b, dims in self.runs if whole else ():
                 stacked = torch.stack(params[a:b])
-                norms = torch.linalg.vector_norm(stacked, 2, dim=self._stacked_dims(a), keepdim=True, dtype=self.acc)
+                norms = torch.linalg.vector_norm(stacked, 2, dim=dims, keepdim=True, dtype=self.acc)
                 torch._foreach_addcdiv_(grads[a:b], params[a:b], norms.clamp_min_(self.tiny).unbind(0), value=lam)
             for k in self.singles if whole else range(len(params)):
                 p, g, out = params[k], grads[k], views[k]

@@ -49,13 +49,15 @@ from .term_math import (
     unit_value,
 )
 
+# Bytes of a CPU tensor whose temporaries cost nothing to allocate: glibc serves blocks this size
+# from its heap, not from fresh pages that fault in again at every step (regdsl.fold_kernels too).
+SMALL = 64 << 10
 # A closed-form CPU bucket of at most FEW tensors of at most SMALL bytes each is differentiated by
 # autograd (measured inside a CPU training step: on the tiny MLP's 2 weights, 15 to 40 µs less
 # per step; on 9 weights of 64x64, the Function is faster).
 FEW = 3
-SMALL = 64 << 10
 
-__all__ = ["LossItem", "PenaltyPlan", "accumulation_dtype", "autocast_device_type", "unit_value"]
+__all__ = ["SMALL", "LossItem", "PenaltyPlan", "accumulation_dtype", "autocast_device_type", "unit_value"]
 
 # ---------------------------------------------------------------- buckets
 
