@@ -18,7 +18,8 @@ where a freed large block goes back to the OS and every step would fault it in a
 otherwise into ``_foreach`` temporaries, a batch of at most ``SMALL_BATCH`` bytes (CPU)
 or ``CHUNK`` bytes (devices with a caching allocator) at a time; ``group_lasso`` needs
 one norm per slice and ``orthogonal`` its Gram matrix (``addmm_`` straight into the
-gradient where it can).
+gradient where it can). ``l1`` and ``l2`` on the same large CPU tensor fold together, a slice
+at a time while it is in cache (:mod:`regdsl.fold_elastic`).
 
 Strengths are Python floats in eager mode (no host sync). Inside ``torch.compile``
 (an optimizer step compiled with its hooks) the same terms are written with 0-dim
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 
 from . import sharded
+from .fold_elastic import ElasticBucket, elastic_pairs
 from .fold_kernels import Bucket
 from .penalties import LossItem, PenaltyPlan
 from .schedule import live
@@ -67,15 +69,29 @@ class FoldPlan:
     def _build(self) -> None:
         for item in self.items:
             item.follow()
+        pairs = elastic_pairs(self.items, self.scratch_devices)
+        paired = {id(i) for pair in pairs for i in pair}
         grouped: dict[tuple[Any, ...], list[LossItem]] = {}
         distributed = sharded.active()
         for item in self.items:
+            if id(item) in paired:
+                continue
             p = item.param
             key = (item.family, item.term, p.device, p.dtype, sharded.mesh_key(p) if distributed else None)
             grouped.setdefault(key, []).append(item)
-        self._buckets = [
+        elastic: dict[tuple[Any, ...], list[tuple[LossItem, LossItem]]] = {}
+        for l1, l2 in pairs:
+            elastic.setdefault((l1.term, l2.term, l1.param.device, l1.param.dtype), []).append((l1, l2))
+        self._buckets: list[Bucket | ElasticBucket] = [
             Bucket(family, term, items, self._step, self.scratch_devices)
             for (family, term, *_), items in grouped.items()
+        ]
+        self._buckets += [
+            ElasticBucket(
+                Bucket("l1", t1, [l1 for l1, _ in both], self._step, self.scratch_devices),
+                Bucket("l2", t2, [l2 for _, l2 in both], self._step, self.scratch_devices),
+            )
+            for (t1, t2, *_), both in elastic.items()
         ]
         self._scheduled = [b for b in self._buckets if b.scheduled]
         # One buffer per (device, dtype) for sign(w) and w − w₀, as large as the largest such tensor.
