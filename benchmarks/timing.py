@@ -7,6 +7,7 @@ import argparse
 import gc
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -43,6 +44,41 @@ def timed_samples(
     finally:
         if paused:
             gc.enable()
+
+
+def paired_overhead(samples: list[float], base: list[float]) -> float:
+    """The median over rounds of ``samples[r] − base[r]``: each difference is taken within one
+    round, where both ran seconds apart, so a machine that drifts between rounds moves neither."""
+    return statistics.median(s - b for s, b in zip(samples, base))
+
+
+def ratio_interval(
+    samples: list[float],
+    base: list[float],
+    loop: list[float],
+    plain: list[float],
+    *,
+    level: float = 0.9,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """How far noise moves ``paired_overhead(samples, base) / paired_overhead(loop, plain)``: the
+    central ``level`` of that ratio over ``resamples`` resamplings of the rounds (with replacement,
+    the four series resampled together, so each round stays paired). A resampling where the loop
+    measured no overhead has no ratio and is left out; NaNs when most are."""
+    rounds = len(samples)
+    draw = random.Random(seed)
+    ratios = []
+    for _ in range(resamples):
+        picked = [draw.randrange(rounds) for _ in range(rounds)]
+        loop_over = statistics.median(loop[k] - plain[k] for k in picked)
+        if loop_over > 0:
+            ratios.append(statistics.median(samples[k] - base[k] for k in picked) / loop_over)
+    if len(ratios) < resamples / 2:
+        return float("nan"), float("nan")
+    ratios.sort()
+    tail = (1 - level) / 2
+    return ratios[int(tail * (len(ratios) - 1))], ratios[int((1 - tail) * (len(ratios) - 1))]
 
 
 # A sample lasts at least this long: a sub-millisecond step timed alone is mostly timer and

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+from timing import paired_overhead, ratio_interval
 
 
 def run_quick(script: str, *args: str) -> str:
@@ -29,6 +34,28 @@ def test_step_overhead_quick_runs_and_prints_its_table() -> None:
     assert "check, one SGD step from the same start" in out
     assert "FAILED" not in out
     assert "| model | workload | plain step |" in out
+    assert "noise (90%)" in out
+
+
+def test_overhead_is_the_median_of_differences_within_rounds() -> None:
+    # The machine slows down in round 3: the differences within each round still say 0.1 or 0.2.
+    base = [1.0, 1.0, 5.0, 1.0, 1.0]
+    assert paired_overhead([1.1, 1.2, 5.1, 1.1, 1.2], base) == pytest.approx(0.1)
+    assert paired_overhead([1.2, 1.2, 5.2, 1.1, 1.1], base) == pytest.approx(0.2)
+
+
+def test_noise_range_of_the_ratio() -> None:
+    plain = [1.0, 1.1, 0.9, 1.0, 1.2, 1.0]
+    loop = [p + 0.4 for p in plain]
+    # Without noise in the differences every resampling gives the same ratio.
+    assert ratio_interval([p + 0.1 for p in plain], plain, loop, plain) == pytest.approx((0.25, 0.25))
+    # Noisy differences, 0 to 0.2 against the loop's 0.4: the range holds the whole sample's ratio and
+    # stays within what a median of those differences can be.
+    noisy = [p + d for p, d in zip(plain, [0.05, 0.2, 0.1, 0.0, 0.15, 0.1])]
+    low, high = ratio_interval(noisy, plain, loop, plain)
+    assert 0.0 <= low < paired_overhead(noisy, plain) / 0.4 < high <= 0.5
+    # A loop that measured no overhead leaves no ratio.
+    assert all(math.isnan(v) for v in ratio_interval(noisy, plain, plain, plain))
 
 
 def test_decay_overhead_quick_runs_and_checks_before_timing() -> None:
