@@ -8,7 +8,7 @@ gets both terms while it is in cache::
 
     g[s] += b·w[s];  g[s] += a·sign(w[s])        (sign written into a buffer of one slice)
 
-Measured alone on ViT-B's 86M weights (one thread): 62 to 74 ms against 76 to 85 ms apart.
+The fold alone on ViT-B's 86M weights (one thread, interleaved rounds): 61 to 64 ms against 83 ms apart.
 The formulas are :mod:`regdsl.fold`'s; the strengths are the two terms' own, so schedules move
 each as before. With a tensor strength (a compiled step, a fused optimizer under ``GradScaler``)
 the two terms fold apart as before: inside a graph, inductor fuses them anyway.
