@@ -28,7 +28,7 @@ from .ddp import DeferredPenalty, ddp_of, defers
 from .diagnose import diagnose, enforce
 from .errors import RegUsageError
 from .gcpause import paused_gc
-from .guards import check_parameters_current, warn_not_listening, warn_untaken
+from .guards import PenaltyWatch, check_parameters_current, warn_not_listening, warn_untaken
 from .items import step_items
 from .penalties import PenaltyPlan
 from .resolution import (
@@ -99,6 +99,7 @@ class Regularizer:
         self._post = PostStepPlan(post)
         self._activity = ActivityPlan(targets)
         self._warned_untaken = False
+        self._watch = PenaltyWatch(self._penalty.items)  # warns when steps run without the penalty() it holds
         self._first_trainable = next((e.param for e in self.table.entries if e.trainable), None)
         # Whether a step needs more than the counter: post-step terms, pending activity values, schedules.
         self._busy = bool(self._post or self._activity or self._scheduled_decays) or any_scheduled(i.term for i in loss)
@@ -178,6 +179,8 @@ class Regularizer:
         check_parameters_current(self.table.entries)
         self._attached = Attachment(self, optimizers, fold, fold_hook)  # raises before anything is installed
         self._hooks += self._attached.hooks
+        rest = self._attached.rest  # None without fold: penalty() holds every loss term
+        self._watch.watch(rest.items if rest is not None else self._penalty.items, rest is not None)
         self._activity.register()  # after a detach(), the forward hooks come back too
         return self
 
@@ -216,6 +219,8 @@ class Regularizer:
         if self._activity.take() and not self._warned_untaken:
             self._warned_untaken = True
             warn_untaken(self._activity.targets)
+        if self._watch.active:
+            self._watch.stepped(id(optimizer) if optimizer is not None else 0)
         post = self._attached.owner(optimizer).post if self._attached is not None else self._post
         post.apply(self._step, optimizer.param_groups if optimizer is not None else None)
         self._set_step(self._step + 1, optimizer)
@@ -238,6 +243,7 @@ class Regularizer:
         if self._attached is not None:
             self._attached.retire()
         self._attached = None
+        self._watch.watch(self._penalty.items)
         self._activity.remove()
 
     @property
@@ -315,6 +321,7 @@ class Regularizer:
         :attr:`accumulation_steps`."""
         # Read at each call: model.to() after compiling moves the parameters, and the zero must follow.
         device = self._first_trainable.device if self._first_trainable is not None else None
+        self._watch.taken = True
         total = self._loss_plan()(device)
         if not self._activity.listening:
             warn_not_listening(self._activity.targets)

@@ -60,3 +60,47 @@ def warn_not_listening(targets: Sequence[Any]) -> None:
 def _lines(targets: Sequence[Any]) -> str:
     lines = sorted({t.term.pos.line for t in targets if t.term.pos is not None})
     return f" (line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))})" if lines else ""
+
+
+class PenaltyWatch:
+    """Whether a ``penalty()`` call came before each optimizer step while ``penalty()`` holds loss
+    terms nothing else applies (not folded): without one they do nothing, silently. Warns once per
+    regularizer. With nothing held (constant ``decay`` alone, everything folded) the step hooks
+    skip the check.
+
+    ``penalty()`` only sets :attr:`taken`, and never reads it: under ``torch.compile`` a value
+    the traced function read would be a guard, and a counter would recompile it at every call.
+    A step that finds it set opens a new epoch; each optimizer remembers the epoch of its last
+    step, so one ``penalty()`` before two optimizers step serves both."""
+
+    def __init__(self, items: Sequence[Any]):
+        self.taken = False
+        self._epoch = 0
+        self._warned = False
+        self.watch(items)
+
+    def watch(self, items: Sequence[Any], folding: bool = False) -> None:
+        """From now on, the terms ``penalty()`` holds are ``items``; steps so far are forgotten."""
+        self.items, self.folding = list(items), folding
+        self.active = bool(self.items)
+        self._last: dict[int, int] = {}
+        self._start = self._epoch
+
+    def stepped(self, key: int) -> None:
+        """An optimizer step (``key``: its id; 0 for ``after_step()``) is over, or about to update."""
+        if self.taken:
+            self.taken = False
+            self._epoch += 1
+        if self._last.get(key, self._start) == self._epoch and not self._warned:
+            self._warned = True
+            held = "loss terms that cannot fold" if self.folding else "loss terms"
+            hint = "" if self.folding else " (or attach(optimizer, fold=True) folds those that can into the step itself)"
+            warnings.warn(
+                RegDslWarning(
+                    f"an optimizer step ran with no reg.penalty() call since the step before, while penalty() holds "
+                    f"{held}{_lines(self.items)}: they do nothing unless reg.penalty() is added to the loss of each "
+                    f"training step{hint}"
+                ),
+                stacklevel=caller_stacklevel(through_torch=True),
+            )
+        self._last[key] = self._epoch

@@ -40,18 +40,26 @@ def _advance(reg_ref: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: 
         reg._advance(optimizer)
 
 
-def _count(reg_ref: Any) -> None:
+def _count(reg_ref: Any, optimizer: torch.optim.Optimizer) -> None:
     reg = reg_ref()
     if reg is not None:
         reg._step += 1  # nothing is scheduled: no strength moves, only reg.step and state_dict() read it
+        if reg._watch.active:
+            reg._watch.stepped(id(optimizer))
 
 
-def _count_after(count: Callable[[], None], optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    count()
+def _count_after(
+    count: Callable[[torch.optim.Optimizer], None], optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
+) -> None:
+    count(optimizer)
 
 
 def _fold_hook(
-    plan: FoldPlan, count: Callable[[], None] | None, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
+    plan: FoldPlan,
+    count: Callable[[torch.optim.Optimizer], None] | None,
+    optimizer: torch.optim.Optimizer,
+    args: Any,
+    kwargs: Any,
 ) -> None:
     # args[0] is the optimizer itself; a closure comes positionally or by keyword.
     if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
@@ -62,4 +70,4 @@ def _fold_hook(
         )
     plan(getattr(optimizer, "grad_scale", None))
     if count is not None:
-        count()
+        count(optimizer)
