@@ -43,6 +43,7 @@ from .resolution import (
 from .schedule import any_scheduled, is_scheduled, strength_at
 from .spaces import require_values, suggest
 from .spec import Spec
+from .step_hooks import remove_all
 
 __all__ = ["Coverage", "GroupSummary", "ModuleRow", "ParamRow", "Regularizer", "Resolution", "Setting", "compile", "resolve"]
 
@@ -91,7 +92,7 @@ class Regularizer:
         self._decay = DecayWriter(self._scheduled_decays)  # after_step()'s optimizer: it holds every member
         self._attached: Attachment | None = None  # set by attach(): the optimizers, their folds and post-step terms
         self._hooks: list[Any] = []
-        self._hook_finalizer = weakref.finalize(self, _remove_all, self._hooks)
+        self._hook_finalizer = weakref.finalize(self, remove_all, self._hooks)
         loss, post, self._references, targets = step_items(self.resolution, reference)
         self._loss_items = loss
         self._penalty = PenaltyPlan(loss)
@@ -239,7 +240,7 @@ class Regularizer:
 
     def detach(self) -> None:
         """Remove the optimizer hooks (the fold's too: penalty() is whole again) and the activity forward hooks."""
-        _remove_all(self._hooks)
+        remove_all(self._hooks)
         if self._attached is not None:
             self._attached.retire()
         self._attached = None
@@ -368,11 +369,6 @@ class Regularizer:
             f"<Regularizer {len(self.spec.statements)} statements, {trainable} trainable tensors, "
             f"{len(self._groups)} groups, step {self._step}>"
         )
-
-
-def _remove_all(handles: list[Any]) -> None:
-    while handles:
-        handles.pop().remove()
 
 
 def compile(

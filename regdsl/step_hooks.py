@@ -34,6 +34,12 @@ def step_hooks(reg_ref: Any, optimizer: torch.optim.Optimizer, plan: FoldPlan | 
     return handles
 
 
+def remove_all(handles: list[Any]) -> None:
+    """Remove every hook handle in ``handles``, emptying it (at ``detach()`` and when the regularizer dies)."""
+    while handles:
+        handles.pop().remove()
+
+
 def _advance(reg_ref: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     reg = reg_ref()
     if reg is not None:
