@@ -82,10 +82,12 @@ class ElasticBucket:
             self.l1.fold(scale)
             self.l2.fold(scale)
             return
+        # Gradients first, as each bucket apart makes them: at strength 0 a missing one is zeros, as
+        # the loss path's autograd would give it.
+        params, grads, _ = _gradients(self.params)
         a, b = self.l1.value, self.l2.value
         if not (a or b):
             return
-        params, grads, _ = _gradients(self.params)
         elements = self._buffer.numel()
         for p, g in zip(params, grads):
             # Slices along dim 0 are views whatever the layout (channels_last included).

@@ -122,6 +122,17 @@ def test_a_parameter_without_gradient() -> None:
     torch.testing.assert_close(model.conv.grad, L1 * w.sign() + L2 * w)
 
 
+def test_at_strength_zero_a_missing_gradient_becomes_zeros() -> None:
+    # Both terms ramp from 0: at step 0 they add nothing, but the gradient exists, as on the loss path.
+    seeded(3)
+    model = Shapes()
+    reg = regdsl.parse("layer tall l1 0.01 warmup 2 l2 0.1 warmup 2").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    opt.step()
+    assert torch.equal(model.tall.grad, torch.zeros_like(model.tall))
+
+
 def test_a_tensor_strength_folds_each_term_apart_with_the_same_result() -> None:
     # A fused optimizer under GradScaler hands the fold its grad_scale: the two terms then fold as
     # their own buckets, with tensor strengths, and scaled.
