@@ -42,6 +42,10 @@ def main() -> None:
         print(f"rank 0 of {world}: {reg.step} steps, last loss {loss.item():.4f}")
         if args.out:
             torch.save(model.state_dict(), args.out)
+    # Every rank is done (rank 0 saving too) before any tears its process group down: a rank whose
+    # peer had already exited was seen to abort at exit in CI ('terminate called without an active
+    # exception', gloo).
+    dist.barrier()
     dist.destroy_process_group()
 
 
