@@ -92,13 +92,19 @@ def test_slices_cover_each_tensor_once(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(got["tall"].double(), want, rtol=1e-6, atol=1e-6)  # float32 sums
 
 
-def test_each_strength_moves_on_its_own_schedule() -> None:
-    # l1 ramps from 0 over 2 steps: at step 0 only l2 folds, at step 1 l1 at half strength.
-    seeded(2)
+def attached(rules: str, seed: int) -> tuple[Shapes, regdsl.Regularizer, torch.optim.Optimizer]:
+    """A fresh Shapes under ``rules``, attached with fold=True to an SGD of lr 0 (the weights stay)."""
+    seeded(seed)
     model = Shapes()
-    reg = regdsl.parse("layer tall, wide l1 0.01 warmup 2 l2 0.1").compile(model)
+    reg = regdsl.parse(rules).compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     reg.attach(opt, fold=True)
+    return model, reg, opt
+
+
+def test_each_strength_moves_on_its_own_schedule() -> None:
+    # l1 ramps from 0 over 2 steps: at step 0 only l2 folds, at step 1 l1 at half strength.
+    model, _, opt = attached("layer tall, wide l1 0.01 warmup 2 l2 0.1", seed=2)
     for l1 in (0.0, L1 / 2, L1):
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -110,11 +116,7 @@ def test_each_strength_moves_on_its_own_schedule() -> None:
 
 def test_a_parameter_without_gradient() -> None:
     # A frozen one is skipped; one that requires grad but has none gets the terms alone, as on the loss path.
-    seeded(3)
-    model = Shapes()
-    reg = regdsl.parse(RULES).compile(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    reg.attach(opt, fold=True)
+    model, _, opt = attached(RULES, seed=3)
     model.tall.requires_grad_(False)
     opt.step()
     assert model.tall.grad is None
@@ -124,11 +126,7 @@ def test_a_parameter_without_gradient() -> None:
 
 def test_at_strength_zero_a_missing_gradient_becomes_zeros() -> None:
     # Both terms ramp from 0: at step 0 they add nothing, but the gradient exists, as on the loss path.
-    seeded(3)
-    model = Shapes()
-    reg = regdsl.parse("layer tall l1 0.01 warmup 2 l2 0.1 warmup 2").compile(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    reg.attach(opt, fold=True)
+    model, _, opt = attached("layer tall l1 0.01 warmup 2 l2 0.1 warmup 2", seed=3)
     opt.step()
     assert torch.equal(model.tall.grad, torch.zeros_like(model.tall))
 
