@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,37 @@ def test_step_overhead_quick_runs_and_prints_its_table() -> None:
     assert "FAILED" not in out
     assert "| model | workload | plain step |" in out
     assert "noise (90%)" in out
+
+
+def test_term_work_quick_checks_then_times_each_candidates_work() -> None:
+    out = run_quick("term_work.py", "--models", "tiny_mlp")
+    # Both workloads were checked against the loop's gradients before any timing, and passed.
+    assert out.count("check, gradients added to zeros on a float64 copy") == 2
+    assert "FAILED" not in out
+    assert out.count("ok") >= 4
+    for label in ("tutorial loop", "loss path", "fast path", "floor (alone)"):
+        assert out.count(f"   {label}") == 2
+    assert "| tiny_mlp | group_lasso |" in out
+
+
+def test_term_work_check_refuses_a_candidate_that_adds_other_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    import term_work
+    import torch
+
+    bench = term_work.build_bench("tiny_mlp", True, torch.device("cpu"))
+    rules = term_work.WORKLOADS["elastic net"]
+    assert all(text.endswith(" ok") for text in term_work.check(bench, rules, "elastic net").values())
+    # A loop with twice the strengths: regdsl's gradients are now half of it, and both are refused.
+    honest = term_work.tutorial_penalty
+
+    def doubled(workload: str, params: list[torch.nn.Parameter]) -> Any:
+        penalty = honest(workload, params)
+        return lambda: 2 * penalty()
+
+    monkeypatch.setattr(term_work, "tutorial_penalty", doubled)
+    checked = term_work.check(bench, rules, "elastic net")
+    assert set(checked) == {"loss path", "fast path"}
+    assert all(text.endswith(" FAILED") for text in checked.values())
 
 
 def test_overhead_is_the_median_of_differences_within_rounds() -> None:
