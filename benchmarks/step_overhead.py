@@ -526,8 +526,9 @@ def run_workload(
     return not failed, summary
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def command_line(doc: str) -> tuple[argparse.Namespace, list[str], torch.device]:
+    """The options this script and term_work.py share, parsed and applied: (args, model keys, device)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15, 5 with --quick)")
     parser.add_argument("--quick", action="store_true", help="5 rounds, toy-size ResNet and ViT, no torch.compile")
@@ -550,6 +551,11 @@ def main() -> int:
         transformers.logging.set_verbosity_error()
     except ImportError:
         pass
+    return args, keys, device
+
+
+def main() -> int:
+    args, keys, device = command_line(__doc__)
 
     print(machine(device))
     if device.type == "cpu" and hasattr(os, "getloadavg"):

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import logging
 import statistics
 import sys
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from step_overhead import (
     WORKLOADS,
     Bench,
     build_bench,
+    command_line,
     compile_rules,
     params_by_name,
     regularized,
@@ -194,29 +194,7 @@ def run_workload(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15, 5 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="5 rounds, toy-size ResNet and ViT, no torch.compile")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    args = parser.parse_args()
-    keys = [k.strip() for k in args.models.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in MODELS]
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-    if args.repeats is None:
-        args.repeats = 5 if args.quick else 15
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch._logging.set_logs(dynamo=logging.ERROR)  # "Profiler record function ... will be ignored" in opt.step
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    args, keys, device = command_line(__doc__)
     print(machine(device))
     print(
         f"regdsl {regdsl.__version__}; medians of {args.repeats} interleaved rounds{'; --quick' if args.quick else ''}"
