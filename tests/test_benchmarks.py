@@ -69,6 +69,21 @@ def test_term_work_check_refuses_a_candidate_that_adds_other_gradients(monkeypat
     assert all(text.endswith(" FAILED") for text in checked.values())
 
 
+def test_term_work_checks_the_compiled_path_before_timing_it() -> None:
+    import term_work
+    import torch
+
+    torch._dynamo.reset()  # as term_work.py does per workload: other tests' compiled steps count toward dynamo's limits
+    bench = term_work.build_bench("tiny_mlp", True, torch.device("cpu"))
+    rules = term_work.WORKLOADS["group_lasso"]
+    _, path_step, path_model = term_work.compiled_pair(bench, rules)
+    assert term_work.check_compiled(bench, rules, "group_lasso", path_step, path_model).endswith(" ok")
+    # A step that folds nothing (the plain compiled SGD on the same copy's weights) is refused.
+    _, _, copy = term_work.compiled_pair(bench, rules)
+    plain_on_copy = torch.compile(torch.optim.SGD(copy.parameters(), lr=term_work.LR).step)
+    assert term_work.check_compiled(bench, rules, "group_lasso", plain_on_copy, copy).endswith(" FAILED")
+
+
 def test_overhead_is_the_median_of_differences_within_rounds() -> None:
     # The machine slows down in round 3: the differences within each round still say 0.1 or 0.2.
     base = [1.0, 1.0, 5.0, 1.0, 1.0]
