@@ -384,8 +384,13 @@ def check(bench: Bench, rules: str, workload: str, names: list[str], labels: lis
         except Unavailable as e:
             results[label] = f"n/a ({e})"
             continue
-        results[label] = f"{err:.1e} " + ("ok" if err <= CHECK_TOLERANCE else "FAILED")
+        results[label] = verdict(err, CHECK_TOLERANCE)
     return results
+
+
+def verdict(err: float, tolerance: float) -> str:
+    """A check's line for one candidate: its error, then 'ok', or 'FAILED' (which keeps it untimed)."""
+    return f"{err:.1e} " + ("ok" if err <= tolerance else "FAILED")
 
 
 # ----------------------------------------------------------------------------------------- timing

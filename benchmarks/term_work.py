@@ -54,6 +54,7 @@ from step_overhead import (
     params_by_name,
     regularized,
     tutorial_penalty,
+    verdict,
 )
 from timing import machine, paired_overhead, ratio_interval, timed_samples
 from torch import nn
@@ -69,9 +70,8 @@ TARGETS = {"fast path": (0.25, set(MODELS)), "compiled path": (0.10, {"mlp400", 
 def candidates(bench: Bench, rules: str, workload: str) -> dict[str, Callable[[], None]]:
     """Each candidate's work, on ``bench.model`` itself: none of them changes a weight."""
     model = bench.model
-    names = regularized(compile_rules(rules, model))
-    loop = tutorial_penalty(workload, params_by_name(model, names))
     reg = compile_rules(rules, model)
+    loop = tutorial_penalty(workload, params_by_name(model, regularized(reg)))
     fast = compile_rules(rules, model)
     opt = torch.optim.SGD(fast.param_groups(lr=LR), lr=LR)
     fast.attach(opt, fold=True, fold_hook=False)
@@ -95,10 +95,12 @@ def compiled_pair(bench: Bench, rules: str) -> tuple[Callable[[], None], Callabl
     return plain_step, reg.compiled_step(opt), path_model
 
 
-def check_compiled(bench: Bench, rules: str, workload: str, step: Callable[[], None], model: nn.Module) -> str:
+def check_compiled(
+    bench: Bench, workload: str, params: list[nn.Parameter], step: Callable[[], None], model: nn.Module
+) -> str:
     """The gradients the compiled path's first step (it compiles) leaves in ``p.grad``, from zeros,
-    against the loop's at the same weights (``bench.model``'s, which ``model`` copies)."""
-    loop = tutorial_penalty(workload, params_by_name(bench.model, regularized(compile_rules(rules, bench.model))))
+    against the loop's over ``params`` (``bench.model``'s regularized tensors; ``model`` copies it)."""
+    loop = tutorial_penalty(workload, params)
     for p in bench.model.parameters():
         p.grad = torch.zeros_like(p)
     loop().backward()
@@ -109,7 +111,7 @@ def check_compiled(bench: Bench, rules: str, workload: str, step: Callable[[], N
     got = dict(model.named_parameters())
     scale = max(g.abs().max().item() for g in expected.values())
     err = max((got[name].grad - g).abs().max().item() for name, g in expected.items()) / scale
-    return f"{err:.1e} " + ("ok" if err <= COMPILED_TOLERANCE else "FAILED")
+    return verdict(err, COMPILED_TOLERANCE)
 
 
 def check(bench: Bench, rules: str, workload: str) -> dict[str, str]:
@@ -129,7 +131,7 @@ def check(bench: Bench, rules: str, workload: str) -> dict[str, str]:
     results = {}
     for label, grads in added.items():
         err = max((g - r).abs().max().item() for g, r in zip(grads, loop)) / scale
-        results[label] = f"{err:.1e} " + ("ok" if err <= TOLERANCE else "FAILED")
+        results[label] = verdict(err, TOLERANCE)
     return results
 
 
@@ -150,7 +152,7 @@ def run_workload(
     if not args.quick:
         torch._dynamo.reset()  # every compiled opt.step shares SGD.step's code: keep its recompile count low
         plain_step, path_step, path_model = compiled_pair(bench, rules)
-        checked["compiled path"] = check_compiled(bench, rules, workload, path_step, path_model)
+        checked["compiled path"] = check_compiled(bench, workload, params, path_step, path_model)
         print(f"   check, the compiled path's p.grad from zeros in float32, against the loop's: {checked['compiled path']}")
         works["plain update, compiled"] = plain_step
         if "FAILED" not in checked["compiled path"]:

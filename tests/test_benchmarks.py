@@ -76,12 +76,13 @@ def test_term_work_checks_the_compiled_path_before_timing_it() -> None:
     torch._dynamo.reset()  # as term_work.py does per workload: other tests' compiled steps count toward dynamo's limits
     bench = term_work.build_bench("tiny_mlp", True, torch.device("cpu"))
     rules = term_work.WORKLOADS["group_lasso"]
+    params = term_work.params_by_name(bench.model, term_work.regularized(term_work.compile_rules(rules, bench.model)))
     _, path_step, path_model = term_work.compiled_pair(bench, rules)
-    assert term_work.check_compiled(bench, rules, "group_lasso", path_step, path_model).endswith(" ok")
+    assert term_work.check_compiled(bench, "group_lasso", params, path_step, path_model).endswith(" ok")
     # A step that folds nothing (the plain compiled SGD on the same copy's weights) is refused.
     _, _, copy = term_work.compiled_pair(bench, rules)
     plain_on_copy = torch.compile(torch.optim.SGD(copy.parameters(), lr=term_work.LR).step)
-    assert term_work.check_compiled(bench, rules, "group_lasso", plain_on_copy, copy).endswith(" FAILED")
+    assert term_work.check_compiled(bench, "group_lasso", params, plain_on_copy, copy).endswith(" FAILED")
 
 
 def test_overhead_is_the_median_of_differences_within_rounds() -> None:
