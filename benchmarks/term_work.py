@@ -43,7 +43,9 @@ import sys
 from collections.abc import Callable
 
 import torch
-from step_overhead import (
+from timing import machine, paired_overhead, ratio_interval, timed_samples
+from torch import nn
+from workloads import (
     LR,
     MODELS,
     WORKLOADS,
@@ -56,8 +58,6 @@ from step_overhead import (
     tutorial_penalty,
     verdict,
 )
-from timing import machine, paired_overhead, ratio_interval, timed_samples
-from torch import nn
 
 import regdsl
 
@@ -153,7 +153,9 @@ def run_workload(
         torch._dynamo.reset()  # every compiled opt.step shares SGD.step's code: keep its recompile count low
         plain_step, path_step, path_model = compiled_pair(bench, rules)
         checked["compiled path"] = check_compiled(bench, workload, params, path_step, path_model)
-        print(f"   check, the compiled path's p.grad from zeros in float32, against the loop's: {checked['compiled path']}")
+        print(
+            f"   check, the compiled path's p.grad from zeros in float32, against the loop's: {checked['compiled path']}"
+        )
         works["plain update, compiled"] = plain_step
         if "FAILED" not in checked["compiled path"]:
             works["compiled path"] = path_step
