@@ -60,6 +60,7 @@ from step_candidates import BASELINE, CANDIDATES, COMPILED, REFERENCES, Unavaila
 from timing import machine, paired_overhead, ratio_interval, timed_samples
 from workloads import (
     LR,
+    TARGETS,
     WORKLOADS,
     Bench,
     build_bench,
@@ -68,13 +69,6 @@ from workloads import (
     params_by_name,
     regularized,
 )
-
-# Issue 9's targets: overhead as a fraction of the tutorial loop's overhead.
-TARGETS = {
-    "fast path": (0.25, {"tiny_mlp", "mlp400", "resnet50", "vit_b16", "gpt2_tiny"}),
-    "compiled path": (0.10, {"mlp400", "resnet50", "vit_b16"}),
-}
-
 
 # ----------------------------------------------------------------------------------------- timing
 

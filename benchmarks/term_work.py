@@ -47,7 +47,7 @@ from timing import machine, paired_overhead, ratio_interval, timed_samples
 from torch import nn
 from workloads import (
     LR,
-    MODELS,
+    TARGETS,
     WORKLOADS,
     Bench,
     build_bench,
@@ -63,8 +63,6 @@ import regdsl
 
 TOLERANCE = 1e-6
 COMPILED_TOLERANCE = 1e-5  # float32
-# Issue 9's targets, multiples of the loop's step overhead: applied here to the work alone.
-TARGETS = {"fast path": (0.25, set(MODELS)), "compiled path": (0.10, {"mlp400", "resnet50", "vit_b16"})}
 
 
 def candidates(bench: Bench, rules: str, workload: str) -> dict[str, Callable[[], None]]:

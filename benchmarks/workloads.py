@@ -130,6 +130,9 @@ def gpt2_tiny(quick: bool) -> tuple[str, nn.Module, dict[str, torch.Tensor], Any
 
 
 MODELS = {"tiny_mlp": tiny_mlp, "mlp400": mlp400, "resnet50": resnet50, "vit_b16": vit_b16, "gpt2_tiny": gpt2_tiny}
+# Issue 9's targets, as multiples of the tutorial loop's overhead: step_overhead.py applies them to a
+# step's overhead, term_work.py to the work alone.
+TARGETS = {"fast path": (0.25, set(MODELS)), "compiled path": (0.10, {"mlp400", "resnet50", "vit_b16"})}
 
 
 def build_bench(key: str, quick: bool, device: torch.device) -> Bench:
