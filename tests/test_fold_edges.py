@@ -4,6 +4,8 @@ allocations per step, CUDA. Expected values are plain torch formulas written her
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from models import MLP, seeded
@@ -325,7 +327,12 @@ def test_group_lasso_of_same_shaped_weights_takes_their_norms_in_one_stacked_ker
     reg.attach(opt, fold=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         got = folded_grads(model, opt)
-    assert sum(e.name == "aten::stack" for e in prof.events()) == 1  # the five Linear(6, 6), not the last
+    calls = collections.Counter(e.name for e in prof.events())
+    assert calls["aten::stack"] == 1  # the five Linear(6, 6), not the last
+    # Two norms (the stacked five, the last weight) into one buffer, one clamp of it, one add for all six.
+    assert calls["aten::linalg_vector_norm"] == 2
+    assert calls["aten::clamp_min_"] == 1
+    assert calls["aten::_foreach_addcdiv_"] == 1
     want = group_lasso_by_hand(model, 0.05, dim)
     assert_grads({n: g for n, g in got.items()}, {n: w for n, w in want.items() if w.abs().sum() > 0})
     zero_slice = model[2].weight.grad[1] if dim == 0 else model[2].weight.grad[:, 1]
