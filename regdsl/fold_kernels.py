@@ -219,8 +219,9 @@ class Bucket:
 
     def _fold_group_lasso(self, grads: list[torch.Tensor], lam: float) -> None:
         """Every parameter's slice norms into the one buffer (a run of small same-shaped ones from a
-        stacked copy), one clamp over it, then one ``_foreach_addcdiv_``: on the tiny MLP's two weights
-        5 kernels where one at a time made 6, 12 µs against 17."""
+        stacked copy), one clamp over it, then one ``_foreach_addcdiv_``. Timed inside a step against
+        three kernels a weight: 34 µs against 37 on the tiny MLP's two weights, 3.9 ms against 4.6 on
+        the 400-layer MLP's."""
         self._slice_norms().clamp_min_(self.tiny)
         params, matrices = self.params, self._matrices
         if len(matrices) == len(params):
