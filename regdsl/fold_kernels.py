@@ -72,6 +72,7 @@ class Bucket:
         self._single_norms: list[tuple[torch.Tensor, tuple[int, ...], torch.Tensor]] = []  # (p, dims, out)
         self._matrices: list[int] = []  # the parameters of two or more dimensions, and their norms' views
         self._matrix_norms: list[torch.Tensor] = []
+        self._vectors: list[int] = []  # the 1-D parameters: λ·sign(w)
 
     def needs_scratch(self, p: torch.Tensor) -> bool:
         if not self.on_scratch or self.family not in ("l1", "l2_to", "group_lasso"):
@@ -137,6 +138,7 @@ class Bucket:
             self._run_views.append(buffer[first[0] : last[1]].view(b - a, *first[2]))
         self._single_norms = [(self.params[k], self.others[k], v) for k in self.singles if (v := views[k]) is not None]
         self._matrices = [k for k, v in enumerate(views) if v is not None]
+        self._vectors = [k for k, v in enumerate(views) if v is None]
         self._matrix_norms = [v for v in views if v is not None]
 
     def norm_views(self, norms: torch.Tensor) -> list[torch.Tensor | None]:
@@ -230,10 +232,9 @@ class Bucket:
         if matrices:
             mg, mp = [grads[k] for k in matrices], [params[k] for k in matrices]
             torch._foreach_addcdiv_(mg, mp, self._matrix_norms, value=lam)
-        for k, p in enumerate(params):
-            if p.ndim == 1:  # each element its own slice: λ·sign(w)
-                out = self.views[k]
-                grads[k].add_(torch.sign(p) if out is None else torch.sign(p, out=out), alpha=lam)
+        for k in self._vectors:  # each element its own slice: λ·sign(w)
+            p, out = params[k], self.views[k]
+            grads[k].add_(torch.sign(p) if out is None else torch.sign(p, out=out), alpha=lam)
 
     def _norms(self, p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         """``‖w_i‖₂`` per slice, an all-zero slice's read as the smallest normal number: its

@@ -337,3 +337,22 @@ def test_group_lasso_of_same_shaped_weights_takes_their_norms_in_one_stacked_ker
     assert_grads({n: g for n, g in got.items()}, {n: w for n, w in want.items() if w.abs().sum() > 0})
     zero_slice = model[2].weight.grad[1] if dim == 0 else model[2].weight.grad[:, 1]
     assert torch.equal(zero_slice, torch.zeros(6, dtype=torch.float64))
+
+
+def test_group_lasso_bucket_of_weights_and_biases_folds_each_by_its_own_formula() -> None:
+    # One bucket holds the three weights (λ·w_i/‖w_i‖ per row, one norm buffer) and the three biases
+    # (λ·sign(w), each element its own slice); one zero bias element adds 0.
+    seeded(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        model[1].bias[0] = 0.0
+    reg = regdsl.parse("all group_lasso 0.1").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    got = folded_grads(model, opt)
+    want = {}
+    for name, p in model.named_parameters():
+        w = p.detach()
+        want[name] = 0.1 * (w.sign() if w.ndim == 1 else w / w.pow(2).sum(dim=1, keepdim=True).sqrt())
+    assert_grads(got, want)
+    assert model[1].bias.grad[0] == 0.0
