@@ -76,6 +76,10 @@ class CompiledStep:
             return self._graph(optimizer, scale, norms)
 
     def _fold_and_update(self, optimizer: torch.optim.Optimizer, scale: Any, norms: Any) -> Any:
+        # Read first, dynamo marks the optimizer's parameters static (as the update would), so the
+        # fold's reads of them are guarded by identity, not by a full tensor check: 400 such
+        # guards cost 0.1 ms a step on the 400-layer MLP.
+        optimizer.param_groups  # noqa: B018
         self._plan.apply(scale, norms)
         return self._update(optimizer)
 
