@@ -356,3 +356,30 @@ def test_group_lasso_bucket_of_weights_and_biases_folds_each_by_its_own_formula(
         want[name] = 0.1 * (w.sign() if w.ndim == 1 else w / w.pow(2).sum(dim=1, keepdim=True).sqrt())
     assert_grads(got, want)
     assert model[1].bias.grad[0] == 0.0
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_group_lasso_folds_a_large_weight_alone_and_batches_the_rest(dim: int) -> None:
+    # On the CPU a weight of more than SMALL bytes gets its norms, their floor and its update one
+    # after the other (while it is in cache); the small weights share one buffer, one clamp and one
+    # _foreach_addcdiv_. An all-zero slice of the large weight adds 0.
+    seeded(0)
+    model = nn.Sequential(nn.Linear(100, 200), nn.Linear(200, 6), nn.Linear(6, 6), nn.Linear(6, 6)).double()
+    assert model[0].weight.numel() * 8 > fold_kernels.SMALL >= model[1].weight.numel() * 8
+    with torch.no_grad():
+        (model[0].weight[3] if dim == 0 else model[0].weight[:, 3]).zero_()
+    reg = regdsl.parse(f"all group_lasso 0.05 dim={dim}\nexclude bias").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = folded_grads(model, opt)
+    # Called by the fold itself, not by a _foreach kernel's per-tensor loop (the CPU's).
+    calls = collections.Counter(e.name for e in prof.events() if e.cpu_parent is None or "_foreach" not in e.cpu_parent.name)
+    assert calls["aten::addcdiv_"] == 1  # the large weight
+    assert calls["aten::_foreach_addcdiv_"] == 1  # the three small ones
+    assert calls["aten::clamp_min_"] == 2  # the large weight's norms, then the buffer
+    assert calls["aten::linalg_vector_norm"] == 3  # the large, the 6x200, the two 6x6 stacked
+    want = group_lasso_by_hand(model, 0.05, dim)
+    assert_grads(got, want)
+    zero_slice = model[0].weight.grad[3] if dim == 0 else model[0].weight.grad[:, 3]
+    assert torch.equal(zero_slice, torch.zeros_like(zero_slice))
