@@ -35,7 +35,7 @@ from .guards import warn_decay_underflow
 from .penalties import PenaltyPlan
 from .resolution import GroupKey
 from .schedule import live, strength_at
-from .step_hooks import step_hooks
+from .step_hooks import Orphan, step_hooks
 
 if TYPE_CHECKING:
     from .compiler import Regularizer
@@ -152,6 +152,13 @@ class Attachment:
         self.hooks: list[Any] = []
         for owner, optimizer in zip(self._owners, optimizers):
             self.hooks += step_hooks(weakref.ref(reg), optimizer, owner.fold if fold_hook else None, reg._busy)
+            applied = {
+                "folded terms": owner.fold is not None and bool(owner.fold) and fold_hook,
+                "post-step terms": bool(owner.post),
+                "a decay schedule": bool(owner.decay.groups(optimizer)),
+            }
+            if any(applied.values()):
+                self.hooks.append(Orphan(optimizer, [what for what, on in applied.items() if on]))
 
     def owner(self, optimizer: torch.optim.Optimizer | None) -> _Owner:
         """The attached ``optimizer``'s record; ``None`` names the only one."""

@@ -43,7 +43,7 @@ from .resolution import (
 from .schedule import any_scheduled, is_scheduled, strength_at
 from .spaces import require_values, suggest
 from .spec import Spec
-from .step_hooks import remove_all
+from .step_hooks import release, remove_all
 
 __all__ = ["Coverage", "GroupSummary", "ModuleRow", "ParamRow", "Regularizer", "Resolution", "Setting", "compile", "resolve"]
 
@@ -92,7 +92,7 @@ class Regularizer:
         self._decay = DecayWriter(self._scheduled_decays)  # after_step()'s optimizer: it holds every member
         self._attached: Attachment | None = None  # set by attach(): the optimizers, their folds and post-step terms
         self._hooks: list[Any] = []
-        self._hook_finalizer = weakref.finalize(self, remove_all, self._hooks)
+        self._hook_finalizer = weakref.finalize(self, release, self._hooks)
         loss, post, self._references, targets = step_items(self.resolution, reference)
         self._loss_items = loss
         self._penalty = PenaltyPlan(loss)

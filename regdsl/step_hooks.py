@@ -6,12 +6,14 @@ counter, every scheduled strength). docs/fold.md has the table of which hooks wh
 from __future__ import annotations
 
 import functools
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .errors import RegUsageError
+from .errors import RegDslWarning, RegUsageError, caller_stacklevel
 from .fold import FoldPlan
 from .fold_kernels import eager
 
@@ -38,6 +40,50 @@ def remove_all(handles: list[Any]) -> None:
     """Remove every hook handle in ``handles``, emptying it (at ``detach()`` and when the regularizer dies)."""
     while handles:
         handles.pop().remove()
+
+
+def release(handles: list[Any]) -> None:
+    """The regularizer's finalizer: it was garbage-collected, so its hooks go, and each optimizer whose
+    hooks applied terms is told at its next step (:class:`Orphan`)."""
+    for handle in handles:
+        if isinstance(handle, Orphan):
+            handle.orphan()
+    remove_all(handles)
+
+
+class Orphan:
+    """Stands in a regularizer's hook list for one optimizer whose step hooks apply terms (folded
+    gradients, post-step terms, a scheduled decay). Nothing but the regularizer holds those terms, so
+    one dropped while attached (``reg.attach(opt, fold=True)`` in a function that returns ``opt``)
+    would stop applying them silently. Instead that optimizer's next step warns, once; a step that
+    never comes (training is over) says nothing. ``detach()`` removes it with the hooks, silently.
+    The terms are named by kind (``folded terms``, ``post-step terms``, ``a decay schedule``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, what: list[str]):
+        self._optimizer = weakref.ref(optimizer)
+        self._what = what
+
+    def remove(self) -> None:
+        """``detach()`` (or the end, after :meth:`orphan`): nothing is registered yet."""
+
+    def orphan(self) -> None:
+        optimizer = self._optimizer()
+        if optimizer is None:
+            return
+        message = (
+            f"the regularizer attached to this optimizer was garbage-collected, and with it what its hooks did "
+            f"({', '.join(self._what)}): this step and the next go without. Keep a reference to it for as long "
+            "as it trains (self.reg = reg), or reg.detach() first"
+        )
+        warned: list[bool] = []
+
+        # It stays, a no-op after warning: a hook removed while torch runs the step's hooks breaks their loop.
+        def warn(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if not warned:
+                warned.append(True)
+                warnings.warn(RegDslWarning(message), stacklevel=caller_stacklevel(through_torch=True))
+
+        optimizer.register_step_pre_hook(warn)
 
 
 def _advance(reg_ref: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

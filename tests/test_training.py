@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import io
 import math
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -667,6 +668,44 @@ def test_deleting_regularizer_removes_hooks() -> None:
     assert len(opt._optimizer_step_post_hooks) == 0
     model(data(5)[0]).sum().backward()
     opt.step()  # no dangling hook fires
+
+
+@pytest.mark.parametrize(
+    "rules, fold, what",
+    [
+        ("layer fc1.weight l2 0.5", True, "folded terms"),
+        ("layer fc1.weight l1 0.1 prox", False, "post-step terms"),
+        ("all decay 0.1 warmup 5", False, "a decay schedule"),
+    ],
+)
+def test_a_regularizer_dropped_while_attached_warns_at_the_next_step(rules: str, fold: bool, what: str) -> None:
+    # Only the regularizer holds these terms: dropped (attach() in a function that returns the
+    # optimizer), its hooks go with it, and the optimizer's next step says so, once.
+    def build(detach: bool) -> tuple[MLP, torch.optim.Optimizer]:
+        model = make_model()
+        reg = regdsl.parse(rules).compile(model)
+        opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+        reg.attach(opt, fold=fold)
+        if detach:
+            reg.detach()
+        return model, opt
+
+    def step(model: MLP, opt: torch.optim.Optimizer) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.zero_grad()
+            model(data(5)[0]).sum().backward()
+            opt.step()
+        return [str(w.message) for w in caught if issubclass(w.category, regdsl.RegDslWarning)]
+
+    model, opt = build(detach=False)
+    gc.collect()
+    first = step(model, opt)
+    assert len(first) == 1 and "garbage-collected" in first[0] and f"({what})" in first[0]
+    assert step(model, opt) == []  # once
+    model, opt = build(detach=True)  # detached first: nothing to say
+    gc.collect()
+    assert step(model, opt) == []
 
 
 # ================================================================ 5. attach errors
