@@ -173,7 +173,9 @@ class Attachment:
             raise RegUsageError("this optimizer is not attached to the regularizer: pass one of those given to attach()")
         return owner
 
-    def compiled_step(self, optimizer: torch.optim.Optimizer | None, options: dict[str, Any]) -> Callable[..., Any]:
+    def compiled_step(
+        self, optimizer: torch.optim.Optimizer | None, options: dict[str, Any], reg: Regularizer
+    ) -> Callable[..., Any]:
         owner = self.owner(optimizer)
         stepping = owner.optimizer()
         if owner.fold is None or stepping is None or not self._fold_hook:
@@ -181,7 +183,7 @@ class Attachment:
                 "compiled_step() folds the terms in the optimizer's step: it needs attach(optimizer, fold=True)"
                 + (", not fold_hook=False, which leaves them to reg.fold()" if owner.fold is not None else "")
             )
-        return compiled_step(stepping, owner.fold, options)
+        return compiled_step(stepping, owner.fold, options, reg)
 
     def fold(self, optimizer: torch.optim.Optimizer | None) -> None:
         owner = self.owner(optimizer)

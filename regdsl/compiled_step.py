@@ -30,11 +30,13 @@ from .errors import RegUsageError
 from .fold import FoldPlan
 
 
-def compiled_step(optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dict[str, Any]) -> Callable[..., Any]:
+def compiled_step(
+    optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dict[str, Any], reg: Any = None
+) -> Callable[..., Any]:
     """A bound method to put in place of ``optimizer.step``: ``opt.step = reg.compiled_step(opt)``.
     A method, not just a callable: an LR scheduler built afterwards wraps ``opt.step`` through
     its ``__func__`` to count the steps."""
-    compiled = CompiledStep(optimizer, plan, options)
+    compiled = CompiledStep(optimizer, plan, options, reg)
 
     def step(self: torch.optim.Optimizer, closure: Any = None) -> Any:
         return compiled(self, closure)
@@ -45,8 +47,12 @@ def compiled_step(optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dic
 class CompiledStep:
     """What :func:`compiled_step` runs for one optimizer and its fold plan."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dict[str, Any]):
+    def __init__(self, optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dict[str, Any], reg: Any = None):
         self._plan = plan
+        # Held: the hooks this step runs (the step counter, the schedules) go when the regularizer does,
+        # and the graph would go on folding at frozen strengths. While it is the optimizer's step, the
+        # regularizer stays, even if the caller drops it.
+        self._reg = reg
         self._update = _inner_step(type(optimizer).step)
         self._graph = torch.compile(self._fold_and_update, **options)
         # torch's own wrapper: the global and the optimizer's step hooks, around _run.

@@ -199,7 +199,7 @@ class Regularizer:
         ``torch.compile``. With several optimizers attached, name the one (docs/fold.md)."""
         if self._attached is None:
             raise RegUsageError("compiled_step() needs attach(optimizer, fold=True) first")
-        return self._attached.compiled_step(optimizer, options)
+        return self._attached.compiled_step(optimizer, options, self)
 
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call right after ``optimizer.step()`` when not attached: proximal steps and constraints

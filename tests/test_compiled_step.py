@@ -7,7 +7,9 @@ counting their calls.
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -305,3 +307,28 @@ def test_group_lasso_of_same_shaped_weights_stacked_for_their_norms(dim: int) ->
             norms = w.detach().pow(2).sum(dim=1 - dim, keepdim=True).sqrt()
             want += torch.where(norms > 0, 0.05 * w.detach() / norms, torch.zeros_like(w))
         torch.testing.assert_close(w.grad, want, rtol=1e-12, atol=1e-14, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_the_compiled_step_keeps_its_regularizer() -> None:
+    """Dropped by the caller, the regularizer stays while its compiled step is the optimizer's: its
+    hooks keep counting steps and moving the schedules the graph folds with."""
+
+    def build() -> tuple[MLP, torch.optim.Optimizer, Any]:
+        model = MLP()
+        reg = regdsl.parse("layer fc1.weight l2 0.1 warmup 3").compile(model)
+        opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+        reg.attach(opt, fold=True)
+        opt.step = reg.compiled_step(opt)
+        return model, opt, weakref.ref(reg)
+
+    seeded(0)
+    model, opt, reg = build()
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            model(torch.randn(2, 6)).sum().backward()
+            opt.step()
+    assert reg() is not None and reg().step == 2
+    assert not [w for w in caught if issubclass(w.category, regdsl.RegDslWarning)]
