@@ -153,7 +153,7 @@ class Attachment:
         for owner, optimizer in zip(self._owners, optimizers):
             self.hooks += step_hooks(weakref.ref(reg), optimizer, owner.fold if fold_hook else None, reg._busy)
             applied = {
-                "folded terms": owner.fold is not None and bool(owner.fold) and fold_hook,
+                "folded terms": bool(owner.fold) and fold_hook,
                 "post-step terms": bool(owner.post),
                 "a decay schedule": bool(owner.decay.groups(optimizer)),
             }

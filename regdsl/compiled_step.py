@@ -31,7 +31,7 @@ from .fold import FoldPlan
 
 
 def compiled_step(
-    optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dict[str, Any], reg: Any = None
+    optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dict[str, Any], reg: Any
 ) -> Callable[..., Any]:
     """A bound method to put in place of ``optimizer.step``: ``opt.step = reg.compiled_step(opt)``.
     A method, not just a callable: an LR scheduler built afterwards wraps ``opt.step`` through
@@ -47,7 +47,7 @@ def compiled_step(
 class CompiledStep:
     """What :func:`compiled_step` runs for one optimizer and its fold plan."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dict[str, Any], reg: Any = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, plan: FoldPlan, options: dict[str, Any], reg: Any):
         self._plan = plan
         # Held: the hooks this step runs (the step counter, the schedules) go when the regularizer does,
         # and the graph would go on folding at frozen strengths. While it is the optimizer's step, the

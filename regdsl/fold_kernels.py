@@ -141,12 +141,13 @@ class Bucket:
             first, last = self._spans[a], self._spans[b - 1]
             assert first is not None and last is not None
             self._run_views.append(buffer[first[0] : last[1]].view(b - a, *first[2]))
-        self._single_norms = [(self.params[k], self.others[k], v) for k in self.singles if (v := views[k]) is not None]
-        large = {k for k, p in enumerate(self.params) if self.on_scratch and p.numel() * p.element_size() > SMALL}
-        self._large = [(k, self.others[k], v) for k, v in enumerate(views) if v is not None and k in large]
-        self._small_norms = [(self.params[k], self.others[k], v) for k in self.singles if (v := views[k]) is not None and k not in large]
-        self._batched = [k for k, v in enumerate(views) if v is not None and k not in large]
-        self._batched_norms = [v for k, v in enumerate(views) if v is not None and k not in large]
+        norm = {k: (self.params[k], self.others[k], v) for k, v in enumerate(views) if v is not None}
+        large = {k for k, (p, _, _) in norm.items() if self.on_scratch and p.numel() * p.element_size() > SMALL}
+        self._single_norms = [norm[k] for k in self.singles if k in norm]
+        self._small_norms = [norm[k] for k in self.singles if k in norm and k not in large]
+        self._large = [(k, norm[k][1], norm[k][2]) for k in norm if k in large]
+        self._batched = [k for k in norm if k not in large]
+        self._batched_norms = [norm[k][2] for k in self._batched]
         self._vectors = [k for k, v in enumerate(views) if v is None]
 
     def norm_views(self, norms: torch.Tensor) -> list[torch.Tensor | None]:
