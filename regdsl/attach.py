@@ -151,14 +151,15 @@ class Attachment:
             warn_decay_underflow(optimizer, reg._groups)
         self.hooks: list[Any] = []
         for owner, optimizer in zip(self._owners, optimizers):
-            self.hooks += step_hooks(weakref.ref(reg), optimizer, owner.fold if fold_hook else None, reg._busy)
+            handles = step_hooks(weakref.ref(reg), optimizer, owner.fold if fold_hook else None, reg._busy)
+            self.hooks += handles
             applied = {
                 "folded terms": bool(owner.fold) and fold_hook,
                 "post-step terms": bool(owner.post),
                 "a decay schedule": bool(owner.decay.groups(optimizer)),
             }
             if any(applied.values()):
-                self.hooks.append(Orphan(optimizer, [what for what, on in applied.items() if on]))
+                self.hooks.append(Orphan(handles, [what for what, on in applied.items() if on]))
 
     def owner(self, optimizer: torch.optim.Optimizer | None) -> _Owner:
         """The attached ``optimizer``'s record; ``None`` names the only one."""

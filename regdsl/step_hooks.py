@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -43,47 +42,62 @@ def remove_all(handles: list[Any]) -> None:
 
 
 def release(handles: list[Any]) -> None:
-    """The regularizer's finalizer: it was garbage-collected, so its hooks go, and each optimizer whose
-    hooks applied terms is told at its next step (:class:`Orphan`)."""
+    """The regularizer's finalizer: it was garbage-collected, so its hooks stop, and each optimizer whose
+    hooks applied terms is told at its next step (:class:`Orphan`).
+
+    The collector runs wherever an allocation triggers it, inside torch's loop over an optimizer's step
+    hooks too, where removing or adding a hook breaks that loop ("OrderedDict mutated during
+    iteration"). So no hook is removed or added here: each is replaced in place (what it held, the
+    fold's buffers among it, goes) by a no-op that stays registered, or by the warning."""
+    for handle in handles:
+        if not isinstance(handle, Orphan):
+            _replace(handle, _inert)
     for handle in handles:
         if isinstance(handle, Orphan):
             handle.orphan()
-    remove_all(handles)
+    handles.clear()
+
+
+def _replace(handle: Any, hook: Callable[..., None]) -> None:
+    hooks = handle.hooks_dict_ref()
+    if hooks is not None and handle.id in hooks:
+        hooks[handle.id] = hook  # a new value for a key: torch's loop over the hooks goes on, and calls it
+
+
+def _inert(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """What a garbage-collected regularizer's step hook becomes (:func:`release`)."""
 
 
 class Orphan:
     """Stands in a regularizer's hook list for one optimizer whose step hooks apply terms (folded
     gradients, post-step terms, a scheduled decay). Nothing but the regularizer holds those terms, so
     one dropped while attached (``reg.attach(opt, fold=True)`` in a function that returns ``opt``)
-    would stop applying them silently. Instead that optimizer's next step warns, once; a step that
-    never comes (training is over) says nothing. ``detach()`` removes it with the hooks, silently.
-    The terms are named by kind (``folded terms``, ``post-step terms``, ``a decay schedule``)."""
+    would stop applying them silently. Instead that optimizer's next step warns, once, from the
+    place of its first hook; a step that never comes (training is over) says nothing. ``detach()``
+    removes the hooks, silently. The terms are named by kind (``folded terms``, ``post-step terms``,
+    ``a decay schedule``)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, what: list[str]):
-        self._optimizer = weakref.ref(optimizer)
+    def __init__(self, handles: list[Any], what: list[str]):
+        self._first = handles[0]  # the optimizer's hooks: a fold's pre-hook, else its post-hook
         self._what = what
 
     def remove(self) -> None:
-        """``detach()`` (or the end, after :meth:`orphan`): nothing is registered yet."""
+        """``detach()``: the hooks themselves are removed beside it."""
 
     def orphan(self) -> None:
-        optimizer = self._optimizer()
-        if optimizer is None:
-            return
         message = (
             f"the regularizer attached to this optimizer was garbage-collected, and with it what its hooks did "
-            f"({', '.join(self._what)}): this step and the next go without. Keep a reference to it for as long "
+            f"({', '.join(self._what)}): from this step on they go without. Keep a reference to it for as long "
             "as it trains (self.reg = reg), or reg.detach() first"
         )
         warned: list[bool] = []
 
-        # It stays, a no-op after warning: a hook removed while torch runs the step's hooks breaks their loop.
         def warn(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             if not warned:
                 warned.append(True)
                 warnings.warn(RegDslWarning(message), stacklevel=caller_stacklevel(through_torch=True))
 
-        optimizer.register_step_pre_hook(warn)
+        _replace(self._first, warn)
 
 
 def _advance(reg_ref: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
