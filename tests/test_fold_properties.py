@@ -1,6 +1,7 @@
-"""Properties of the folded and the loss path's gradients on tensors hypothesis draws: any shape of
-one to four dimensions, exact zeros (elements and whole slices), several terms on one tensor, a
-tensor without a gradient, one large enough (over 64 KiB) to take the CPU's large-tensor kernels.
+"""Properties of the folded and the loss path's gradients, and of the terms' values, on tensors
+hypothesis draws: any shape of one to four dimensions, exact zeros (elements and whole slices),
+several terms on one tensor, a tensor without a gradient, one large enough (over 64 KiB) to take
+the CPU's large-tensor kernels.
 
 The expected gradient of each term is its documented formula (docs/language.md), written out
 below on the tensor's values; ``orthogonal``'s is autograd's of its loss, written out too.
@@ -9,6 +10,7 @@ Everything runs in float64, so the two paths and the reference agree to rounding
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +104,26 @@ class Setup:
     grad: torch.Tensor | None
 
 
+def expected_values(case: Case, w: torch.Tensor, w0: torch.Tensor) -> dict[str, float]:
+    """Each term's documented loss at ``w``, by ``values()``' label (kind and rule line)."""
+    out = {}
+    for kind, (lam, dim) in case.terms.items():
+        if kind == "l1":
+            out["l1:1"] = lam * float(w.abs().sum())
+        elif kind == "l2":
+            out["l2:1"] = lam / 2 * float(w.pow(2).sum())
+        elif kind == "l2_to":
+            out["l2:1"] = lam / 2 * float((w - w0).pow(2).sum())
+        elif kind == "group_lasso":
+            moved = w.movedim(dim, 0)
+            out["group_lasso:1"] = lam * sum(float(moved[i].pow(2).sum().sqrt()) for i in range(moved.shape[0]))
+        else:
+            m = w.reshape(w.shape[0], -1)
+            gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+            out["orthogonal:1"] = lam * float((gram - torch.eye(gram.shape[0], dtype=w.dtype)).pow(2).sum())
+    return out
+
+
 def build(case: Case) -> Setup:
     gen = torch.Generator().manual_seed(case.seed)
     w = torch.randn(case.shape, generator=gen, dtype=torch.float64)
@@ -124,6 +146,7 @@ def build(case: Case) -> Setup:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_the_fold_and_the_loss_path_both_add_each_terms_documented_gradient(case: Case) -> None:
+    """And values() and penalty() give each term's documented loss."""
     # The fast path: one SGD step at lr 1 (w <- w - g), the fold's hook inside it.
     fast = build(case)
     opt = torch.optim.SGD(fast.model.parameters(), lr=1.0)
@@ -135,7 +158,14 @@ def test_the_fold_and_the_loss_path_both_add_each_terms_documented_gradient(case
 
     # The loss path: penalty().backward() accumulates into the same gradient.
     slow = build(case)
-    slow.reg.penalty().backward()
+    want_values = expected_values(case, slow.w, slow.w0)
+    values = {label: float(v) for label, v in slow.reg.values().items()}
+    assert values.keys() == want_values.keys()
+    for label, value in want_values.items():
+        assert math.isclose(values[label], value, rel_tol=1e-9, abs_tol=1e-12), label
+    penalty = slow.reg.penalty()
+    assert math.isclose(float(penalty.detach()), sum(want_values.values()), rel_tol=1e-9, abs_tol=1e-12)
+    penalty.backward()
     through_loss = slow.model.w.grad
 
     want = expected_gradient(case, fast.w, fast.w0) + (fast.grad if fast.grad is not None else 0.0)
