@@ -673,14 +673,15 @@ def test_deleting_regularizer_removes_its_forward_hooks_and_empties_its_step_hoo
     opt.step()  # no dangling hook fires
 
 
-@pytest.mark.parametrize(
-    "rules, fold, what",
-    [
-        ("layer fc1.weight l2 0.5", True, "folded terms"),
-        ("layer fc1.weight l1 0.1 prox", False, "post-step terms"),
-        ("all decay 0.1 warmup 5", False, "a decay schedule"),
-    ],
-)
+# Rules whose step hooks apply terms, each with what the warning names when they go.
+ORPHANED = [
+    ("layer fc1.weight l2 0.5", True, "folded terms"),
+    ("layer fc1.weight l1 0.1 prox", False, "post-step terms"),
+    ("all decay 0.1 warmup 5", False, "a decay schedule"),
+]
+
+
+@pytest.mark.parametrize("rules, fold, what", ORPHANED)
 def test_a_regularizer_collected_inside_the_step_leaves_the_step_intact(rules: str, fold: bool, what: str) -> None:
     # The cyclic collector runs wherever an allocation triggers it: here inside a hook that torch calls
     # before regdsl's own. Removing a hook there broke torch's loop over them ("OrderedDict mutated
@@ -717,14 +718,7 @@ def test_a_regularizer_collected_inside_the_step_leaves_the_step_intact(rules: s
             torch.testing.assert_close(p, q)
 
 
-@pytest.mark.parametrize(
-    "rules, fold, what",
-    [
-        ("layer fc1.weight l2 0.5", True, "folded terms"),
-        ("layer fc1.weight l1 0.1 prox", False, "post-step terms"),
-        ("all decay 0.1 warmup 5", False, "a decay schedule"),
-    ],
-)
+@pytest.mark.parametrize("rules, fold, what", ORPHANED)
 def test_a_regularizer_dropped_while_attached_warns_at_the_next_step(rules: str, fold: bool, what: str) -> None:
     # Only the regularizer holds these terms: dropped (attach() in a function that returns the
     # optimizer), its hooks go with it, and the optimizer's next step says so, once.
