@@ -1,7 +1,7 @@
 """Properties of the folded and the loss path's gradients, and of the terms' values, on tensors
-hypothesis draws: any shape of one to four dimensions, exact zeros (elements and whole slices),
-several terms on one tensor, a tensor without a gradient, one large enough (over 64 KiB) to take
-the CPU's large-tensor kernels.
+hypothesis draws: one to six tensors under one rule (one bucket), of one to four dimensions, some of
+one shape (group_lasso stacks those), some over 64 KiB (the CPU's large-tensor kernels), with exact
+zeros and all-zero slices, up to three terms each, some without a gradient yet.
 
 The expected gradient of each term is its documented formula (docs/language.md), written out
 below on the tensor's values; ``orthogonal``'s is autograd's of its loss, written out too.
@@ -25,36 +25,41 @@ LAMBDAS = [1e-3, 0.25, 3.0]
 
 @dataclass(frozen=True)
 class Case:
-    shape: tuple[int, ...]
-    terms: dict[str, tuple[float, int | None]]  # kind -> (strength, dim for group_lasso)
-    zero_slice: bool  # the first slice (along group_lasso's dim, else dim 0) is all zeros
-    has_grad: bool
+    shapes: tuple[tuple[int, ...], ...]  # the selected tensors, w0, w1, ...: one bucket, repeated shapes among them
+    terms: dict[str, tuple[float, int | None]]  # kind -> (strength, dim for group_lasso), on every tensor
+    zero_slice: tuple[bool, ...]  # per tensor: its first slice (along group_lasso's dim, else dim 0) is all zeros
+    has_grad: tuple[bool, ...]  # per tensor: a gradient is there before the step
     seed: int
+
+
+LARGE = [(130, 70), (70, 130), (9000,), (40, 3, 9, 9)]  # over 64 KiB in float64: the CPU's large-tensor kernels
 
 
 @st.composite
 def cases(draw: st.DrawFn) -> Case:
-    if draw(st.booleans()):
-        shape = draw(st.sampled_from([(130, 70), (70, 130), (9000,), (40, 3, 9, 9)]))  # over 64 KiB in float64
-    else:
-        sizes = st.integers(2, 5) | st.just(1)  # mostly over 1: a size-1 dimension hides which dimension is which
-        shape = tuple(draw(st.lists(sizes, min_size=1, max_size=4)))
-    kinds = ["l1", "l2", "l2_to", "group_lasso"] + (["orthogonal"] if len(shape) >= 2 else [])
+    sizes = st.integers(2, 5) | st.just(1)  # mostly over 1: a size-1 dimension hides which dimension is which
+    small = st.lists(sizes, min_size=1, max_size=4).map(tuple)
+    kinds_of_shape = draw(st.lists(st.sampled_from(LARGE) | small | small, min_size=1, max_size=3))
+    # Drawn from a few shapes, so that same-shaped tensors sit next to each other (group_lasso stacks those).
+    shapes = tuple(draw(st.lists(st.sampled_from(kinds_of_shape), min_size=1, max_size=6)))
+    ndim = min(len(shape) for shape in shapes)
+    kinds = ["l1", "l2", "l2_to", "group_lasso"] + (["orthogonal"] if ndim >= 2 else [])
     chosen = draw(st.lists(st.sampled_from(kinds), min_size=1, max_size=3, unique=True))
     if "l2" in chosen and "l2_to" in chosen:  # one l2 term per tensor: the later rule would win
         chosen.remove("l2")
     terms = {
         kind: (
             draw(st.sampled_from(LAMBDAS)),
-            draw(st.integers(-len(shape), len(shape) - 1)) if kind == "group_lasso" else None,
+            draw(st.integers(-ndim, ndim - 1)) if kind == "group_lasso" else None,
         )
         for kind in chosen
     }
-    return Case(shape, terms, draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 2**16)))
+    flags = st.lists(st.booleans(), min_size=len(shapes), max_size=len(shapes)).map(tuple)
+    return Case(shapes, terms, draw(flags), draw(flags), draw(st.integers(0, 2**16)))
 
 
-def rules(case: Case, name: str) -> str:
-    """One rule on the tensor ``name`` with every term of ``case``."""
+def rules(case: Case) -> str:
+    """One rule on the tensors ``w*`` with every term of ``case``."""
     words = []
     for kind, (lam, dim) in case.terms.items():
         if kind == "l2_to":
@@ -63,7 +68,7 @@ def rules(case: Case, name: str) -> str:
             words.append(f"group_lasso {lam} dim={dim}")
         else:
             words.append(f"{kind} {lam}")
-    return f"layer {name} " + " ".join(words) + "\n"
+    return "layer w* " + " ".join(words) + "\n"
 
 
 def expected_gradient(case: Case, w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
@@ -95,15 +100,6 @@ def expected_gradient(case: Case, w: torch.Tensor, w0: torch.Tensor) -> torch.Te
     return total
 
 
-@dataclass
-class Setup:
-    model: nn.Module
-    reg: regdsl.Regularizer
-    w0: torch.Tensor  # the weights at compile time: l2 ... to init's reference
-    w: torch.Tensor  # the weights at the step, moved from w0 (its zeros kept)
-    grad: torch.Tensor | None
-
-
 def expected_values(case: Case, w: torch.Tensor, w0: torch.Tensor) -> dict[str, float]:
     """Each term's documented loss at ``w``, by ``values()``' label (kind and rule line)."""
     out = {}
@@ -124,23 +120,37 @@ def expected_values(case: Case, w: torch.Tensor, w0: torch.Tensor) -> dict[str, 
     return out
 
 
+@dataclass
+class Setup:
+    model: nn.Module
+    reg: regdsl.Regularizer
+    params: list[nn.Parameter]
+    w0: list[torch.Tensor]  # the weights at compile time: l2 ... to init's reference
+    w: list[torch.Tensor]  # the weights at the step, moved from w0 (their zeros kept)
+    grads: list[torch.Tensor | None]
+
+
 def build(case: Case) -> Setup:
     gen = torch.Generator().manual_seed(case.seed)
-    w = torch.randn(case.shape, generator=gen, dtype=torch.float64)
-    if case.zero_slice:
-        dim = next((d for kind, (_, d) in case.terms.items() if kind == "group_lasso"), 0)
-        w.select(dim, 0).zero_()
-    w[(torch.rand(case.shape, generator=gen) < 0.2)] = 0.0  # exact zeros: sign(0) is 0 on both paths
     model = nn.Module()
-    model.register_parameter("w", nn.Parameter(w))
+    dim = next((d for kind, (_, d) in case.terms.items() if kind == "group_lasso"), 0)
+    for k, (shape, zero_slice) in enumerate(zip(case.shapes, case.zero_slice)):
+        w = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if zero_slice:
+            w.select(dim, 0).zero_()
+        w[(torch.rand(shape, generator=gen) < 0.2)] = 0.0  # exact zeros: sign(0) is 0 on both paths
+        model.register_parameter(f"w{k}", nn.Parameter(w))
     model.register_parameter("other", nn.Parameter(torch.randn(3, generator=gen, dtype=torch.float64)))
-    w0 = w.clone()
-    reg = regdsl.parse(rules(case, "w")).compile(model)
-    with torch.no_grad():  # training moved it since compile(), so that w - w0 is not 0
-        model.w.add_(torch.randn(case.shape, generator=gen, dtype=torch.float64) * (w0 != 0))
-    grad = torch.randn(case.shape, generator=gen, dtype=torch.float64) if case.has_grad else None
-    model.w.grad = None if grad is None else grad.clone()
-    return Setup(model, reg, w0, model.w.detach().clone(), grad)
+    params = [getattr(model, f"w{k}") for k in range(len(case.shapes))]
+    w0 = [p.detach().clone() for p in params]
+    reg = regdsl.parse(rules(case)).compile(model)
+    grads = []
+    with torch.no_grad():
+        for p, has_grad in zip(params, case.has_grad):
+            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * (p != 0))  # moved since compile()
+            grads.append(torch.randn(p.shape, generator=gen, dtype=torch.float64) if has_grad else None)
+            p.grad = None if grads[-1] is None else grads[-1].clone()
+    return Setup(model, reg, params, w0, [p.detach().clone() for p in params], grads)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -152,13 +162,16 @@ def test_the_fold_and_the_loss_path_both_add_each_terms_documented_gradient(case
     opt = torch.optim.SGD(fast.model.parameters(), lr=1.0)
     fast.reg.attach(opt, fold=True)
     opt.step()
-    folded = fast.w - fast.model.w.detach()
+    folded = [w - p.detach() for w, p in zip(fast.w, fast.params)]
     assert float(fast.reg.penalty()) == 0.0  # every term folded: nothing left for the loss
     fast.reg.detach()
 
-    # The loss path: penalty().backward() accumulates into the same gradient.
+    # The loss path: penalty().backward() accumulates into the same gradients.
     slow = build(case)
-    want_values = expected_values(case, slow.w, slow.w0)
+    want_values: dict[str, float] = {}
+    for w, w0 in zip(slow.w, slow.w0):
+        for label, value in expected_values(case, w, w0).items():
+            want_values[label] = want_values.get(label, 0.0) + value
     values = {label: float(v) for label, v in slow.reg.values().items()}
     assert values.keys() == want_values.keys()
     for label, value in want_values.items():
@@ -166,9 +179,11 @@ def test_the_fold_and_the_loss_path_both_add_each_terms_documented_gradient(case
     penalty = slow.reg.penalty()
     assert math.isclose(float(penalty.detach()), sum(want_values.values()), rel_tol=1e-9, abs_tol=1e-12)
     penalty.backward()
-    through_loss = slow.model.w.grad
 
-    want = expected_gradient(case, fast.w, fast.w0) + (fast.grad if fast.grad is not None else 0.0)
-    torch.testing.assert_close(folded, want, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(through_loss, want, rtol=1e-9, atol=1e-12)
+    for k, (w, w0, grad) in enumerate(zip(fast.w, fast.w0, fast.grads)):
+        want = expected_gradient(case, w, w0) + (grad if grad is not None else 0.0)
+        torch.testing.assert_close(folded[k], want, rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"fold, w{k}: {m}")
+        torch.testing.assert_close(
+            slow.params[k].grad, want, rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"loss, w{k}: {m}"
+        )
     assert fast.model.other.grad is None and slow.model.other.grad is None  # an unselected tensor gets nothing
