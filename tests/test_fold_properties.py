@@ -71,6 +71,13 @@ def rules(case: Case) -> str:
     return "layer w* " + " ".join(words) + "\n"
 
 
+def orthogonal_loss(lam: float, w: torch.Tensor) -> torch.Tensor:
+    """lam * ||G - I||_F^2, W = w as (out, -1), G the smaller of W W^T and W^T W."""
+    m = w.reshape(w.shape[0], -1)
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return lam * (gram - torch.eye(gram.shape[0], dtype=w.dtype)).pow(2).sum()
+
+
 def expected_gradient(case: Case, w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     """Each term's documented gradient at ``w`` (``w0``: its value at compile time), summed."""
     total = torch.zeros_like(w)
@@ -90,12 +97,9 @@ def expected_gradient(case: Case, w: torch.Tensor, w0: torch.Tensor) -> torch.Te
                 if norm > 0:
                     grad[i] = lam * moved[i] / norm
             total += grad.movedim(0, dim)
-        else:  # orthogonal: lam * ||G - I||_F^2, W = w as (out, -1), G the smaller Gram matrix
+        else:
             v = w.detach().clone().requires_grad_(True)
-            m = v.reshape(v.shape[0], -1)
-            gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-            loss = lam * (gram - torch.eye(gram.shape[0], dtype=w.dtype)).pow(2).sum()
-            (grad,) = torch.autograd.grad(loss, v)
+            (grad,) = torch.autograd.grad(orthogonal_loss(lam, v), v)
             total += grad
     return total
 
@@ -114,9 +118,7 @@ def expected_values(case: Case, w: torch.Tensor, w0: torch.Tensor) -> dict[str, 
             moved = w.movedim(dim, 0)
             out["group_lasso:1"] = lam * sum(float(moved[i].pow(2).sum().sqrt()) for i in range(moved.shape[0]))
         else:
-            m = w.reshape(w.shape[0], -1)
-            gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-            out["orthogonal:1"] = lam * float((gram - torch.eye(gram.shape[0], dtype=w.dtype)).pow(2).sum())
+            out["orthogonal:1"] = float(orthogonal_loss(lam, w))
     return out
 
 
