@@ -307,16 +307,18 @@ def _gradients(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tor
     give it); a sparse one (``Embedding(sparse=True)``) turns dense, as autograd's sum with a
     dense term would make it."""
     grads = [p.grad for p in params]
-    for g in grads:  # a loop, not any(...): a generator costs as much as the check on a few tensors
-        if g is None or g.layout != torch.strided:
+    for p, g in zip(params, grads):  # a loop, not any(...): a generator costs as much as the check on a few tensors
+        if g is None or not p.requires_grad or g.layout != torch.strided:
             break
     else:
         return params, grads, range(len(params))  # type: ignore[return-value]
     kept, out = [], []
     for k, (p, g) in enumerate(zip(params, grads)):
+        if not p.requires_grad:
+            # Frozen since compile(): the loss path gives it no gradient either, whatever .grad it kept
+            # (zero_grad(set_to_none=False) leaves a zero one, which the optimizer still steps).
+            continue
         if g is None:
-            if not p.requires_grad:
-                continue  # frozen since compile(): the loss path gives it no gradient either
             p.grad = g = torch.zeros_like(p)
         elif g.layout != torch.strided:
             p.grad = g = g.to_dense()

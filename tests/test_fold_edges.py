@@ -91,6 +91,32 @@ def test_a_parameter_without_gradient_gets_the_terms_gradient() -> None:
     assert_grads({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("width", [16, 160], ids=["small", "over 64 KiB"])
+@pytest.mark.parametrize(
+    "term", ["l1 0.05", "l2 0.3", "l2 0.3 to init", "group_lasso 0.1", "orthogonal 0.02", "l1 0.05 l2 0.3"]
+)
+def test_a_parameter_frozen_with_a_zero_gradient_left_gets_nothing(term: str, width: int) -> None:
+    """zero_grad(set_to_none=False) leaves a frozen parameter its zero gradient, which the optimizer
+    still steps: the fold must add nothing to it, as the loss path's autograd adds nothing."""
+    seeded(0)
+    model = nn.Sequential(nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, 4))
+    reg = regdsl.parse(f"all {term}\nexclude bias").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg.attach(opt, fold=True)
+    x = torch.randn(8, width)
+    model(x).square().mean().backward()
+    opt.step()  # every weight has a gradient tensor now
+    model[0].weight.requires_grad_(False)
+    for _ in range(2):
+        frozen = model[0].weight.detach().clone()
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
+        assert torch.equal(model[0].weight.grad, torch.zeros_like(frozen))
+        assert torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[1].weight.grad, torch.zeros_like(model[1].weight))  # the others still fold
+
+
 def test_sparse_gradients_become_dense_as_autograd_would_make_them() -> None:
     seeded(0)
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
