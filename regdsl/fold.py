@@ -51,9 +51,9 @@ def can_fold(item: LossItem) -> bool:
 class FoldPlan:
     """Every folded term, bucketed once by (family, term, device, dtype).
 
-    Like :class:`~regdsl.penalties.PenaltyPlan`, a bucket whose first parameter has changed
-    dtype or device (``model.to(...)`` after attaching) makes the plan re-bucket, at a cost
-    of O(buckets) per step.
+    Like :class:`~regdsl.penalties.PenaltyPlan`, a bucket any of whose parameters has changed
+    dtype or device (``model.to(...)``, or one submodule's, after attaching) makes the plan
+    re-bucket; the check reads every parameter at each step (:func:`~regdsl.penalties.moved`).
     """
 
     scratch_devices: tuple[str, ...] = ("cpu",)

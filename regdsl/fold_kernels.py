@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import sharded
-from .penalties import SMALL, LossItem, accumulation_dtype, autocast_device_type
+from .penalties import SMALL, LossItem, accumulation_dtype, autocast_device_type, moved
 from .schedule import is_scheduled, strength_at
 
 # Bytes per _foreach batch off the CPU: bounds the temporaries a step holds at once.
@@ -97,8 +97,7 @@ class Bucket:
             self.tensor.fill_(self.value)
 
     def stale(self) -> bool:
-        p = self.params[0]
-        return p.dtype != self.dtype or p.device != self.device
+        return moved(self.params, self.dtype, self.device)
 
     def strength(self, scale: torch.Tensor | None) -> torch.Tensor:
         """The strength as a 0-dim tensor (traced as a graph input), times a fused optimizer's ``grad_scale``."""

@@ -219,6 +219,46 @@ def test_a_model_moved_after_attach_is_followed() -> None:
     assert_grads(got, term_grads(model, w0), rtol=1e-12, atol=1e-14)
 
 
+PART_CAST_TERMS = ["l1 0.1", "l2 0.3", "l2 0.3 to init", "l1 0.1 l2 0.3", "group_lasso 0.2", "orthogonal 0.05"]
+
+
+@pytest.mark.parametrize("path", ["fold", "loss"])
+@pytest.mark.parametrize("term", PART_CAST_TERMS)
+def test_one_submodule_cast_after_attach_is_followed(term: str, path: str) -> None:
+    """model[1].double() after attach: its weight's terms are computed in float64 with float64 strengths,
+    though it shares its buckets with a weight still float32 (200x200: the large-tensor kernels)."""
+    seeded(0)
+    model = nn.Sequential(nn.Linear(200, 200), nn.Linear(200, 200))
+    w0 = model[1].weight.detach().clone()
+    reg = regdsl.parse(f"all {term}\nexclude bias").compile(model)
+    with torch.no_grad():  # away from init, for 'to init'
+        model[1].weight.add_(0.01 * torch.randn(200, 200, generator=torch.Generator().manual_seed(1)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=path == "fold")
+    model[1].double()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    penalty = reg.penalty()
+    if penalty.requires_grad:
+        penalty.backward()
+    opt.step()
+    w = model[1].weight.detach().clone().requires_grad_()
+    words = term.replace(" to init", "").split()
+    lam = {k: float(v) for k, v in zip(words[::2], words[1::2])}
+    want = torch.zeros((), dtype=torch.float64)
+    if "l1" in lam:
+        want = want + lam["l1"] * w.abs().sum()
+    if "l2" in lam:
+        want = want + lam["l2"] / 2 * ((w - w0.double()) if "to init" in term else w).square().sum()
+    if "group_lasso" in lam:
+        want = want + lam["group_lasso"] * torch.linalg.vector_norm(w, 2, dim=1).sum()
+    if "orthogonal" in lam:
+        want = want + lam["orthogonal"] * (w @ w.T - torch.eye(200, dtype=torch.float64)).square().sum()
+    want.backward()
+    assert model[1].weight.grad.dtype == torch.float64
+    torch.testing.assert_close(model[1].weight.grad, w.grad, rtol=1e-12, atol=1e-15)
+
+
 def test_a_loaded_reference_is_the_one_folded() -> None:
     model, reg, _ = setup(rules="layer fc2.weight l2 0.3 to init")
     saved = reg.state_dict()
