@@ -177,7 +177,7 @@ class Regularizer:
         if self._attached is not None:
             raise RegUsageError("this regularizer is already attached to an optimizer; detach() first")
         optimizers = optimizer_list(optimizer)
-        check_parameters_current(self.table.entries)
+        check_parameters_current(self.table)
         self._attached = Attachment(self, optimizers, fold, fold_hook)  # raises before anything is installed
         self._hooks += self._attached.hooks
         rest = self._attached.rest  # None without fold: penalty() holds every loss term

@@ -10,23 +10,40 @@ from typing import Any
 
 import torch
 
-from .errors import RegDslWarning, RegUsageError, caller_stacklevel
+from .errors import RegDslWarning, RegUsageError, caller_stacklevel, name_list
 from .precision import decay_underflows
+from .walk import canonical_name
 
 
-def check_parameters_current(entries: Sequence[Any]) -> None:
-    """Refuse to run on parameters the model no longer holds: fully_shard or
-    load_state_dict(assign=True) after compile() replace them, and the terms would act on tensors
-    nothing trains. One registered parameter is compared, which catches both."""
-    entry = next((e for e in entries if e.trainable and e.plain and e._names is None), None)
-    if entry is None:
-        return
-    current = entry.owner._parameters.get(entry.name.rpartition(".")[2], entry.param)
-    if current is not entry.param:
+def check_parameters_current(table: Any) -> None:
+    """Refuse to run when the model's parameters are no longer those compile() read: a trainable one
+    replaced (``fully_shard``, ``load_state_dict(assign=True)``, a new ``nn.Parameter``, a new layer in
+    an old one's place), whose terms would act on a tensor nothing trains, or a trainable one added,
+    which no rule reaches. Every module is read again, once per ``attach``."""
+    now: dict[int, torch.Tensor] = {}
+    for module in table.root.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                now[id(p)] = p
+    gone = [name for p, name, on in zip(table.params, table.names, table.trainable) if on and id(p) not in now]
+    if gone:
         raise RegUsageError(
-            f"the model's parameter '{entry.name}' is not the tensor compile() saw: it was replaced since "
-            "(fully_shard, load_state_dict(assign=True), assigning a new nn.Parameter); compile again after "
+            f"the model's parameter{'s' if len(gone) > 1 else ''} {name_list(gone)} {'are' if len(gone) > 1 else 'is'} not the "
+            f"tensor{'s' if len(gone) > 1 else ''} compile() saw: replaced since (fully_shard, "
+            "load_state_dict(assign=True), assigning a new nn.Parameter or module); compile again after "
             "replacing parameters, then build the optimizer from the new reg.param_groups()"
+        )
+    known = set(map(id, table.params))
+    if any(id_ not in known and p.requires_grad for id_, p in now.items()):
+        added = [
+            canonical_name(name)
+            for name, p in table.root.named_parameters()
+            if id(p) not in known and p.requires_grad
+        ]
+        raise RegUsageError(
+            f"the model has trainable parameter{'s' if len(added) > 1 else ''} {name_list(added)} that compile() "
+            "did not see: no rule reaches them. Compile again after adding parameters, then build the "
+            "optimizer from the new reg.param_groups()"
         )
 
 

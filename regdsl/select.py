@@ -183,6 +183,11 @@ class ParamTable:
     def __len__(self) -> int:
         return len(self.entries)
 
+    @property
+    def root(self) -> nn.Module:
+        """The model read, wrappers at its root seen through (what ``attach`` reads again)."""
+        return self._modules[0]
+
     @functools.cached_property
     def module_names(self) -> dict[str, nn.Module]:
         # A wrapper comes before the module it wraps, under the same name: the wrapped one,
