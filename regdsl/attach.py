@@ -19,6 +19,7 @@ or group is touched.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,13 +30,13 @@ from torch import nn
 from .compiled_step import compiled_step
 from .constraints import PostStepPlan
 from .entries import Members, ParamEntry
-from .errors import RegUsageError, name_list
+from .errors import RegDslWarning, RegUsageError, caller_stacklevel, name_list
 from .fold import Folding, FoldPlan
 from .guards import warn_decay_underflow
 from .penalties import PenaltyPlan
 from .resolution import GroupKey
-from .schedule import live, strength_at
-from .step_hooks import Orphan, step_hooks
+from .schedule import any_scheduled, live, strength_at
+from .step_hooks import FoldCalls, Orphan, step_hooks
 
 if TYPE_CHECKING:
     from .compiler import Regularizer
@@ -113,11 +114,16 @@ class DecayWriter:
 
 
 class _Owner:
-    """One attached optimizer and what its step runs."""
+    """One attached optimizer and what its step runs; ``lost`` is told when it is garbage-collected."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, post: PostStepPlan, decay: DecayWriter, fold: FoldPlan | None):
-        self.optimizer = weakref.ref(optimizer)
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, post: PostStepPlan, decay: DecayWriter, fold: FoldPlan | None, lost: list[Any]
+    ):
+        self.optimizer = weakref.ref(optimizer, lost.append)
         self.post, self.decay, self.fold = post, decay, fold
+        self.applies: list[str] = []  # what its hooks do that nothing else does, named for a warning
+        self.gone = False
+        self.by_hand = FoldCalls() if fold else None  # a plan with terms: with fold_hook=False each step checks reg.fold() ran
 
 
 class Attachment:
@@ -140,9 +146,12 @@ class Attachment:
         folding = Folding(reg._loss_items, stepped, reg.step) if fold else None
         self._folding = folding
         self._fold_hook = fold_hook
-        self.rest: PenaltyPlan | None = folding.rest if folding is not None else None
+        self._rest: PenaltyPlan | None = folding.rest if folding is not None else None
+        self._step = reg.step
+        self._lost: list[Any] = []  # the weak references of attached optimizers garbage-collected since
+        self._seen = 0
         self._owners = [
-            _Owner(optimizer, post, decay, folding.plans[k] if folding is not None else None)
+            _Owner(optimizer, post, decay, folding.plans[k] if folding is not None else None, self._lost)
             for k, (optimizer, (post, decay)) in enumerate(zip(optimizers, checked))
         ]
         for owner, optimizer in zip(self._owners, optimizers):
@@ -150,8 +159,11 @@ class Attachment:
         for optimizer in optimizers:  # may raise, under warnings-as-errors: before any hook
             warn_decay_underflow(optimizer, reg._groups)
         self.hooks: list[Any] = []
+        scheduled = bool(reg._scheduled_decays) or any_scheduled(i.term for i in reg._loss_items + reg._post_items)
         for owner, optimizer in zip(self._owners, optimizers):
-            handles = step_hooks(weakref.ref(reg), optimizer, owner.fold if fold_hook else None, reg._busy)
+            handles = step_hooks(
+                weakref.ref(reg), optimizer, owner.fold if fold_hook else None, reg._busy, None if fold_hook else owner.by_hand
+            )
             self.hooks += handles
             applied = {
                 "folded terms": bool(owner.fold) and fold_hook,
@@ -160,6 +172,42 @@ class Attachment:
             }
             if any(applied.values()):
                 self.hooks.append(Orphan(handles, [what for what, on in applied.items() if on]))
+            owner.applies = [what for what, on in applied.items() if on] + ["the step count schedules read"] * scheduled
+
+    @property
+    def rest(self) -> PenaltyPlan | None:
+        """The loss terms ``penalty()`` holds (None: all of them, nothing is folded): those no attached
+        optimizer still alive folds."""
+        if len(self._lost) > self._seen:
+            self._seen = len(self._lost)
+            self._bury()
+        return self._rest
+
+    def holds(self) -> bool:
+        """Whether any attached optimizer is still alive."""
+        return any(owner.optimizer() is not None for owner in self._owners)
+
+    def _bury(self) -> None:
+        """An attached optimizer was garbage-collected (replaced by one regdsl was never attached to):
+        what its hooks did stops, so its folded terms go back to ``penalty()``, and the first
+        ``penalty()`` after it warns, as the step of an optimizer whose regularizer died does."""
+        dead = [owner for owner in self._owners if owner.optimizer() is None and not owner.gone]
+        for owner in dead:
+            owner.gone = True
+        returned = [item for owner in dead if owner.fold is not None for item in owner.fold.items]
+        if returned and self._rest is not None:
+            self._rest = PenaltyPlan(self._rest.items + returned, self._step)
+        lost = list(dict.fromkeys(what for owner in dead for what in owner.applies))
+        if lost:
+            warnings.warn(
+                RegDslWarning(
+                    f"an optimizer this regularizer was attached to was garbage-collected, and with it what its "
+                    f"hooks did ({', '.join(lost)}): an optimizer that replaced it does none of it. "
+                    "reg.attach(new_optimizer, ...) to it"
+                    + (". Until then penalty() holds the folded terms again" if returned else "")
+                ),
+                stacklevel=caller_stacklevel(),
+            )
 
     def owner(self, optimizer: torch.optim.Optimizer | None) -> _Owner:
         """The attached ``optimizer``'s record; ``None`` names the only one."""
@@ -192,6 +240,8 @@ class Attachment:
         if owner.fold is None or stepping is None:
             raise RegUsageError("fold() needs attach(optimizer, fold=True, fold_hook=False) first")
         owner.fold(getattr(stepping, "grad_scale", None))
+        if owner.by_hand is not None:
+            owner.by_hand.folded = True
 
     def retire(self) -> None:
         """At ``detach()``: a compiled step made for these optimizers must not fold any more."""
@@ -200,8 +250,11 @@ class Attachment:
                 owner.fold.retired = True
 
     def set_step(self, step: int) -> None:
+        self._step = step
         if self._folding is not None:
             self._folding.set_step(step)
+        if self._rest is not None and self._folding is not None and self._rest is not self._folding.rest:
+            self._rest.set_step(step)  # the one _bury() made
         for owner in self._owners:
             optimizer = owner.optimizer()
             if optimizer is not None:

@@ -175,7 +175,9 @@ class Regularizer:
         gradients are there.
         """
         if self._attached is not None:
-            raise RegUsageError("this regularizer is already attached to an optimizer; detach() first")
+            if self._attached.holds():  # else every optimizer it was attached to is gone: attach anew
+                raise RegUsageError("this regularizer is already attached to an optimizer; detach() first")
+            self.detach()
         optimizers = optimizer_list(optimizer)
         check_parameters_current(self.table)
         self._attached = Attachment(self, optimizers, fold, fold_hook)  # raises before anything is installed

@@ -17,12 +17,15 @@ from .fold import FoldPlan
 from .fold_kernels import eager
 
 
-def step_hooks(reg_ref: Any, optimizer: torch.optim.Optimizer, plan: FoldPlan | None, busy: bool) -> list[Any]:
+def step_hooks(
+    reg_ref: Any, optimizer: torch.optim.Optimizer, plan: FoldPlan | None, busy: bool, by_hand: FoldCalls | None = None
+) -> list[Any]:
     """The hooks ``attach()`` installs on one optimizer, as handles; ``plan``: what it folds.
 
     ``busy`` (post-step terms, activity values to drop, anything scheduled) needs the full
     bookkeeping after each step (``reg._advance``). Otherwise a step only counts: inside the
-    fold's pre-hook when there is one, else in a post-hook that does nothing more.
+    fold's pre-hook when there is one, else in a post-hook that does nothing more. ``by_hand``:
+    the terms are folded by ``reg.fold()`` (``fold_hook=False``), which each step checks.
     """
     handles = []
     count = functools.partial(eager(_count), reg_ref)
@@ -31,6 +34,8 @@ def step_hooks(reg_ref: Any, optimizer: torch.optim.Optimizer, plan: FoldPlan | 
         handles.append(optimizer.register_step_pre_hook(functools.partial(_fold_hook, plan, count if counts else None)))
     if not counts:
         post = functools.partial(eager(_advance), reg_ref) if busy else functools.partial(_count_after, count)
+        if by_hand is not None:
+            post = functools.partial(_checked, by_hand, post)
         handles.append(optimizer.register_step_post_hook(post))
     return handles
 
@@ -98,6 +103,36 @@ class Orphan:
                 warnings.warn(RegDslWarning(message), stacklevel=caller_stacklevel(through_torch=True))
 
         _replace(self._first, warn)
+
+
+class FoldCalls:
+    """``attach(opt, fold=True, fold_hook=False)``: whether ``reg.fold()`` ran since the optimizer's
+    previous step. A step without it applied none of the folded terms; it warns, once. A second
+    call before a step cannot be told from a step a ``GradScaler`` skipped (no step hook runs)."""
+
+    def __init__(self) -> None:
+        self.folded = False
+        self._warned = False
+
+    def stepped(self) -> None:
+        if not self.folded and not self._warned:
+            self._warned = True
+            warnings.warn(
+                RegDslWarning(
+                    "an optimizer step ran with no reg.fold() since the step before: with "
+                    "attach(optimizer, fold=True, fold_hook=False) the folded terms apply only through reg.fold(), "
+                    "once per optimizer step, after the last backward and before the update"
+                ),
+                stacklevel=caller_stacklevel(through_torch=True),
+            )
+        self.folded = False
+
+
+def _checked(
+    by_hand: FoldCalls, post: Callable[..., None], optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
+) -> None:
+    by_hand.stepped()
+    post(optimizer, args, kwargs)
 
 
 def _advance(reg_ref: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

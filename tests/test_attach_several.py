@@ -10,6 +10,8 @@ regularized parameter in none, an optimizer without the group a scheduled decay 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import regdsl
-from regdsl import RegUsageError
+from regdsl import RegDslWarning, RegUsageError
 
 RULES = """\
 layer gen.** decay 0.1 warmup 3
@@ -215,13 +217,15 @@ def test_penalty_counts_each_term_once() -> None:
     net = model()
     reg = compiled(net)
     x = batches()[0][0]
-    reg.attach(list(optimizers(reg, net)), fold=True)
+    opts = list(optimizers(reg, net))  # kept: an optimizer garbage-collected gives its folded terms back to penalty()
+    reg.attach(opts, fold=True)
     a = net.gen[0](x)
     net.disc(net.gen[2](torch.tanh(a)))
     activity = 0.01 / 2 * (a**2).sum() / x.shape[0]
     torch.testing.assert_close(reg.penalty(), activity.detach(), rtol=1e-12, atol=0)  # every parameter term folds
     reg.detach()
-    reg.attach(list(optimizers(reg, net)))  # no fold: penalty() holds every term, once
+    opts = list(optimizers(reg, net))
+    reg.attach(opts)  # no fold: penalty() holds every term, once
     reg.load_state_dict({**reg.state_dict(), "step": 1})
     w = dict(net.named_parameters())
     terms = warm(0.02, 2, 1) * w["gen.0.weight"].abs().sum() + 0.05 / 2 * sum((w[n] ** 2).sum() for n in ("disc.0.weight", "disc.2.weight"))
@@ -308,6 +312,31 @@ def test_fold_by_hand_adds_only_that_optimizers_terms() -> None:
     grads = {n: p.grad for n, p in net.named_parameters()}
     torch.testing.assert_close(grads["disc.0.weight"], 0.25 * net.disc[0].weight.detach(), rtol=0, atol=0)
     assert all(not g.any() for n, g in grads.items() if n != "disc.0.weight")
+
+
+def test_a_step_without_fold_by_hand_warns_once() -> None:
+    """fold_hook=False leaves the terms to reg.fold(opt): a step of an optimizer with terms to fold and
+    no reg.fold() since its previous step applied none of them. Its first such step warns, once."""
+    net = model()
+    reg = compiled(net, "layer disc.0.weight l2 0.25\n")  # opt_g folds nothing: it never warns
+    opt_g, opt_d = (torch.optim.SGD(reg.param_groups(part, lr=LR)) for part in (net.gen, net.disc))
+    reg.attach([opt_g, opt_d], fold=True, fold_hook=False)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt_g.step()
+        reg.fold(opt_d)
+        reg.fold(opt_d)  # twice, as around a step a GradScaler skipped: no step hook tells them apart
+        opt_d.step()
+    with pytest.warns(RegDslWarning, match=r"no reg\.fold\(\) since the step before") as caught:
+        opt_d.step()
+    assert caught[0].filename == __file__  # the line of opt_d.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt_d.step()  # once
+        reg.fold(opt_d)
+        opt_d.step()
 
 
 def test_remap_each_optimizers_state_after_the_rules_changed() -> None:

@@ -165,7 +165,8 @@ def test_values_report_folded_terms_too() -> None:
     model = randomize(MLP())
     reg = regdsl.parse("all l2 0.1 l1 0.01\nexclude bias\nlayer fc2 group_lasso 0.05\n").compile(model)
     unfolded = reg.values()
-    reg.attach(torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1), fold=True)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+    reg.attach(opt, fold=True)
     assert float(reg.penalty()) == 0.0  # everything is folded: the loss path has nothing left
     folded = reg.values()
     assert list(folded) == ["l2:1", "l1:1", "group_lasso:3"]

@@ -1,0 +1,97 @@
+"""An attached optimizer garbage-collected while its regularizer lives on (replaced by a new one that
+was never attached) takes its hooks with it: the folded terms, post-step terms and the step count
+schedules read. The first penalty() after it warns, once, and holds the folded terms again; a new
+attach() needs no detach() first. Expected gradients are the documented formulas written here."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+from models import MLP, seeded
+
+import regdsl
+from regdsl import RegDslWarning, RegUsageError
+
+LOST = "an optimizer this regularizer was attached to was garbage-collected"
+
+
+def penalty_grads(reg: regdsl.Regularizer, model: MLP) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    penalty = reg.penalty()
+    if penalty.requires_grad:
+        penalty.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_replaced_optimizer_gives_the_folded_terms_back_to_penalty_and_warns_once() -> None:
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse("layer fc1.weight l2 0.1\nlayer head.weight l1 0.01").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    reg.attach(opt, fold=True)
+    assert penalty_grads(reg, model) == {}  # everything folds
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))  # the attached one is garbage-collected here
+    gc.collect()
+    with pytest.warns(RegDslWarning, match=rf"{LOST}.*\(folded terms\).*penalty\(\) holds the folded terms again"):
+        got = penalty_grads(reg, model)
+    assert got.keys() == {"fc1.weight", "head.weight"}
+    torch.testing.assert_close(got["fc1.weight"], 0.1 * model.fc1.weight.detach())
+    torch.testing.assert_close(got["head.weight"], 0.01 * model.head.weight.detach().sign())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        penalty_grads(reg, model)  # once
+        # Attached to the new optimizer, without a detach(): its step folds them, penalty() is empty again.
+        reg.attach(opt, fold=True)
+        assert penalty_grads(reg, model) == {}
+        model.zero_grad(set_to_none=False)
+        before = model.fc1.weight.detach().clone()
+        opt.step()
+    torch.testing.assert_close(model.fc1.weight.detach(), before - 0.1 * 0.1 * before)
+
+
+def test_a_replaced_optimizer_stops_the_schedules_and_says_so() -> None:
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse("all l2 0.1 warmup 10\nexclude bias").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    reg.attach(opt)
+    opt.step()
+    assert reg.step == 1
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    gc.collect()
+    with pytest.warns(RegDslWarning, match=rf"{LOST}.*\(the step count schedules read\)") as caught:
+        got = penalty_grads(reg, model)
+    assert all(not str(w.message).endswith("again") for w in caught)  # nothing was folded
+    opt.step()
+    assert reg.step == 1  # nothing counts the new optimizer's steps: the warmup stays where it was
+    torch.testing.assert_close(got["fc1.weight"], 0.1 * 0.1 * model.fc1.weight.detach())  # 1/10 of the way
+
+
+def test_a_replaced_optimizer_whose_hooks_only_counted_is_no_warning() -> None:
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse("all l2 0.1").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    reg.attach(opt)
+    want = penalty_grads(reg, model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = penalty_grads(reg, model)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value)
+
+
+def test_attach_while_the_attached_optimizer_lives_still_needs_a_detach() -> None:
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse("all l2 0.1").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    reg.attach(opt, fold=True)
+    with pytest.raises(RegUsageError, match="already attached"):
+        reg.attach(torch.optim.SGD(reg.param_groups(lr=0.1)))
