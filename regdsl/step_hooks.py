@@ -35,7 +35,7 @@ def step_hooks(
     if not counts:
         post = functools.partial(eager(_advance), reg_ref) if busy else functools.partial(_count_after, count)
         if by_hand is not None:
-            post = functools.partial(_checked, by_hand, post)
+            post = functools.partial(eager(_checked), by_hand, post)
         handles.append(optimizer.register_step_post_hook(post))
     return handles
 
