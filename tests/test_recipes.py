@@ -23,9 +23,21 @@ EXAMPLES = ROOT / "examples"
 PAGE = ROOT / "docs" / "distributed.md"
 
 
+# torch's gloo backend, rarely (about 1 run in 100 of examples/ddp.py here): a worker thread frees a
+# finished collective after the interpreter began to shut down, takes the GIL to drop the Python
+# object its thread-local state holds, and the process aborts at exit, its work done (a core dump's
+# stack: ProcessGroupGloo::runLoop, ~AsyncBarrierWork, ~AsyncAllreduceWork, ~ThreadLocalState,
+# gil_scoped_acquire, PyThread_exit_thread, std::terminate). DDP keeps the process group, and its
+# threads, alive past destroy_process_group(), so a script cannot join them first. Such a run is
+# run once more; any other failure, or this one twice, fails the test.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run(args: list[str], tmp: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "error::DeprecationWarning:regdsl"}
     done = subprocess.run(args, cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0 and TEARDOWN_ABORT in done.stderr and " steps, last loss " in done.stdout:
+        done = subprocess.run(args, cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Warning" not in done.stderr, done.stderr  # a recipe prints no warnings
 
