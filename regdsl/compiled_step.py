@@ -19,6 +19,7 @@ the graph), then the graph, then the post-hooks (regdsl's bookkeeping, the sched
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import types
 from collections.abc import Callable
@@ -54,7 +55,7 @@ class CompiledStep:
         # regularizer stays, even if the caller drops it.
         self._reg = reg
         self._update = _inner_step(type(optimizer).step)
-        self._graph = torch.compile(self._fold_and_update, **options)
+        self._graph = torch.compile(types.MethodType(_own_code(CompiledStep._fold_and_update), self), **options)
         # torch's own wrapper: the global and the optimizer's step hooks, around _run.
         self._hooked = torch.optim.Optimizer.profile_hook_step(self._run)
 
@@ -88,6 +89,19 @@ class CompiledStep:
         optimizer.param_groups  # noqa: B018
         self._plan.apply(scale, norms)
         return self._update(optimizer)
+
+
+_STEPS = itertools.count(1)
+
+
+def _own_code(fn: Any) -> Any:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs and their guards per code
+    object: shared by every compiled step in a process, a second optimizer's step would be a
+    recompile of the first's, count against dynamo's recompile limit (past it, a step runs eagerly),
+    and with torch 2.13 fail for SGD with momentum (``SpeculationLogDivergence``) when the second
+    has more param groups; ``torch.compile(opt.step)`` fails alike there."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_STEPS)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 @functools.cache

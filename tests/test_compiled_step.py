@@ -77,6 +77,41 @@ def test_compiled_step_matches_the_terms_written_by_hand(rules: str, name: str) 
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def test_a_second_compiled_step_with_more_param_groups_compiles_afresh() -> None:
+    """Each compiled step has a graph cache of its own. Shared between optimizers in one process, a
+    step of SGD with momentum whose optimizer has more param groups than one compiled before failed
+    to compile (torch 2.13's dynamo: SpeculationLogDivergence)."""
+    seeded(0)
+    for rules in ("all l2 0.1", "all l2 0.1\nall decay 0.01\nexclude bias"):  # one group, then two
+        model = MLP().double()
+        reference = MLP().double()
+        reference.load_state_dict(model.state_dict())
+        reg = regdsl.parse(rules).compile(model)
+        opt = torch.optim.SGD(reg.param_groups(lr=0.05), lr=0.05, momentum=0.9)
+        reg.attach(opt, fold=True)
+        opt.step = reg.compiled_step(opt)
+        decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        ref_opt = torch.optim.SGD(
+            [{"params": [p], "weight_decay": decay[id(q)]} for p, q in zip(reference.parameters(), model.parameters())],
+            lr=0.05,
+            momentum=0.9,
+        )
+        x = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            for m, o in ((model, opt), (reference, ref_opt)):
+                o.zero_grad()
+                m(x).square().mean().backward()
+            with torch.no_grad():
+                for n, p in reference.named_parameters():
+                    if rules == "all l2 0.1" or not n.endswith("bias"):
+                        p.grad += 0.1 * p
+            opt.step()
+            ref_opt.step()
+        assert len(opt.param_groups) == (1 if rules == "all l2 0.1" else 2)
+        for (n, got), want in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
+
+
 def test_the_fold_and_the_update_are_one_graph() -> None:
     """torch.compile(opt.step) makes the fold a graph of its own; compiled_step does not."""
     seeded(0)
