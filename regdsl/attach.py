@@ -19,6 +19,7 @@ or group is touched.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +33,8 @@ from .constraints import PostStepPlan
 from .entries import Members, ParamEntry
 from .errors import RegDslWarning, RegUsageError, caller_stacklevel, name_list
 from .fold import Folding, FoldPlan
-from .guards import warn_decay_underflow
+from .fold_kernels import eager
+from .guards import LrRatios, check_lrs, warn_decay_underflow
 from .penalties import PenaltyPlan
 from .resolution import GroupKey
 from .schedule import any_scheduled, live, strength_at
@@ -164,6 +166,8 @@ class Attachment:
             handles = step_hooks(
                 weakref.ref(reg), optimizer, owner.fold if fold_hook else None, reg._busy, None if fold_hook else owner.by_hand
             )
+            if LrRatios.needed(optimizer.param_groups):
+                handles.append(optimizer.register_step_post_hook(functools.partial(eager(check_lrs), LrRatios())))
             self.hooks += handles
             applied = {
                 "folded terms": bool(owner.fold) and fold_hook,

@@ -47,6 +47,52 @@ def check_parameters_current(table: Any) -> None:
         )
 
 
+class LrRatios:
+    """The ratios ``lr_mult`` (and ``lr_decay``) set between an optimizer's groups, checked after its
+    steps 1, 2, 4, 8, ...: a scheduler that sets every group's lr from one value (``OneCycleLR``,
+    ``CyclicLR`` given one ``max_lr``, ``base_lr``) drops them, silently. Warns once. Each group's lr
+    over its multiplier (``lr_scale`` for timm's schedulers, else ``lr_mult``, else 1) must be one
+    base lr; tensor lrs (compiled steps) and multipliers of 0 are not read."""
+
+    def __init__(self) -> None:
+        self._steps = 0
+        self._warned = False
+
+    @staticmethod
+    def needed(groups: Sequence[dict[str, Any]]) -> bool:
+        return any(_multiplier(g) != 1.0 for g in groups)
+
+    def stepped(self, optimizer: torch.optim.Optimizer) -> None:
+        self._steps += 1
+        if self._warned or self._steps & (self._steps - 1):
+            return
+        bases = [(g["lr"] / m, g) for g in optimizer.param_groups if isinstance(g["lr"], float) and (m := _multiplier(g))]
+        low, high = min(bases, key=lambda b: b[0], default=None), max(bases, key=lambda b: b[0], default=None)
+        if low is None or high is None or high[0] <= low[0] * (1 + 1e-6) or high[0] <= 0:
+            return
+        self._warned = True
+        (_, a), (_, b) = low, high
+        warnings.warn(
+            RegDslWarning(
+                f"the optimizer's groups no longer have the learning rates lr_mult sets: group "
+                f"'{a.get('name', '?')}' has lr {a['lr']:.6g}, group '{b.get('name', '?')}' {b['lr']:.6g}, where the "
+                f"rules make their ratio {_multiplier(b) / _multiplier(a):.6g}. A scheduler that sets "
+                "every group's lr from one value drops lr_mult: give OneCycleLR or CyclicLR one value per group "
+                "(max_lr=[g['lr'] for g in optimizer.param_groups])"
+            ),
+            stacklevel=caller_stacklevel(through_torch=True),
+        )
+
+
+def check_lrs(ratios: LrRatios, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """The step post-hook of :class:`LrRatios`."""
+    ratios.stepped(optimizer)
+
+
+def _multiplier(group: dict[str, Any]) -> float:
+    return group.get("lr_scale", group.get("lr_mult", 1.0))
+
+
 def warn_decay_underflow(optimizer: torch.optim.Optimizer, groups: Sequence[tuple[Any, Any]]) -> None:
     lines = {key.name: key.decay.pos.line for key, _ in groups if key.decay is not None and key.decay.pos is not None}
     for message in decay_underflows(optimizer, lines):
