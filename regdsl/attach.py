@@ -162,12 +162,13 @@ class Attachment:
             warn_decay_underflow(optimizer, reg._groups)
         self.hooks: list[Any] = []
         scheduled = bool(reg._scheduled_decays) or any_scheduled(i.term for i in reg._loss_items + reg._post_items)
+        names = {key.name for key, _ in reg._groups}
         for owner, optimizer in zip(self._owners, optimizers):
             handles = step_hooks(
                 weakref.ref(reg), optimizer, owner.fold if fold_hook else None, reg._busy, None if fold_hook else owner.by_hand
             )
-            if LrRatios.needed(optimizer.param_groups):
-                handles.append(optimizer.register_step_post_hook(functools.partial(eager(check_lrs), LrRatios())))
+            if LrRatios.needed(optimizer.param_groups, names):
+                handles.append(optimizer.register_step_post_hook(functools.partial(eager(check_lrs), LrRatios(names))))
             self.hooks += handles
             applied = {
                 "folded terms": bool(owner.fold) and fold_hook,

@@ -52,21 +52,27 @@ class LrRatios:
     steps 1, 2, 4, 8, ...: a scheduler that sets every group's lr from one value (``OneCycleLR``,
     ``CyclicLR`` given one ``max_lr``, ``base_lr``) drops them, silently. Warns once. Each group's lr
     over its multiplier (``lr_scale`` for timm's schedulers, else ``lr_mult``, else 1) must be one
-    base lr; tensor lrs (compiled steps) and multipliers of 0 are not read."""
+    base lr. Only the groups ``param_groups()`` made are read (``names``; not one added since with an
+    lr of its own), and not an lr of 0, a tensor lr (compiled steps) or a multiplier of 0."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: set[str]) -> None:
+        self._names = names
         self._steps = 0
         self._warned = False
 
     @staticmethod
-    def needed(groups: Sequence[dict[str, Any]]) -> bool:
-        return any(_multiplier(g) != 1.0 for g in groups)
+    def needed(groups: Sequence[dict[str, Any]], names: set[str]) -> bool:
+        return any(_multiplier(g) != 1.0 for g in groups if g.get("name") in names)
 
     def stepped(self, optimizer: torch.optim.Optimizer) -> None:
         self._steps += 1
         if self._warned or self._steps & (self._steps - 1):
             return
-        bases = [(g["lr"] / m, g) for g in optimizer.param_groups if isinstance(g["lr"], float) and (m := _multiplier(g))]
+        bases = [
+            (g["lr"] / m, g)
+            for g in optimizer.param_groups
+            if g.get("name") in self._names and isinstance(g["lr"], float) and g["lr"] and (m := _multiplier(g))
+        ]
         low, high = min(bases, key=lambda b: b[0], default=None), max(bases, key=lambda b: b[0], default=None)
         if low is None or high is None or high[0] <= low[0] * (1 + 1e-6) or high[0] <= 0:
             return

@@ -80,3 +80,21 @@ def test_a_ratio_lost_later_is_found_at_the_next_power_of_two() -> None:
             opt.step()
         found += [step for w in caught if issubclass(w.category, RegDslWarning)]
     assert found == [8]
+
+
+def test_a_group_added_with_an_lr_of_its_own_and_a_group_at_lr_0_are_not_compared() -> None:
+    seeded(0)
+    model = MLP()
+    extra = torch.nn.Parameter(torch.zeros(3))
+    reg = regdsl.parse(RULES).compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    reg.attach(opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+        for group in opt.param_groups:
+            if group.get("lr_mult") == 0.1:
+                group["lr"] = 0.0  # that part frozen for a while
+        opt.step()
+    assert not [w for w in caught if issubclass(w.category, RegDslWarning)]
