@@ -244,6 +244,11 @@ class Attachment:
         stepping = owner.optimizer()
         if owner.fold is None or stepping is None:
             raise RegUsageError("fold() needs attach(optimizer, fold=True, fold_hook=False) first")
+        if self._fold_hook:
+            raise RegUsageError(
+                "the optimizer's step folds the terms already (attach(optimizer, fold=True)): reg.fold() would add them "
+                "twice; it is for attach(optimizer, fold=True, fold_hook=False)"
+            )
         owner.fold(getattr(stepping, "grad_scale", None))
         if owner.by_hand is not None:
             owner.by_hand.folded = True

@@ -130,6 +130,7 @@ class Regularizer:
                 )
         if isinstance(of, bool):
             raise RegUsageError("param_groups()'s first argument is a module or parameters: write param_groups(lr_scale=True)")
+        check_parameters_current(self.table)  # an optimizer built from replaced tensors would train none of the model's
         chosen = self._groups if of is None else cut_groups(self._groups, subset(of, self.table.entries))
         if of is not None and not chosen:
             raise RegUsageError("param_groups(of=...) holds no parameter the rules train: every one given is frozen")

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Any
 
+import torch
+
 from .errors import RegDslWarning, RegStateError, RegUsageError, caller_stacklevel, name_list, shape_text
 from .resolution import GroupSummary
 
@@ -53,6 +55,8 @@ def saved_references(state: Mapping[str, Any], params: Mapping[str, Any]) -> Map
     if missing:
         raise RegUsageError(f"state_dict has no reference for {name_list(missing)}")
     for name, param in params.items():
+        if not isinstance(saved[name], torch.Tensor):  # checked before any is loaded: a refused load changes nothing
+            raise RegUsageError(f"state_dict reference for '{name}' is a {type(saved[name]).__name__}, not a tensor")
         if tuple(saved[name].shape) != tuple(param.shape):
             raise RegUsageError(
                 f"state_dict reference for '{name}' has shape {shape_text(tuple(saved[name].shape))}, "

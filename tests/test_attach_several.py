@@ -314,6 +314,18 @@ def test_fold_by_hand_adds_only_that_optimizers_terms() -> None:
     assert all(not g.any() for n, g in grads.items() if n != "disc.0.weight")
 
 
+def test_fold_by_hand_is_refused_where_the_step_folds() -> None:
+    net = model()
+    reg = compiled(net, "layer disc.0.weight l2 0.25\n")
+    opt = torch.optim.SGD(reg.param_groups(lr=LR))
+    reg.attach(opt, fold=True)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RegUsageError, match=r"would add them twice"):
+        reg.fold()
+    assert not net.disc[0].weight.grad.any()  # nothing added before the refusal
+
+
 def test_a_step_without_fold_by_hand_warns_once() -> None:
     """fold_hook=False leaves the terms to reg.fold(opt): a step of an optimizer with terms to fold and
     no reg.fold() since its previous step applied none of them. Its first such step warns, once."""

@@ -58,6 +58,17 @@ def test_attach_refuses_parameters_replaced_since_compile(replace, named: str, f
         torch.testing.assert_close(layer.weight.grad, 0.1 * layer.weight.detach())
 
 
+def test_param_groups_refuse_parameters_replaced_since_compile() -> None:
+    """An optimizer built from the tensors compile() saw would train none of the model's (after
+    load_state_dict(assign=True), a checkpoint loaded that way): param_groups() refuses too."""
+    seeded(0)
+    model = MLP()
+    reg = regdsl.compile(regdsl.parse(RULES), model)
+    replace_by_loading(model)
+    with pytest.raises(RegUsageError, match=r"not the tensors compile\(\) saw.*compile again"):
+        reg.param_groups(lr=0.1)
+
+
 def test_attach_refuses_trainable_parameters_added_since_compile() -> None:
     """An 'all' rule resolved before a layer was added does not reach it: compile again."""
     seeded(0)

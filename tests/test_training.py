@@ -516,6 +516,7 @@ def _reg_with_reference() -> tuple[MLP, regdsl.Regularizer]:
     [
         pytest.param(lambda s: s["references"].pop("fc2.weight"), id="missing-reference"),
         pytest.param(lambda s: s["references"].update({"fc2.weight": torch.zeros(3, 3)}), id="wrong-shape"),
+        pytest.param(lambda s: s["references"].update({"fc2.weight": s["references"]["fc2.weight"].numpy()}), id="not-a-tensor"),
         pytest.param(lambda s: s.pop("references"), id="no-references"),
         pytest.param(lambda s: s.update(step=-1), id="negative-step"),
         pytest.param(lambda s: s.update(step="4"), id="step-not-int"),
