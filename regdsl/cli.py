@@ -85,11 +85,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _read(path: str) -> str:
+    return decode_source(_read_bytes(path), path)
+
+
+def _read_bytes(path: str) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise _UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return decode_source(data, path)
+
+
+def _read_all(paths: Sequence[str]) -> dict[str, bytes]:
+    """Every file's bytes, read before any is checked or rewritten: one that cannot be read is a usage
+    error that leaves no report half-printed and no file half-formatted. (A file that is not UTF-8
+    is read, and reported with a position, as any invalid file.)"""
+    return {path: _read_bytes(path) for path in paths}
 
 
 def _load_spec(path: str):
@@ -141,11 +151,12 @@ def _check(args: argparse.Namespace) -> int:
     diagnostics: list[Diagnostic] = []
     files: list[dict[str, Any]] = []
     coverages = []
+    texts = _read_all(args.files)
     for path in args.files:
         entry: dict[str, Any] = {"file": path, "statements": None, "coverage": None}
         files.append(entry)
         try:
-            spec = _load_spec(path)
+            spec = parse(decode_source(texts[path], path), path)
         except RegDslError as exc:
             diagnostics += exc.diagnostics
             continue
@@ -263,9 +274,10 @@ def _fmt(args: argparse.Namespace) -> int:
     from .formatter import format_source
 
     changed = unchanged = failed = 0
+    texts = _read_all(args.files)
     for path in args.files:
         try:
-            text = _read(path)
+            text = decode_source(texts[path], path)
             formatted = format_source(text, path)
         except RegDslError as exc:
             for d in exc.diagnostics:

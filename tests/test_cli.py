@@ -69,6 +69,21 @@ def test_unreadable_file_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_an_unreadable_file_among_several_leaves_nothing_half_done(tmp_path: Path) -> None:
+    """check and fmt read every file first: no report printed for the files before the missing one,
+    and no file formatted, not even those before it."""
+    bad, messy = tmp_path / "bad.reg", tmp_path / "messy.reg"
+    bad.write_text("all l3 1\n", encoding="utf-8")
+    messy.write_text("all   l2 1;exclude bias\n", encoding="utf-8")
+    missing = str(tmp_path / "missing.reg")
+    result = run("check", "--format", "json", str(bad), missing, str(messy))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert "missing.reg" in result.stderr and "Traceback" not in result.stderr
+    result = run("fmt", str(messy), missing)
+    assert result.returncode == 2 and "missing.reg" in result.stderr
+    assert messy.read_text(encoding="utf-8") == "all   l2 1;exclude bias\n"
+
+
 def test_directory_is_unreadable_exit_2(tmp_path: Path) -> None:
     result = run("check", str(tmp_path))
     assert result.returncode == 2
