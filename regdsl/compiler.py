@@ -31,18 +31,10 @@ from .gcpause import paused_gc
 from .guards import PenaltyWatch, check_parameters_current, warn_not_listening, warn_untaken
 from .items import step_items
 from .penalties import PenaltyPlan
-from .resolution import (
-    Coverage,
-    GroupSummary,
-    ModuleRow,
-    ParamRow,
-    Resolution,
-    Setting,
-    resolve,
-)
+from .resolution import Coverage, GroupSummary, ModuleRow, ParamRow, Resolution, Setting, resolve
 from .schedule import any_scheduled, is_scheduled, strength_at
 from .spaces import require_values, suggest
-from .spec import Spec
+from .spec import MODULE_TERMS, PARAM_TERMS, Spec
 from .step_hooks import release, remove_all
 
 __all__ = ["Coverage", "GroupSummary", "ModuleRow", "ParamRow", "Regularizer", "Resolution", "Setting", "compile", "resolve"]
@@ -261,6 +253,8 @@ class Regularizer:
         settings = row.terms if row is not None else next((m.terms for m in self.resolution.modules if m.name == name), None)
         if settings is None:
             raise KeyError(f"no parameter or module named {name!r}")
+        if kind not in (kinds := PARAM_TERMS + MODULE_TERMS):  # else a misspelt kind would read as unset, 0.0
+            raise KeyError(f"no term kind {kind!r}: one of {', '.join(kinds)}")
         setting = settings.get(kind)
         if setting is None:
             return 0.0

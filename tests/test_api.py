@@ -165,3 +165,16 @@ def test_readme_shows_what_the_commands_print(command: str, shown: str) -> None:
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
     )
     assert (result.stdout + result.stderr).rstrip("\n") == shown
+
+
+def test_strength_of_a_misspelt_kind_is_an_error_not_zero() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    reg = regdsl.parse("all l1 1e-3 decay 0.05\nlayer 1 activity l2 0.5\n").compile(model)
+    assert (reg.strength("0.weight", "l1"), reg.strength("0.weight", "decay")) == (1e-3, 0.05)
+    assert reg.strength("1", "activity_l2") == 0.5
+    assert reg.strength("0.weight", "group_lasso") == 0.0  # a kind the rules do not set there
+    for kind in ("L1", "weight_decay", "activity l2"):
+        with pytest.raises(KeyError, match=rf"no term kind '{kind}': one of decay, l1, l2"):
+            reg.strength("0.weight", kind)
+    with pytest.raises(KeyError, match="no parameter or module named '0.wieght'"):
+        reg.strength("0.wieght", "l1")
