@@ -18,7 +18,8 @@ class GlobError(ValueError):
 
 @functools.lru_cache(maxsize=4096)
 def glob_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a dotted-path glob to an anchored regex that never backtracks across segments.
+    """Compile a dotted-path glob to an anchored regex; with several ``**``, each but the last keeps
+    the first place its segments match (:func:`glob_source`), so no name is split every way.
 
     ``*`` is ``[^.]*``, ``?`` is ``[^.]``, ``[...]`` a class that never matches
     '.', and a ``**`` segment stands for zero or more whole segments.
@@ -68,11 +69,20 @@ def glob_source(pattern: str, named: bool = False) -> str:
     if pieces == [None]:
         return r".*"
     out = []
+    last = max(i for i, p in enumerate(pieces) if p is None) if None in pieces else -1
+    atomic = False  # inside the group of a '**' that another follows
     for i, piece in enumerate(pieces):
         if piece is None:
+            if atomic:
+                out.append(r"(?=\.|\Z))")  # the group ends where a segment does
             # Leading: "x." repeated; elsewhere ".x" repeated, so each repetition starts at a dot.
-            lazy = "?" if named else ""
-            out.append((r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*") + lazy)
+            repeat = r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*"
+            # A '**' that another follows, with the segments up to it, is one atomic group: it takes the
+            # first place where those segments match, whole, and keeps it. The leftmost place is as good
+            # as any (the next '**' takes what lies between), and keeping it spares a glob of k such
+            # '**' the O(n^k) ways to split an n-segment name that a regex would try before failing.
+            atomic = i < last
+            out.append(f"(?>{repeat}?" if atomic else repeat + ("?" if named else ""))
             continue
         if i > 0 and not (i == 1 and pieces[0] is None):  # a leading '**' ate its dot
             out.append(r"\.")
