@@ -42,6 +42,8 @@ _HOW = (
 
 
 def saved_step(state: Mapping[str, Any]) -> int:
+    if not isinstance(state, Mapping):
+        raise RegUsageError(f"a regularizer's state is the mapping reg.state_dict() returns, not {type(state).__name__}")
     step = state.get("step")
     if not isinstance(step, int) or step < 0:
         raise RegUsageError(f"state_dict 'step' must be a whole number >= 0, got {step!r}")
@@ -51,6 +53,11 @@ def saved_step(state: Mapping[str, Any]) -> int:
 def saved_references(state: Mapping[str, Any], params: Mapping[str, Any]) -> Mapping[str, Any]:
     """The saved ``w0`` of ``l2 ... to init|ref``: one for each of ``params`` (by name), of its shape."""
     saved = state.get("references", {})
+    if not isinstance(saved, Mapping):
+        raise RegUsageError(
+            f"state_dict 'references' maps each parameter with a reference ({name_list(list(params))}) to a tensor, "
+            f"not a {type(saved).__name__}"
+        )
     missing = [name for name in params if name not in saved]
     if missing:
         raise RegUsageError(f"state_dict has no reference for {name_list(missing)}")
@@ -266,6 +273,8 @@ def _saved_optimizer(
     optimizer_state: Mapping[str, Any], saved: Layout
 ) -> tuple[list[Mapping[str, Any]], Mapping[Any, Any]]:
     """The saved optimizer's groups and per-parameter state, checked to be the saved layout's groups."""
+    if not isinstance(optimizer_state, Mapping):
+        raise RegStateError("remap_optimizer_state() needs an optimizer's state_dict(): 'state' and 'param_groups'")
     groups, per_param = optimizer_state.get("param_groups"), optimizer_state.get("state")
     if (
         not isinstance(groups, Sequence)

@@ -518,6 +518,7 @@ def _reg_with_reference() -> tuple[MLP, regdsl.Regularizer]:
         pytest.param(lambda s: s["references"].update({"fc2.weight": torch.zeros(3, 3)}), id="wrong-shape"),
         pytest.param(lambda s: s["references"].update({"fc2.weight": s["references"]["fc2.weight"].numpy()}), id="not-a-tensor"),
         pytest.param(lambda s: s.pop("references"), id="no-references"),
+        pytest.param(lambda s: s.update(references=None), id="references-none"),
         pytest.param(lambda s: s.update(step=-1), id="negative-step"),
         pytest.param(lambda s: s.update(step="4"), id="step-not-int"),
     ],
@@ -931,3 +932,12 @@ def test_schedule_steps_in_another_order_share_a_group() -> None:
     model = make_model()
     reg = regdsl.parse("all decay 0.1 warmup 3 from 2\nlayer head.** decay 0.1 from 2 warmup 3").compile(model)
     assert len(reg.param_groups()) == 1
+
+
+def test_load_state_dict_of_no_mapping_and_remap_of_no_optimizer_state_are_usage_errors() -> None:
+    _, reg = _reg_with_reference()
+    with pytest.raises(regdsl.RegUsageError, match="the mapping reg.state_dict\\(\\) returns, not NoneType"):
+        reg.load_state_dict(None)  # type: ignore[arg-type]
+    with pytest.raises(regdsl.RegStateError, match="needs an optimizer's state_dict"):
+        reg.remap_optimizer_state(None, reg.state_dict())  # type: ignore[arg-type]
+    assert reg.step == 0
