@@ -202,6 +202,8 @@ class Regularizer:
         (and scheduled ``decay``, written into ``optimizer``'s groups) moves to the next step."""
         if self._attached is not None:
             raise RegUsageError("after_step() on an attached regularizer would count each step twice")
+        if optimizer is not None and not hasattr(optimizer, "param_groups"):
+            raise RegUsageError(f"after_step() takes the optimizer that just stepped, not a {type(optimizer).__name__}")
         if optimizer is None and (self._post.prox or self._scheduled_decays):
             raise RegUsageError(
                 "after_step() needs the optimizer: "

@@ -27,6 +27,8 @@ from .spec import Spec
 
 def check(spec: Spec, model: nn.Module, reference: Mapping[str, Any] | None | object = NOT_GIVEN) -> list[Diagnostic]:
     """Every problem of ``spec`` against ``model``, sorted by position; ``reference`` as for ``compile``."""
+    if not isinstance(spec, Spec):
+        raise TypeError(f"check() takes a Spec (regdsl.parse(text) or regdsl.load(path)), not a {type(spec).__name__}")
     return check_resolution(resolve(spec, model), reference)
 
 

@@ -178,3 +178,13 @@ def test_strength_of_a_misspelt_kind_is_an_error_not_zero() -> None:
             reg.strength("0.weight", kind)
     with pytest.raises(KeyError, match="no parameter or module named '0.wieght'"):
         reg.strength("0.wieght", "l1")
+
+
+def test_wrong_arguments_to_check_and_after_step_say_what_they_take() -> None:
+    model = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(TypeError, match=r"check\(\) takes a Spec \(regdsl.parse\(text\) or regdsl.load\(path\)\), not a str"):
+        regdsl.check("all l2 1", model)  # type: ignore[arg-type]
+    reg = regdsl.parse("all l2 0.1").compile(model)
+    with pytest.raises(regdsl.RegUsageError, match="after_step\\(\\) takes the optimizer that just stepped, not a str"):
+        reg.after_step("opt")  # type: ignore[arg-type]
+    assert reg.step == 0
