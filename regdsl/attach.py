@@ -150,8 +150,7 @@ class Attachment:
         self._fold_hook = fold_hook
         self._rest: PenaltyPlan | None = folding.rest if folding is not None else None
         self._step = reg.step
-        self._lost: list[Any] = []  # the weak references of attached optimizers garbage-collected since
-        self._seen = 0
+        self._lost: list[Any] = []  # the weak references of attached optimizers garbage-collected, not yet buried
         self._owners = [
             _Owner(optimizer, post, decay, folding.plans[k] if folding is not None else None, self._lost)
             for k, (optimizer, (post, decay)) in enumerate(zip(optimizers, checked))
@@ -175,16 +174,17 @@ class Attachment:
                 "post-step terms": bool(owner.post),
                 "a decay schedule": bool(owner.decay.groups(optimizer)),
             }
-            if any(applied.values()):
-                self.hooks.append(Orphan(handles, [what for what, on in applied.items() if on]))
-            owner.applies = [what for what, on in applied.items() if on] + ["the step count schedules read"] * scheduled
+            applies = [what for what, on in applied.items() if on]
+            if applies:
+                self.hooks.append(Orphan(handles, applies))
+            owner.applies = applies + ["the step count schedules read"] * scheduled
 
     @property
     def rest(self) -> PenaltyPlan | None:
         """The loss terms ``penalty()`` holds (None: all of them, nothing is folded): those no attached
         optimizer still alive folds."""
-        if len(self._lost) > self._seen:
-            self._seen = len(self._lost)
+        if self._lost:
+            self._lost.clear()
             self._bury()
         return self._rest
 

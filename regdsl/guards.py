@@ -19,7 +19,7 @@ def check_parameters_current(table: Any) -> None:
     """Refuse to run when the model's parameters are no longer those compile() read: a trainable one
     replaced (``fully_shard``, ``load_state_dict(assign=True)``, a new ``nn.Parameter``, a new layer in
     an old one's place), whose terms would act on a tensor nothing trains, or a trainable one added,
-    which no rule reaches. Every module is read again, once per ``attach``."""
+    which no rule reaches. Every module is read again, at each ``attach`` and ``param_groups()``."""
     now: dict[int, torch.Tensor] = {}
     for module in table.root.modules():
         for p in module._parameters.values():
@@ -73,11 +73,12 @@ class LrRatios:
             for g in optimizer.param_groups
             if g.get("name") in self._names and isinstance(g["lr"], float) and g["lr"] and (m := _multiplier(g))
         ]
-        low, high = min(bases, key=lambda b: b[0], default=None), max(bases, key=lambda b: b[0], default=None)
-        if low is None or high is None or high[0] <= low[0] * (1 + 1e-6) or high[0] <= 0:
+        if not bases:
+            return
+        (low, a), (high, b) = min(bases, key=lambda x: x[0]), max(bases, key=lambda x: x[0])
+        if high <= low * (1 + 1e-6):
             return
         self._warned = True
-        (_, a), (_, b) = low, high
         warnings.warn(
             RegDslWarning(
                 f"the optimizer's groups no longer have the learning rates lr_mult sets: group "

@@ -26,12 +26,17 @@ def penalty_grads(reg: regdsl.Regularizer, model: MLP) -> dict[str, torch.Tensor
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_a_replaced_optimizer_gives_the_folded_terms_back_to_penalty_and_warns_once() -> None:
+def attached(rules: str, fold: bool) -> tuple[MLP, regdsl.Regularizer, torch.optim.Optimizer]:
     seeded(0)
     model = MLP()
-    reg = regdsl.parse("layer fc1.weight l2 0.1\nlayer head.weight l1 0.01").compile(model)
+    reg = regdsl.parse(rules).compile(model)
     opt = torch.optim.SGD(reg.param_groups(lr=0.1))
-    reg.attach(opt, fold=True)
+    reg.attach(opt, fold=fold)
+    return model, reg, opt
+
+
+def test_a_replaced_optimizer_gives_the_folded_terms_back_to_penalty_and_warns_once() -> None:
+    model, reg, opt = attached("layer fc1.weight l2 0.1\nlayer head.weight l1 0.01", fold=True)
     assert penalty_grads(reg, model) == {}  # everything folds
     opt = torch.optim.SGD(reg.param_groups(lr=0.1))  # the attached one is garbage-collected here
     gc.collect()
@@ -53,11 +58,7 @@ def test_a_replaced_optimizer_gives_the_folded_terms_back_to_penalty_and_warns_o
 
 
 def test_a_replaced_optimizer_stops_the_schedules_and_says_so() -> None:
-    seeded(0)
-    model = MLP()
-    reg = regdsl.parse("all l2 0.1 warmup 10\nexclude bias").compile(model)
-    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
-    reg.attach(opt)
+    model, reg, opt = attached("all l2 0.1 warmup 10\nexclude bias", fold=False)
     opt.step()
     assert reg.step == 1
     opt = torch.optim.SGD(reg.param_groups(lr=0.1))
@@ -71,13 +72,9 @@ def test_a_replaced_optimizer_stops_the_schedules_and_says_so() -> None:
 
 
 def test_a_replaced_optimizer_whose_hooks_only_counted_is_no_warning() -> None:
-    seeded(0)
-    model = MLP()
-    reg = regdsl.parse("all l2 0.1").compile(model)
-    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
-    reg.attach(opt)
+    model, reg, opt = attached("all l2 0.1", fold=False)
     want = penalty_grads(reg, model)
-    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    del opt  # garbage-collected, and nothing replaces it
     gc.collect()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -88,10 +85,6 @@ def test_a_replaced_optimizer_whose_hooks_only_counted_is_no_warning() -> None:
 
 
 def test_attach_while_the_attached_optimizer_lives_still_needs_a_detach() -> None:
-    seeded(0)
-    model = MLP()
-    reg = regdsl.parse("all l2 0.1").compile(model)
-    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
-    reg.attach(opt, fold=True)
+    _, reg, _opt = attached("all l2 0.1", fold=True)  # held: the attached optimizer lives
     with pytest.raises(RegUsageError, match="already attached"):
         reg.attach(torch.optim.SGD(reg.param_groups(lr=0.1)))
