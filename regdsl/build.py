@@ -24,6 +24,9 @@ from .spec import MAX_WHOLE, Spec, error_code, relevant_errors
 
 def parse(text: str, filename: str = "<string>") -> Spec:
     """Parse and validate rule text. Raises :class:`RegSyntaxError` or :class:`RegValidationError`."""
+    if not isinstance(text, str):
+        hint = ": decode them first, or regdsl.load(path) reads a file" if isinstance(text, (bytes, bytearray)) else ""
+        raise TypeError(f"parse() takes the rule text as a str, not {type(text).__name__}{hint}")
     # The only place a BOM is removed: parse(), load() and the command line all come through here.
     text = strip_bom(text)
     with paused_gc():  # a parse tree, plain data and a spec of every line, all alive at once

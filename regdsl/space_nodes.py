@@ -38,6 +38,16 @@ def _not_a_keyword(name: str | None) -> None:
             "(loguniform(a, b), uniform(a, b), choice(...)) or the name of one",
             {"name": name},
         )
+    if name is not None and name.lower() in _NUMBER_WORDS:
+        # Where a strength stands the lexer reads these as numbers: the space could never be referenced.
+        raise PydanticCustomError(
+            "space",
+            "a search space cannot be named '{name}': where a strength stands, '{name}' reads as a number",
+            {"name": name},
+        )
+
+
+_NUMBER_WORDS = frozenset({"inf", "infinity", "nan"})
 
 
 class _Space(Node):

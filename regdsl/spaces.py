@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -101,7 +102,11 @@ def with_values(spec: Spec, values: Mapping[str, float]) -> Spec:
     problems = [f"'{n}' names no search space of the rules (they have: {_names(known)})" for n in values if n not in known]
     problems += [f"no value for '{n}' ({s})" for n, s in known.items() if n not in values]
     for name, space in known.items():
-        if name in values and not _inside(space, values[name]):
+        if name not in values:
+            continue
+        if not _number(values[name]):
+            problems.append(f"'{name}' takes a number (int or float), not {type(values[name]).__name__}")
+        elif not _inside(space, values[name]):
             problems.append(f"{values[name]!r} for '{name}' is outside {space!s}")
     if problems:
         raise RegUsageError("spec.with_values: " + "; ".join(problems))
@@ -113,9 +118,12 @@ def _clamped(space: Any, value: float) -> float:
     return value if isinstance(space, ChoiceSpace) else min(max(value, space.low), space.high)
 
 
+def _number(value: Any) -> bool:
+    # numbers.Real: numpy's scalars too (Optuna's best_params may hold them); a 0-dim tensor is not one.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _inside(space: Any, value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
     # Optuna's log-uniform draws can land a rounding step outside exp(log(b)).
     slack = 1e-12 * max(abs(getattr(space, "high", 0.0)), abs(getattr(space, "low", 0.0)))
     if isinstance(space, ChoiceSpace):
@@ -162,6 +170,10 @@ def search_space(spec: Spec) -> dict[str, Any]:
 
 def suggest(spec: Spec, trial: Any) -> dict[str, float]:
     """One value per space from an Optuna trial (``trial.suggest_float``/``suggest_categorical``), in file order."""
+    if not all(callable(getattr(trial, m, None)) for m in ("suggest_float", "suggest_categorical")):
+        raise TypeError(
+            f"trial= takes an Optuna trial (with suggest_float and suggest_categorical), not {type(trial).__name__}"
+        )
     values: dict[str, float] = {}
     for name, space in spaces(spec).items():
         if isinstance(space, ChoiceSpace):

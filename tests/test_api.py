@@ -180,6 +180,13 @@ def test_strength_of_a_misspelt_kind_is_an_error_not_zero() -> None:
         reg.strength("0.wieght", "l1")
 
 
+def test_parse_takes_text_and_says_what_to_do_with_bytes() -> None:
+    with pytest.raises(TypeError, match=r"parse\(\) takes the rule text as a str, not bytes: decode them first"):
+        regdsl.parse(b"all l2 0.1")
+    with pytest.raises(TypeError, match=r"not NoneType$"):
+        regdsl.parse(None)  # type: ignore[arg-type]
+
+
 def test_wrong_arguments_to_check_and_after_step_say_what_they_take() -> None:
     model = nn.Sequential(nn.Linear(3, 4))
     with pytest.raises(TypeError, match=r"check\(\) takes a Spec \(regdsl.parse\(text\) or regdsl.load\(path\)\), not a str"):

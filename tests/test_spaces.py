@@ -123,6 +123,10 @@ def test_a_name_may_be_used_before_the_line_that_defines_it() -> None:
         ("all l2 uniform(0, 1) as lam\nall l1 choice(1, 2) as lam", (2, 8), "RD010", "already defined on line 1"),
         ("all l2 uniform(0, 1) as decay", (1, 8), "RD010", "'decay' is a keyword"),
         ("all decay none", (1, 11), "RD010", "'none' is a keyword"),
+        # Where a strength stands these read as numbers: a space so named could never be referenced.
+        ("all l2 uniform(0, 1) as nan", (1, 8), "RD010", "cannot be named 'nan'"),
+        ("all l2 uniform(0, 1) as Infinity", (1, 8), "RD010", "cannot be named 'Infinity'"),
+        ("all l2 uniform(0, 1) as INF", (1, 8), "RD010", "cannot be named 'INF'"),
         # A space a term reuses must hold only values that term accepts.
         ("all l2 uniform(0, 1) as lam\nlayer x max_norm lam", (2, 18), "RD004", "max_norm must be a finite number > 0"),
     ],
@@ -170,13 +174,28 @@ def test_with_values_gives_the_concrete_file() -> None:
         ({"head_l2": 1e-3, "decay:3": 0.01, "l1:3": 0.0, "lam": 1.0}, "'lam' names no search space"),
         ({"head_l2": 1.0, "decay:3": 0.01, "l1:3": 0.0}, "1.0 for 'head_l2' is outside loguniform(1e-05, 0.01)"),
         ({"head_l2": 1e-3, "decay:3": 0.02, "l1:3": 0.0}, "0.02 for 'decay:3' is outside choice(0.0, 0.01, 0.1)"),
-        ({"head_l2": 1e-3, "decay:3": 0.01, "l1:3": "0"}, "is outside uniform"),
+        ({"head_l2": 1e-3, "decay:3": 0.01, "l1:3": "0"}, "'l1:3' takes a number (int or float), not str"),
+        ({"head_l2": 1e-3, "decay:3": 0.01, "l1:3": torch.tensor(5e-4)}, "'l1:3' takes a number (int or float), not Tensor"),
+        ({"head_l2": 1e-3, "decay:3": 0.01, "l1:3": True}, "not bool"),
     ],
 )
 def test_with_values_refuses_missing_unknown_and_outside_values(values: dict, words: str) -> None:
     with pytest.raises(RegUsageError, match="with_values") as info:
         regdsl.parse(RULES).with_values(values)
     assert words in str(info.value)
+
+
+def test_with_values_takes_numpy_scalars() -> None:
+    np = pytest.importorskip("numpy")
+    concrete = regdsl.parse(RULES).with_values({"head_l2": np.float32(1e-3), "decay:3": np.float64(0.01), "l1:3": np.int64(0)})
+    values = [s.terms[0].value for s in concrete.statements[:4]]
+    assert values == [float(np.float32(1e-3)), float(np.float32(1e-3)), 0.01, 0.0]
+    assert concrete.spaces() == {}
+
+
+def test_compile_refuses_what_is_no_trial() -> None:
+    with pytest.raises(TypeError, match="trial= takes an Optuna trial .* not dict"):
+        regdsl.compile(regdsl.parse(RULES), mlp(), trial={"head_l2": 1e-3})
 
 
 def test_compile_refuses_spaces_naming_each_one() -> None:
