@@ -71,3 +71,34 @@ def test_a_file_without_activity_terms_never_warns_after_detach() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", regdsl.RegDslWarning)
         torch.testing.assert_close(reg.penalty(), 0.05 * model.fc2.weight.square().sum())
+
+
+@pytest.mark.parametrize("hook", ["pre", "post"])
+def test_detach_from_inside_an_optimizer_step_hook(hook: str) -> None:
+    """A user's step hook (registered after attach, so run after regdsl's) may detach: this step is
+    folded, the next is not, and torch's hook dicts are not broken by the removal mid-step."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    reg = regdsl.parse("all l2 0.1\n").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    reg.attach(opt, fold=True)
+    register = opt.register_step_pre_hook if hook == "pre" else opt.register_step_post_hook
+    register(lambda *_: reg.detach())
+    x = torch.randn(5, 4)
+
+    def step() -> dict[str, torch.Tensor]:
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+        opt.step()
+        return before
+
+    for name, (w, g) in step().items():  # folded: g + λ·w
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), w - 0.1 * (g + 0.1 * w))
+    assert len(opt._optimizer_step_pre_hooks) == (1 if hook == "pre" else 0)
+    assert len(opt._optimizer_step_post_hooks) == (1 if hook == "post" else 0)
+    for name, (w, g) in step().items():  # detached: nothing folded
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), w - 0.1 * g)
+    # The terms are the loss's again: λ/2·Σw² over weight and bias.
+    expected = 0.05 * (model.weight.square().sum() + model.bias.square().sum())
+    torch.testing.assert_close(reg.penalty(), expected)
