@@ -98,3 +98,26 @@ def test_a_group_added_with_an_lr_of_its_own_and_a_group_at_lr_0_are_not_compare
                 group["lr"] = 0.0  # that part frozen for a while
         opt.step()
     assert not [w for w in caught if issubclass(w.category, RegDslWarning)]
+
+
+def test_per_group_lambdas_that_differ_warn_once_and_the_documented_filter_silences_it() -> None:
+    def lambdas(o: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.LambdaLR(o, [lambda s, k=k: 1.0 / (1 + k * s) for k in range(len(o.param_groups))])
+
+    caught = train(lambdas, fold=False)
+    assert len(caught) == 1 and re.search(r"groups no longer have the learning rates lr_mult sets", str(caught[0].message))
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse(RULES).compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+    reg.attach(opt)
+    scheduler = lambdas(opt)
+    with warnings.catch_warnings(record=True) as silenced:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", "the optimizer's groups no longer")  # as docs/language.md gives it
+        for _ in range(9):
+            opt.zero_grad()
+            (model(torch.randn(4, 6)).square().mean() + reg.penalty()).backward()
+            opt.step()
+            scheduler.step()
+    assert [str(w.message) for w in silenced] == []
