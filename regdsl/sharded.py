@@ -83,8 +83,25 @@ def chunk_of(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()  # type: ignore[attr-defined]
 
 
+def laid_out_like(ref: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A sharded reference laid out as ``p`` is, so that its local part is the ``w₀`` of ``p``'s
+    local shard: one all-gather, when the mesh or the placements differ (a state_dict of the
+    model sharded otherwise, or on HSDP's 2-D mesh); the whole tensor for an unsharded ``p``."""
+    if not is_sharded(ref):
+        return ref
+    if is_sharded(p) and ref.device_mesh == p.device_mesh and tuple(ref.placements) == tuple(p.placements):  # type: ignore[attr-defined]
+        return ref
+    whole = ref.full_tensor()  # type: ignore[attr-defined]
+    if not is_sharded(p):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)  # type: ignore[attr-defined]
+
+
 def local_reference(ref: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``w₀`` for the local shard: a sharded reference's own shard, or the cut of an unsharded one."""
+    """``w₀`` for the local shard: a sharded reference's own shard (laid out as ``p`` is, by
+    :func:`laid_out_like`), or the cut of an unsharded one."""
     return ref.to_local() if is_sharded(ref) else chunk_of(ref, p)  # type: ignore[attr-defined]
 
 

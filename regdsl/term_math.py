@@ -61,6 +61,8 @@ class LossItem:
         ``model.half()`` and back does not round it; only its device follows the parameter."""
         if self.reference is None:
             return
+        if sharded.is_sharded(self.reference):
+            self.reference = sharded.laid_out_like(self.reference, self.param)
         if self.reference.device != self.param.device:
             self.reference = self.reference.to(self.param.device)
         if self.ref is None or self.ref.device != self.param.device or self.ref.dtype != self.param.dtype:

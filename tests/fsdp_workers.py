@@ -103,6 +103,39 @@ def compiled_before_sharding() -> str:
     return "attached"
 
 
+def reference_sharded_otherwise() -> list[dict[str, Any]]:
+    """``l2 1.0 to ref`` where the reference is the state_dict of a layer sharded on the default 1-D
+    mesh (Shard(0)) and the trained layer is laid out otherwise: on HSDP's 2-D mesh, and Shard(1).
+    For each layout and path: the penalty, values() and the unsharded weight after one SGD step."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    world = dist.get_world_size()
+    out = []
+    for layout in ("hsdp", "shard1"):
+        for fold in (False, True):
+            torch.manual_seed(5)
+            pre = nn.Linear(4, 4, bias=False).double()
+            fully_shard(pre, mesh=init_device_mesh("cpu", (world,)))
+            torch.manual_seed(0)
+            model = nn.Linear(4, 4, bias=False).double()
+            if layout == "hsdp":
+                fully_shard(model, mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard")))
+            else:
+                fully_shard(model, mesh=init_device_mesh("cpu", (world,)), shard_placement_fn=lambda p: Shard(1))
+            reg = regdsl.compile(regdsl.parse("all l2 1.0 to ref"), model, reference=pre.state_dict())
+            opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+            reg.attach(opt, fold=fold)
+            value = reg.values()["l2:1"].detach().clone()
+            penalty = reg.penalty()
+            (penalty + 0 * model(torch.zeros(1, 4, dtype=torch.float64)).sum()).backward()
+            opt.step()
+            out.append({"penalty": penalty.detach().clone(), "value": value, "weight": model.weight.full_tensor().detach().clone()})
+    return out
+
+
 def worker(rank: int, world: int, init: str, out: str, runs: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -125,4 +158,4 @@ def worker(rank: int, world: int, init: str, out: str, runs: list[str]) -> None:
         dist.destroy_process_group()
 
 
-SPECIAL = {"partial": partial_placement, "stale": compiled_before_sharding}
+SPECIAL = {"partial": partial_placement, "stale": compiled_before_sharding, "refs": reference_sharded_otherwise}

@@ -19,7 +19,7 @@ pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
 ]
 
-RUNS = ["loss", "fold", "loss-hsdp", "fold-hsdp", "partial", "stale"]
+RUNS = ["loss", "fold", "loss-hsdp", "fold-hsdp", "partial", "stale", "refs"]
 TRAINING = RUNS[:4]
 
 
@@ -67,3 +67,25 @@ def test_compiling_before_fully_shard_is_refused_at_attach(ranks: list[list]) ->
     for rank in range(2):
         message = ranks[rank][RUNS.index("stale")]
         assert message.startswith("RegUsageError:") and "compile again after replacing parameters" in message, message
+
+
+def test_a_reference_sharded_otherwise_than_its_parameter_is_laid_out_as_the_parameter(ranks: list[list]) -> None:
+    """``l2 1.0 to ref``: penalty ½‖w − w₀‖², one SGD step w − 0.1·(w − w₀), written here from the
+    unsharded layers the worker builds (seeds 0 and 5)."""
+    torch.manual_seed(5)
+    w_ref = torch.nn.Linear(4, 4, bias=False).double().weight.detach()
+    torch.manual_seed(0)
+    w = torch.nn.Linear(4, 4, bias=False).double().weight.detach()
+    want = 0.5 * (w - w_ref).square().sum()
+    for rank in range(2):
+        runs = ranks[rank][RUNS.index("refs")]
+        assert not isinstance(runs, str), runs
+        assert len(runs) == 4  # (HSDP, Shard(1)) x (loss path, fold)
+        for k, got in enumerate(runs):
+            fold = k % 2 == 1
+            torch.testing.assert_close(got["value"], want, rtol=1e-12, atol=0)
+            if fold:  # the term is in the step: penalty() holds nothing
+                assert float(got["penalty"]) == 0.0
+            else:
+                torch.testing.assert_close(got["penalty"], want, rtol=1e-12, atol=0)
+            torch.testing.assert_close(got["weight"], w - 0.1 * (w - w_ref), rtol=0, atol=1e-12)
