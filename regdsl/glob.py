@@ -129,16 +129,23 @@ def _unbalanced(segment: str) -> GlobError:
 
 
 def _segment_regex(segment: str) -> str:
-    out, i = [], 0
+    """One segment's regex. Between two ``*`` lies a piece of fixed length (literals, ``?``,
+    classes); each such piece is an atomic group that takes its first place after the ``*`` before
+    it and keeps it. The first place is as good as any, since the next ``*`` takes what lies
+    between, and keeping it spares ``*a*a*a...`` the polynomial ways a regex would otherwise try
+    to place each piece before failing. Only the last ``*`` of a segment backtracks."""
+    pieces: list[list[str]] = [[]]  # the fixed pieces, split at each run of '*'
+    i = 0
     while i < len(segment):
         c = segment[i]
         if c == "*":
-            out.append(r"[^.]*")
+            if pieces[-1] or len(pieces) == 1:
+                pieces.append([])
         elif c == "?":
-            out.append(r"[^.]")
+            pieces[-1].append(r"[^.]")
         elif c == "[":
             i, regex = _class_regex(segment, i)
-            out.append(regex)
+            pieces[-1].append(regex)
         elif c == "]":
             raise _unbalanced(segment)
         elif c in "{}":
@@ -147,8 +154,12 @@ def _segment_regex(segment: str) -> str:
                 f"a literal brace is '[{c}]'"
             )
         else:
-            out.append(re.escape(c))
+            pieces[-1].append(re.escape(c))
         i += 1
+    out = ["".join(pieces[0])]
+    for k, piece in enumerate(pieces[1:], start=1):
+        fixed = "".join(piece)
+        out.append(f"(?>[^.]*?{fixed})" if k < len(pieces) - 1 else f"[^.]*{fixed}")
     return "".join(out)
 
 

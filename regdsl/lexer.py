@@ -27,7 +27,7 @@ from .parser import (
 # not be followed by one, or it is part of a longer word (`l21`, `biased`).
 WORD = r"A-Za-z0-9_*?\[\]!.\-{}"
 END = rf"(?![{WORD}])"
-NUMBER = rf"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?{END}|[+-]?(?:[Ii][Nn][Ff](?:[Ii][Nn][Ii][Tt][Yy])?|[Nn][Aa][Nn]){END}"
+NUMBER = rf"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?{END}|[+-]?(?:[Ii][Nn][Ff](?:[Ii][Nn][Ii][Tt][Yy])?|[Nn][Aa][Nn]){END}"
 STRING = r'"[^"\r\n]*"'
 GLOB = rf"[{WORD}]+"
 COMMENT = r"#[^\r\n]*"

@@ -753,3 +753,14 @@ def test_step_count_beyond_float_precision_round_trips_or_is_refused():
     except pydantic.ValidationError:
         return
     assert regdsl.parse(spec.to_source()) == spec
+
+
+@pytest.mark.parametrize("before", ["all l2 ", "all l2 1 warmup ", "all group_lasso 1 dim="])
+def test_a_long_digit_run_ending_in_a_letter_is_one_error_read_in_one_pass(before: str) -> None:
+    # A number pattern that could split its digits two ways tried every split at each position:
+    # 4,000 digits took 1.7 s, so these 30,000 would take minutes.
+    digits = "1" * 30_000
+    with pytest.raises(regdsl.RegSyntaxError) as info:
+        regdsl.parse(before + digits + "x")
+    ((d,),) = [info.value.diagnostics]
+    assert (d.code, d.line, d.column) == ("RD001", 1, len(before) + 1)
