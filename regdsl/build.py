@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from decimal import Decimal
 from typing import Any
 
 from lark import Token, Tree
@@ -104,7 +105,17 @@ def _to_data(tree: Tree) -> tuple[dict[str, Any], LeafSpans, list[tuple[dict[str
     def whole(token: Token) -> float | int:
         # Step counts and dims read as ints when written as ints, so no count above 2**53 loses digits.
         if not _INTEGER(token):
-            return number(token)
+            value = number(token)
+            if value == 0 or not math.isfinite(value):  # zero, RD003 already said, or inf/nan for the spec to refuse
+                return value
+            # Exactly, not through the float: 1.0000000000000000001 rounds to 1.0, 9007199254740993.0 to ...992.
+            exact = Decimal(str(token))
+            if exact != exact.to_integral_value():
+                # Not whole: the spec refuses it, quoting the literal where the float would read whole.
+                return str(token) if value == int(value) else value
+            if exact.adjusted() >= _MAX_WHOLE_DIGITS:
+                return -(10**_MAX_WHOLE_DIGITS) if exact < 0 else 10**_MAX_WHOLE_DIGITS
+            return int(exact)
         negative = token.startswith("-")
         # int() refuses 4,300+ digits, leading zeros included, and is slow long before.
         digits = token.lstrip("+-").lstrip("0") or "0"

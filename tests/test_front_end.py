@@ -90,6 +90,30 @@ def test_whole_numbers_are_int64():
     assert regdsl.parse(f"all l1 1 warmup {'0' * 5000}5").statements[0].terms[0].schedule.get("warmup").steps == 5
 
 
+@pytest.mark.parametrize(
+    ("text", "code", "column", "shown"),
+    [
+        ("all l1 1 warmup 1.0000000000000000001", "RD007", 17, "1.0000000000000000001"),
+        ("layer fc group_lasso 1 dim=0.99999999999999999", "RD007", 28, "0.99999999999999999"),
+        ("all l1 1 from 0.9999999999999999999 until 2", "RD007", 15, "0.9999999999999999999"),
+        ("all depth 2.0000000000000001\nlr_decay 0.5", "RD013", 11, "2.0000000000000001"),
+    ],
+)
+def test_a_fraction_a_float_would_round_away_is_refused_as_written(text: str, code: str, column: int, shown: str):
+    d = only_diagnostic(text)
+    assert (d.code, d.line, d.column) == (code, 1, column)
+    assert d.message.endswith(f"got {shown}"), d.message
+
+
+def test_a_whole_number_written_with_a_point_or_an_exponent_is_read_exactly():
+    # Through a float, 2**53 + 1 read as 2**53, and 2**63 - 1 as 2**63 (out of range).
+    for written, steps in [("9007199254740993.0", 2**53 + 1), ("9223372036854775807.0", 2**63 - 1), ("1e3", 1000), ("2.0", 2)]:
+        spec = regdsl.parse(f"all l1 1 warmup {written}")
+        assert spec.statements[0].terms[0].schedule.get("warmup").steps == steps, written
+    assert only_diagnostic("all l1 1 warmup 9223372036854775808.0").code == "RD007"
+    assert regdsl.parse("layer fc group_lasso 1 dim=-1.0").statements[0].terms[0].dim == -1
+
+
 def test_huge_literal_elsewhere_is_rd003_with_a_short_message():
     d = only_diagnostic(f"all l2 {HUGE}")
     assert d.code == "RD003" and "infinity" in d.message and len(d.message) < 100
