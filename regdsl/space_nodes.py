@@ -11,6 +11,7 @@ bare name back.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -38,6 +39,13 @@ def _not_a_keyword(name: str | None) -> None:
             "(loguniform(a, b), uniform(a, b), choice(...)) or the name of one",
             {"name": name},
         )
+    if name is not None and not _WORD.fullmatch(name):
+        # Only from JSON (the grammar reads no other name): to_source() could not write it back.
+        raise PydanticCustomError(
+            "space",
+            "a search space's name is a word of letters, digits and '_' that does not start with a digit, not '{name}'",
+            {"name": name},
+        )
     if name is not None and name.lower() in _NUMBER_WORDS:
         # Where a strength stands the lexer reads these as numbers: the space could never be referenced.
         raise PydanticCustomError(
@@ -48,6 +56,7 @@ def _not_a_keyword(name: str | None) -> None:
 
 
 _NUMBER_WORDS = frozenset({"inf", "infinity", "nan"})
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class _Space(Node):

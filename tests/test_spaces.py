@@ -4,6 +4,7 @@ what check, explain and fmt do with them. The expected values are written out he
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -91,6 +92,15 @@ def test_canonical_text_and_json_keep_spaces_and_names() -> None:
     )
     assert regdsl.parse(spec.to_source()) == spec
     assert regdsl.Spec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize("name", ["x #", "a b", "1a", "", "x;y", "nan"])
+def test_json_refuses_a_space_name_the_language_could_not_write(name: str) -> None:
+    # 'x #' would print as 'as x #', which reads back as the name 'x' and a comment.
+    data = regdsl.parse("all l2 uniform(0, 1) as lam\nall l1 lam").to_json().replace('"lam"', json.dumps(name))
+    with pytest.raises(regdsl.RegValidationError) as info:
+        regdsl.Spec.from_json(data)
+    assert all(d.code == "RD010" for d in info.value.diagnostics), info.value.diagnostics
 
 
 def test_fmt_keeps_spaces_and_comments() -> None:
