@@ -269,12 +269,17 @@ def bind_names(data: Any) -> Any:
         if value.get("kind") not in _SPACE_KINDS or not isinstance(name, str) or value.get("ref"):
             continue
         if name in defined:
-            first = defined[name].get("pos") or {}
-            term[field] = {"kind": "name", "name": name, "defined_at": first.get("line", 0), "pos": value.get("pos")}
+            first = defined[name].get("pos")
+            line = first.get("line", 0) if isinstance(first, dict) else getattr(first, "line", 0)  # JSON may send anything
+            term[field] = {"kind": "name", "name": name, "defined_at": line, "pos": value.get("pos")}
         else:
             defined[name] = value
     for term, field in slots:
         value = term[field]
-        if value.get("kind") == "name" and value.get("defined_at") is None and value.get("name") in defined:
-            term[field] = {**defined[value["name"]], "ref": True, "pos": value.get("pos")}
+        name = value.get("name")
+        if value.get("kind") == "name" and value.get("defined_at") is None and isinstance(name, str) and name in defined:
+            # A copy of the choices too: the list's identity is how build.py finds a value's position,
+            # and a value this use refuses is this use's error, not the definition's.
+            space = {k: list(v) if isinstance(v, list) else v for k, v in defined[name].items()}
+            term[field] = {**space, "ref": True, "pos": value.get("pos")}
     return {**data, "statements": statements}

@@ -103,6 +103,20 @@ def test_json_refuses_a_space_name_the_language_could_not_write(name: str) -> No
     assert all(d.code == "RD010" for d in info.value.diagnostics), info.value.diagnostics
 
 
+@pytest.mark.parametrize(
+    "strength",
+    [
+        '{"kind": "name", "name": ["x"]}',  # a name that is no string
+        '{"kind": "uniform", "low": 0, "high": 1, "name": "a", "pos": "p"}',  # a position that is no object
+    ],
+)
+def test_json_with_odd_names_or_positions_is_a_validation_error(strength: str) -> None:
+    term = '{"kind": "l1", "strength": {"kind": "uniform", "low": 0, "high": 1, "name": "a"}}'
+    data = f'{{"statements": [{{"kind": "rule", "selector": {{"atoms": [{{"kind": "all"}}]}}, "terms": [{{"kind": "l2", "strength": {strength}}}, {term}]}}]}}'
+    with pytest.raises(regdsl.RegValidationError):
+        regdsl.Spec.from_json(data)
+
+
 def test_fmt_keeps_spaces_and_comments() -> None:
     text = "all l2   loguniform( 1e-5 ,1e-2 )as lam  # tuned\nlayer x l1 lam\n"
     assert regdsl.format_source(text) == "all l2 loguniform(1e-05, 0.01) as lam  # tuned\nlayer x l1 lam\n"
@@ -139,6 +153,8 @@ def test_a_name_may_be_used_before_the_line_that_defines_it() -> None:
         ("all l2 uniform(0, 1) as INF", (1, 8), "RD010", "cannot be named 'INF'"),
         # A space a term reuses must hold only values that term accepts.
         ("all l2 uniform(0, 1) as lam\nlayer x max_norm lam", (2, 18), "RD004", "max_norm must be a finite number > 0"),
+        # ... a choice too: the error stands at the use, not at the definition, where 0 is fine.
+        ("layer a l2 choice(0, 1) as lam\nlayer b max_norm lam", (2, 18), "RD004", "max_norm must be a finite number > 0"),
     ],
 )
 def test_invalid_spaces_are_positioned_errors(text: str, where: tuple[int, int], code: str, words: str) -> None:
