@@ -274,6 +274,7 @@ def _fmt(args: argparse.Namespace) -> int:
     from .formatter import format_source
 
     changed = unchanged = failed = 0
+    rewrites: list[tuple[str, str]] = []
     texts = _read_all(args.files)
     for path in args.files:
         try:
@@ -293,7 +294,8 @@ def _fmt(args: argparse.Namespace) -> int:
         elif args.check:
             print(f"Would reformat: {path}")
         else:
-            Path(path).write_text(formatted, encoding="utf-8")
+            rewrites.append((path, formatted))
+    _write_all(rewrites)
     dry = args.check or args.diff
     verb = "would be reformatted" if dry else "reformatted"
     summary = [f"{_plural(changed, 'file')} {verb}", f"{unchanged} left unchanged"]
@@ -303,6 +305,22 @@ def _fmt(args: argparse.Namespace) -> int:
     if failed or (dry and changed):
         return EXIT_PROBLEMS
     return EXIT_OK
+
+
+def _write_all(rewrites: Sequence[tuple[str, str]]) -> None:
+    """Rewrite the files, after checking that every one of them opens for writing: a file that does
+    not (read-only, immutable) is a usage error that leaves every file as it was."""
+    for path, _ in rewrites:
+        try:
+            open(path, "r+b").close()  # opens for writing, changes nothing
+        except OSError as exc:
+            raise _UsageError(f"cannot write {path}: {exc.strerror or exc}; no file was reformatted") from None
+    for k, (path, formatted) in enumerate(rewrites):
+        try:
+            Path(path).write_text(formatted, encoding="utf-8")
+        except OSError as exc:  # after the check above: a full disk, say
+            done = ", ".join(p for p, _ in rewrites[:k]) or "none"
+            raise _UsageError(f"cannot write {path}: {exc.strerror or exc}; reformatted before it: {done}") from None
 
 
 def _unified_diff(before: str, after: str, path: str) -> str:

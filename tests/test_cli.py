@@ -84,6 +84,33 @@ def test_an_unreadable_file_among_several_leaves_nothing_half_done(tmp_path: Pat
     assert messy.read_text(encoding="utf-8") == "all   l2 1;exclude bias\n"
 
 
+def test_fmt_with_a_file_it_cannot_write_leaves_every_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The second file opens for reading only (as a read-only or immutable file does for a user):
+    a usage error naming it, and the first, formattable too, is not rewritten."""
+    import builtins
+
+    from regdsl import cli
+
+    first, locked = tmp_path / "first.reg", tmp_path / "locked.reg"
+    for path in (first, locked):
+        path.write_text("all   l2 1\n", encoding="utf-8")
+    real_open = builtins.open
+
+    def guarded(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(file) == str(locked) and any(c in mode for c in "wa+"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    assert cli.main(["fmt", str(first), str(locked)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {locked}: Permission denied; no file was reformatted" in err, err
+    monkeypatch.undo()
+    assert first.read_text(encoding="utf-8") == locked.read_text(encoding="utf-8") == "all   l2 1\n"
+
+
 def test_directory_is_unreadable_exit_2(tmp_path: Path) -> None:
     result = run("check", str(tmp_path))
     assert result.returncode == 2
