@@ -27,7 +27,7 @@ CODES: dict[str, Code] = {
     "RD007": Code("error", "an invalid schedule or dim (not a whole number, out of range, repeated, until before from)"),
     "RD008": Code("error", "a selector atom that cannot select what a term acts on ('bias' with an activity term)"),
     "RD009": Code("error", "an invalid spec (JSON input)"),
-    "RD010": Code("error", "an invalid search space (bounds, a value its term refuses, a name defined twice or never, or a keyword or number word)"),
+    "RD010": Code("error", "an invalid search space (bounds, a value listed twice, a name defined twice or never, or a keyword or number word)"),
     "RD011": Code("error", "a search space without a value, at compile"),
     "RD012": Code("error", "a capture ('{i}') outside a rule whose depth names it, or a depth naming a capture its selector lacks"),
     "RD013": Code("error", "an invalid depth or lr_decay: not a whole number >= 0 / not in (0, 1], a second lr_decay, one without the other"),
