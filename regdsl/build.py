@@ -47,8 +47,13 @@ def _parse(text: str, filename: str) -> Spec:
         # A bad literal was replaced by 0 to keep going; what the models say about that 0 is noise.
         bad_literals = {(d.line, d.column) for d in diagnostics if d.code == "RD003"}
         if any(d.kind == "syntax" for d in diagnostics):
-            # A statement lost to a syntax error may be the depth rule or lr_decay the other one needs.
-            errors = [e for e in errors if e["type"] != "lr_decay_pairing"]
+            # A statement lost to a syntax error may be the depth rule or lr_decay the other one needs,
+            # or the definition of a search space another term names (when its line holds the name).
+            lost = [lines[d.line - 1] for d in diagnostics if d.kind == "syntax" and 0 < d.line <= len(lines)]
+            errors = [
+                e for e in errors
+                if e["type"] != "lr_decay_pairing" and not (e["type"] == "space_unbound" and _named_in(e["ctx"]["name"], lost))
+            ]
         diagnostics += [
             d
             for d in (_from_pydantic(error, root, leaf_spans, lines, filename) for error in errors)
@@ -60,6 +65,11 @@ def _parse(text: str, filename: str) -> Spec:
     assert spec is not None
     spec._source = text
     return spec
+
+
+def _named_in(name: str, lines: list[str]) -> bool:
+    word = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])")
+    return any(word.search(line) for line in lines)
 
 
 def load(path: str | os.PathLike[str]) -> Spec:

@@ -195,7 +195,7 @@ class SpaceName(Node):
                 {"name": self.name, "line": self.defined_at},
             )
         raise PydanticCustomError(
-            "space",
+            "space_unbound",
             "no search space is named '{name}': name one with 'as {name}' after loguniform(...), uniform(...) or choice(...)",
             {"name": self.name},
         )

@@ -176,6 +176,12 @@ def test_malformed_spaces_are_syntax_errors(text: str, words: str) -> None:
     assert code == "RD001" and words in message
 
 
+def test_a_name_whose_definition_was_lost_to_a_syntax_error_is_not_called_undefined() -> None:
+    assert [(line, code) for line, _, code, _ in errors("all l2 uniform(0, 1) as lam l3\nall l1 lam\n")] == [(1, "RD001")]
+    # A syntax error elsewhere, on a line without the name, hides nothing.
+    assert [(line, code) for line, _, code, _ in errors("all l3 1\nall l1 lam\n")] == [(1, "RD001"), (2, "RD010")]
+
+
 def test_every_bad_space_of_a_file_is_reported_at_once() -> None:
     found = errors("all l2 loguniform(0, 1)\nall l1 uniform(3, 2)\nlayer x l2 nope\n")
     assert [(line, code) for line, _, code, _ in found] == [(1, "RD010"), (2, "RD010"), (3, "RD010")]
