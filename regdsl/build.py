@@ -54,10 +54,14 @@ def _parse(text: str, filename: str) -> Spec:
                 e for e in errors
                 if e["type"] != "lr_decay_pairing" and not (e["type"] == "space_unbound" and _named_in(e["ctx"]["name"], lost))
             ]
+        # ... and so is a choice that lists that 0 twice, when a bad literal on its line was one of them.
+        bad_lines = {line for line, _ in bad_literals}
+        found = [(e, _from_pydantic(e, root, leaf_spans, lines, filename)) for e in errors]
         diagnostics += [
             d
-            for d in (_from_pydantic(error, root, leaf_spans, lines, filename) for error in errors)
+            for e, d in found
             if (d.line, d.column) not in bad_literals
+            and not (e["type"] == "space_duplicate" and e["ctx"]["value"] == 0 and d.line in bad_lines)
         ]
     if diagnostics:
         error = RegSyntaxError if any(d.kind == "syntax" for d in diagnostics) else RegValidationError

@@ -59,7 +59,7 @@ def relevant_errors(exc: ValidationError) -> list[Any]:
 _ERROR_CODES = {
     "strength": "RD004", "pattern": "RD005", "duplicate_term": "RD006", "schedule": "RD007", "dim": "RD007",
     "selector": "RD008", "space": "RD010", "capture": "RD012", "depth": "RD013", "lr_decay": "RD013",
-    "lr_decay_pairing": "RD013", "space_unbound": "RD010",
+    "lr_decay_pairing": "RD013", "space_unbound": "RD010", "space_duplicate": "RD010",
 }
 
 

@@ -162,7 +162,7 @@ class ChoiceSpace(_Space):
             _finite(value, "choice", f"choices.{index}")
             if value in seen:
                 raise PydanticCustomError(
-                    "space", "choice(...) lists {value} twice; list each value once", {"value": value, "at": f"choices.{index}"}
+                    "space_duplicate", "choice(...) lists {value} twice; list each value once", {"value": value, "at": f"choices.{index}"}
                 )
             seen.add(value)
         return self

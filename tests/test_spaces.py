@@ -176,6 +176,13 @@ def test_malformed_spaces_are_syntax_errors(text: str, words: str) -> None:
     assert code == "RD001" and words in message
 
 
+@pytest.mark.parametrize("literal", ["1e400", "1e-400"])
+def test_a_bad_literal_in_a_choice_is_one_error_not_also_a_repeated_zero(literal: str) -> None:
+    # The bad literal stands in as 0 to keep going; that 0 beside a written one is no second error.
+    assert [(col, code) for _, col, code, _ in errors(f"all l1 choice({literal}, 0)")] == [(15, "RD003")]
+    assert [code for *_, code, _ in errors(f"all l1 choice({literal}, 1, 1)")] == ["RD003", "RD010"]
+
+
 def test_a_name_whose_definition_was_lost_to_a_syntax_error_is_not_called_undefined() -> None:
     assert [(line, code) for line, _, code, _ in errors("all l2 uniform(0, 1) as lam l3\nall l1 lam\n")] == [(1, "RD001")]
     # A syntax error elsewhere, on a line without the name, hides nothing.
