@@ -8,6 +8,7 @@ a user fixes everything in one round instead of one error per run.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -64,7 +65,8 @@ class Diagnostic:
 
 def caret_line(source_line: str, column: int, width: int = 1) -> str:
     # Tabs are copied so the caret lines up however the terminal expands them.
-    prefix = "".join(c if c == "\t" else " " for c in source_line[: column - 1])
+    before = source_line[: column - 1]
+    prefix = re.sub(r"[^\t]", " ", before) if "\t" in before else " " * len(before)
     return prefix + "^" * max(1, width)
 
 
