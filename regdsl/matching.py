@@ -353,12 +353,15 @@ class Matcher:
         glob = glob_of(text)
         index = self._sorted_modules
         found = index.starting(glob.head) if glob.head else zip(index.keys, index.values)
-        return tuple(sorted(i for name, i in found if glob.names(name)))
+        return tuple(sorted({i for name, i in found if glob.names(name)}))
 
     @functools.cached_property
     def _sorted_modules(self) -> Sorted:
-        # Activity terms are few next to the parameters; their modules are indexed at once.
-        return Sorted(self.module_names, list(self._every_module))
+        # Activity terms are few next to the parameters; their modules are indexed at once, each under
+        # every name it is registered by (a module used twice is matched by either, as its parameters are).
+        position = {id(m): i for i, (_, m) in enumerate(self.table.modules)}
+        named = [(name, position[id(m)]) for name, m in self.table.module_names.items() if id(m) in position]
+        return Sorted([name for name, _ in named], [i for _, i in named])
 
     def modules_named(self, text: str) -> list[str]:
         """Every module name (wrapped ones as themselves, the root left out) the glob matches."""

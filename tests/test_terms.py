@@ -935,3 +935,28 @@ def test_to_ref_prefers_the_key_as_written_when_a_child_is_called_module() -> No
     reference = {k: v + 1 for k, v in model.state_dict().items()}
     reg = regdsl.parse("layer module.a.weight l2 2.0 to ref").compile(model, reference=reference)
     torch.testing.assert_close(reg.penalty(), torch.tensor(2.0 / 2 * 12))  # (w - (w+1))² = 1 per element
+
+
+def test_an_activity_rule_selects_a_module_registered_twice_by_either_name() -> None:
+    """'layer P' matches a module by any name it is registered under, as it matches a shared
+    parameter by any of its names; the module's output counts at each call (docs/language.md)."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blk = nn.Linear(3, 3)
+            self.again = self.blk  # the same module under a second name
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.again(self.blk(x))
+
+    torch.manual_seed(0)
+    model, x = Twice(), torch.randn(4, 3)
+    first = model.blk(x).detach()
+    second = model.blk(first).detach()
+    expected = 0.1 * (first.abs().sum() + second.abs().sum()) / 4  # activity l1 λ: λ·Σ|a|/B per call
+    for name in ("blk", "again"):
+        reg = regdsl.parse(f"layer {name} activity l1 0.1\n").compile(model)
+        model(x)
+        torch.testing.assert_close(reg.penalty().detach(), expected, msg=name)
+        reg.detach()
