@@ -134,13 +134,12 @@ def _segment_regex(segment: str) -> str:
     it and keeps it. The first place is as good as any, since the next ``*`` takes what lies
     between, and keeping it spares ``*a*a*a...`` the polynomial ways a regex would otherwise try
     to place each piece before failing. Only the last ``*`` of a segment backtracks."""
-    pieces: list[list[str]] = [[]]  # the fixed pieces, split at each run of '*'
+    pieces: list[list[str]] = [[]]  # the fixed pieces, split at each '*'
     i = 0
     while i < len(segment):
         c = segment[i]
-        if c == "*":
-            if pieces[-1] or len(pieces) == 1:
-                pieces.append([])
+        if c == "*":  # never two in a row: glob_source refuses '**' inside a segment
+            pieces.append([])
         elif c == "?":
             pieces[-1].append(r"[^.]")
         elif c == "[":

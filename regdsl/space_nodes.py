@@ -29,9 +29,12 @@ def _finite(value: float, kind: str, at: str) -> None:
         raise PydanticCustomError("space", "the values of {kind}(...) must be finite numbers, got {value}", {"kind": kind, "value": value, "at": at})
 
 
-def _not_a_keyword(name: str | None) -> None:
+def _check_name(name: str | None) -> None:
+    """A space's name must read back as that name: a word, no keyword, no number word."""
     from .parser import KEYWORDS
 
+    if name is None:
+        return
     if name in KEYWORDS:
         raise PydanticCustomError(
             "space",
@@ -39,14 +42,14 @@ def _not_a_keyword(name: str | None) -> None:
             "(loguniform(a, b), uniform(a, b), choice(...)) or the name of one",
             {"name": name},
         )
-    if name is not None and not _WORD.fullmatch(name):
+    if not _WORD.fullmatch(name):
         # Only from JSON (the grammar reads no other name): to_source() could not write it back.
         raise PydanticCustomError(
             "space",
             "a search space's name is a word of letters, digits and '_' that does not start with a digit, not '{name}'",
             {"name": name},
         )
-    if name is not None and name.lower() in _NUMBER_WORDS:
+    if name.lower() in _NUMBER_WORDS:
         # Where a strength stands the lexer reads these as numbers: the space could never be referenced.
         raise PydanticCustomError(
             "space",
@@ -69,7 +72,7 @@ class _Space(Node):
     def _name(self) -> _Space:
         if self.ref:
             return self
-        _not_a_keyword(self.name)
+        _check_name(self.name)
         return self
 
     def __str__(self) -> str:
@@ -187,7 +190,7 @@ class SpaceName(Node):
 
     @model_validator(mode="after")
     def _unbound(self) -> SpaceName:
-        _not_a_keyword(self.name)
+        _check_name(self.name)
         if self.defined_at is not None:
             raise PydanticCustomError(
                 "space",
