@@ -8,11 +8,14 @@ schedules and statements on these.
 
 from __future__ import annotations
 
+import typing
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic_core import PydanticCustomError, core_schema
 
 from .glob import GlobError, glob_source
 
@@ -54,6 +57,75 @@ def relevant_errors(exc: ValidationError) -> list[Any]:
     under = {e["loc"][:i] for e in errors for i in range(len(e["loc"]))}
     at = Counter(e["loc"] for e in errors)
     return [e for e in errors if not (e["type"] == "too_short" and (e["loc"] in under or at[e["loc"]] > 1))]
+
+
+# ---------------------------------------------------------------- checks across fields
+
+# Pydantic's own error types: re-raised by name, where a custom type needs a PydanticCustomError.
+_PYDANTIC_ERROR_TYPES = frozenset(typing.get_args(core_schema.ErrorType))
+
+
+def validated_and_checked(
+    title: str, data: Any, handler: Callable[[Any], Any], checks: Sequence[Callable[[Any], None]], lenient: Callable[[Any], Any]
+) -> Any:
+    """Validate ``data`` with ``handler``, then run ``checks`` (each raises a PydanticCustomError,
+    positioned by its ``at``), reporting every error of both at once.
+
+    Pydantic skips a model's after-validators when one of its fields fails, so a check written
+    as one shows only once every field is fixed: ``all l2 -1 l2 2`` would hide the repeated
+    ``l2`` until the -1 was fixed. Here the checks also run when a field fails, on
+    ``lenient(data)``: the part of the raw data that can be read (None when none can).
+    """
+    failed: ValidationError | None = None
+    try:
+        node = subject = handler(data)
+    except ValidationError as exc:
+        failed, subject = exc, lenient(data)
+    problems: list[Any] = []
+    for check in checks if subject is not None else ():
+        try:
+            check(subject)
+        except PydanticCustomError as problem:
+            problems.append({"type": problem, "loc": (), "input": data})
+    if failed is not None and not problems:
+        raise failed
+    if problems:
+        earlier = [] if failed is None else [_line_error(e) for e in failed.errors()]
+        raise ValidationError.from_exception_data(title, [*earlier, *problems])
+    return node
+
+
+def _line_error(error: Any) -> Any:
+    """One of ``ValidationError.errors()`` as ``from_exception_data`` takes it back, unchanged."""
+    ctx = error.get("ctx") or {}
+    out = {"loc": error["loc"], "input": error["input"]}
+    if error["type"] in _PYDANTIC_ERROR_TYPES:
+        return {**out, "type": error["type"], **({"ctx": ctx} if ctx else {})}
+    # The message is rendered already: a placeholder a quoted value put in it must not be filled again.
+    kept = {key: value for key, value in ctx.items() if f"{{{key}}}" not in error["msg"]}
+    return {**out, "type": PydanticCustomError(error["type"], error["msg"], kept)}
+
+
+def kind_of(raw: Any) -> str | None:
+    """The ``kind`` raw model input gives a node, if it gives one."""
+    kind = raw.get("kind") if isinstance(raw, Mapping) else getattr(raw, "kind", None)
+    return kind if isinstance(kind, str) else None
+
+
+def readable(adapter: TypeAdapter[Any], raw: Any, kinds: Sequence[str]) -> Any:
+    """``raw`` validated as one node, or, when it fails, a stand-in that knows only its ``kind``
+    (None unless one of ``kinds``: a kind no node has is its own error, not a repeat)."""
+    try:
+        return adapter.validate_python(raw)
+    except ValidationError:
+        kind = kind_of(raw)
+        return SimpleNamespace(kind=kind if kind in kinds else None, failed=True)
+
+
+def raw_items(data: Any, field: str) -> list[Any]:
+    """The elements of a sequence field of raw model input; none when it holds no sequence."""
+    items = data.get(field) if isinstance(data, Mapping) else getattr(data, field, None)
+    return list(items) if isinstance(items, (list, tuple)) else []
 
 
 _ERROR_CODES = {

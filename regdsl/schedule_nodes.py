@@ -5,12 +5,13 @@ number checks that terms share with them. What a schedule does to a strength is
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, TypeAdapter, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .nodes import Node
+from .nodes import Node, raw_items, readable, validated_and_checked
 
 # Step counts and dims are int64 everywhere they go (torch, the schedule's float arithmetic),
 # and a bound keeps every accepted number printable: str() refuses ints of 4,300+ digits.
@@ -106,23 +107,10 @@ class Schedule(Node):
 
     steps: tuple[ScheduleStep, ...] = ()
 
-    @field_validator("steps")
+    @model_validator(mode="wrap")
     @classmethod
-    def _once_each(cls, steps: tuple[Any, ...]) -> tuple[Any, ...]:
-        seen: dict[str, Any] = {}
-        for index, step in enumerate(steps):
-            if step.kind in seen:
-                raise PydanticCustomError(
-                    "schedule", "'{kind}' appears twice in one schedule; write it once", {"kind": step.kind, "at": index}
-                )
-            seen[step.kind] = step
-        if "from" in seen and "until" in seen and seen["until"].step <= seen["from"].step:
-            raise PydanticCustomError(
-                "schedule",
-                "until {until} must come after from {start}: the term would never be on",
-                {"until": seen["until"].step, "start": seen["from"].step, "at": steps.index(seen["until"])},
-            )
-        return steps
+    def _checked(cls, data: Any, handler: Any) -> Any:
+        return validated_and_checked(cls.__name__, data, handler, (_once_each, _from_before_until), _lenient_schedule)
 
     def get(self, kind: str) -> Any:
         return next((s for s in self.steps if s.kind == kind), None)
@@ -130,6 +118,37 @@ class Schedule(Node):
     def _meaning(self) -> tuple[Any, ...]:
         # Written order carries no meaning: 'warmup 3 from 2' is 'from 2 warmup 3' (one group, not two).
         return (tuple(sorted(self.steps, key=lambda s: s.kind)),)
+
+
+_STEP: TypeAdapter[Any] = TypeAdapter(ScheduleStep)
+_STEP_KINDS = ("warmup", "from", "until", "cosine")
+
+
+def _lenient_schedule(data: Any) -> Any:
+    return SimpleNamespace(steps=[readable(_STEP, step, _STEP_KINDS) for step in raw_items(data, "steps")])
+
+
+def _once_each(schedule: Any) -> None:
+    seen: set[str] = set()
+    for index, step in enumerate(schedule.steps):
+        if step.kind in seen:
+            raise PydanticCustomError(
+                "schedule", "'{kind}' appears twice in one schedule; write it once", {"kind": step.kind, "at": f"steps.{index}"}
+            )
+        if step.kind is not None:
+            seen.add(step.kind)
+
+
+def _from_before_until(schedule: Any) -> None:
+    start, until = (next((s for s in schedule.steps if s.kind == kind), None) for kind in ("from", "until"))
+    if start is None or until is None or hasattr(start, "failed") or hasattr(until, "failed"):
+        return
+    if until.step <= start.step:
+        raise PydanticCustomError(
+            "schedule",
+            "until {until} must come after from {start}: the term would never be on",
+            {"until": until.step, "start": start.step, "at": f"steps.{schedule.steps.index(until)}"},
+        )
 
 
 def _check_strength(value: float, what: str = "strength") -> float:

@@ -67,7 +67,7 @@ def spaces(spec: Spec) -> dict[str, Any]:
 
 def _replaced(spec: Spec, value_of: Callable[[str, Any], float], keep_space: bool) -> Spec:
     """``spec`` with every space replaced by ``value_of(name, space)``; ``keep_space`` records the
-    space on the new term (:attr:`regdsl.spec._Valued.space`) for ``explain`` to show."""
+    space on the new term (:attr:`regdsl.term_nodes._Valued.space`) for ``explain`` to show."""
     uses = _uses(spec)
     if not uses:
         return spec

@@ -1,18 +1,19 @@
 """The validated rule file: frozen Pydantic models, the single source of truth.
 
-Schedules, terms, statements and the :class:`Spec` itself; spans, patterns and
-selector atoms are in :mod:`regdsl.nodes`. Every node carries the span of source
+Statements and the :class:`Spec` itself, with the checks that span a statement's
+fields; terms are in :mod:`regdsl.term_nodes`, spans, patterns and selector atoms
+in :mod:`regdsl.nodes`. Every node carries the span of source
 text it came from (``pos``). Positions are provenance, not meaning: ``==`` and
 ``hash`` ignore them, so a spec equals the spec parsed from its own canonical text.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 # The building blocks live in nodes.py; they are part of the spec's vocabulary, so importable from here too.
@@ -30,49 +31,79 @@ from .nodes import (
     Span,
     TypeAtom,
     error_code,
+    kind_of,
+    raw_items,
+    readable,
     relevant_errors,
+    validated_and_checked,
 )
-from .schedule_nodes import (
-    MAX_WHOLE,
-    CosineStep,
-    FromStep,
-    Schedule,
-    ScheduleStep,
-    UntilStep,
-    WarmupStep,
-    _check_strength,
-    _whole_number,
+from .schedule_nodes import MAX_WHOLE, CosineStep, FromStep, Schedule, ScheduleStep, UntilStep, WarmupStep
+from .space_nodes import ChoiceSpace, LogUniformSpace, Space, UniformSpace, bind_names
+from .term_nodes import (
+    MODULE_TERMS,
+    NOT_REGULARIZERS,
+    PARAM_TERMS,
+    VALUE_TERMS,
+    ActivityL1Term,
+    ActivityL2Term,
+    DecayTerm,
+    GroupLassoTerm,
+    L1Term,
+    L2Term,
+    LrMultTerm,
+    MaxNormTerm,
+    NoneTerm,
+    OrthogonalTerm,
+    Term,
+    ValueTerm,
+    kind_label,
 )
-from .space_nodes import SPACE_TYPES, ChoiceSpace, LogUniformSpace, Space, UniformSpace, Value, bind_names, check_value
 
 __all__ = [
     "MAX_WHOLE",
+    "MODULE_TERMS",
+    "NOT_REGULARIZERS",
+    "PARAM_TERMS",
+    "VALUE_TERMS",
+    "ActivityL1Term",
+    "ActivityL2Term",
     "AllAtom",
     "Atom",
     "BiasAtom",
     "ChoiceSpace",
     "CosineStep",
+    "DecayTerm",
     "DepthCapture",
     "DepthLast",
     "DepthNumber",
     "DepthTerm",
     "EmbeddingAtom",
     "FromStep",
+    "GroupLassoTerm",
+    "L1Term",
+    "L2Term",
     "LayerAtom",
     "LogUniformSpace",
     "LrDecay",
+    "LrMultTerm",
+    "MaxNormTerm",
+    "NoneTerm",
     "NormAtom",
+    "OrthogonalTerm",
     "Pattern",
     "Schedule",
     "ScheduleStep",
     "Selector",
     "Space",
     "Span",
+    "Term",
     "TypeAtom",
     "UniformSpace",
     "UntilStep",
+    "ValueTerm",
     "WarmupStep",
     "error_code",
+    "kind_label",
     "relevant_errors",
 ]
 
@@ -81,163 +112,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .compiler import Regularizer
 
-
-# ---------------------------------------------------------------- terms
-
-
-def kind_label(kind: str) -> str:
-    """How the language writes a kind: ``activity_l1`` is ``activity l1``."""
-    return kind.replace("_l", " l") if kind.startswith("activity_") else kind
-
-
-class _Valued(Node):
-    """A term with a number that may be a search space (:mod:`regdsl.space_nodes`)."""
-
-    # Set on the copies regdsl.spaces.stand_in makes: the space a stand-in value replaced.
-    _space: Any = PrivateAttr(default=None)
-
-    @property
-    def space(self) -> Any:
-        """The search space this term's value is drawn from, or None for a plain number."""
-        value = self.value  # type: ignore[attr-defined]
-        return value if isinstance(value, SPACE_TYPES) else self._space
-
-
-class _Strength(_Valued):
-    strength: Value
-    schedule: Schedule = Schedule()
-
-    @field_validator("strength")
-    @classmethod
-    def _finite_nonnegative(cls, value: Any) -> Any:
-        return check_value(value, _check_strength)
-
-    @property
-    def value(self) -> float:
-        return self.strength
-
-
-class DecayTerm(_Strength):
-    """Optimizer weight decay: the parameter group's ``weight_decay``."""
-
-    kind: Literal["decay"] = "decay"
-
-
-class L2Term(_Strength):
-    """Loss penalty ``strength/2 * sum((w - w0)**2)``, ``w0`` = 0, the initial weights or a reference."""
-
-    kind: Literal["l2"] = "l2"
-    to: Literal["init", "ref"] | None = None
-
-
-class L1Term(_Strength):
-    """Loss penalty ``strength * sum(|w|)``; with ``prox``, a soft-threshold after each optimizer step."""
-
-    kind: Literal["l1"] = "l1"
-    prox: bool = False
-
-
-def _dim(value: Any) -> int:
-    return _whole_number(
-        value, "dim", "dim must be a whole number, got {value}", "dim", "dim is out of range: |dim| is at most 2**63 - 1"
-    )
-
-
-class GroupLassoTerm(_Strength):
-    """Loss penalty ``strength * sum_i ||w_i||_2`` over the slices ``w_i`` along ``dim``."""
-
-    kind: Literal["group_lasso"] = "group_lasso"
-    dim: int = 0
-
-    @field_validator("dim", mode="before")
-    @classmethod
-    def _whole(cls, value: float) -> int:
-        return _dim(value)
-
-
-class OrthogonalTerm(_Strength):
-    """Loss penalty ``strength * ||G - I||_F^2``, G the smaller Gram matrix of the weight as (out, -1)."""
-
-    kind: Literal["orthogonal"] = "orthogonal"
-
-
-class ActivityL1Term(_Strength):
-    """Penalty on a module's output: ``strength * mean over batch of sum(|a|)``."""
-
-    kind: Literal["activity_l1"] = "activity_l1"
-
-
-class ActivityL2Term(_Strength):
-    """Penalty on a module's output: ``strength/2 * mean over batch of sum(a**2)``."""
-
-    kind: Literal["activity_l2"] = "activity_l2"
-
-
-def _check_norm(value: float) -> float:
-    if not math.isfinite(value) or value <= 0:
-        raise PydanticCustomError("strength", "max_norm must be a finite number > 0, got {value}", {"value": value})
-    return value
-
-
-class MaxNormTerm(_Valued):
-    """Constraint: after each optimizer step, slices along ``dim`` with L2 norm above ``norm`` are scaled to it."""
-
-    kind: Literal["max_norm"] = "max_norm"
-    norm: Value
-    dim: int = 0
-
-    @field_validator("norm")
-    @classmethod
-    def _positive(cls, value: Any) -> Any:
-        return check_value(value, _check_norm)
-
-    @field_validator("dim", mode="before")
-    @classmethod
-    def _whole(cls, value: float) -> int:
-        return _dim(value)
-
-    @property
-    def value(self) -> float:
-        return self.norm
-
-
-class LrMultTerm(_Valued):
-    """The group's learning rate is ``factor`` times the base lr."""
-
-    kind: Literal["lr_mult"] = "lr_mult"
-    factor: Value
-
-    @field_validator("factor")
-    @classmethod
-    def _finite_nonnegative(cls, value: Any) -> Any:
-        return check_value(value, lambda v: _check_strength(v, "lr_mult"))
-
-    @property
-    def value(self) -> float:
-        return self.factor
-
-
-class NoneTerm(Node):
-    """Clears every regularization term earlier rules set on the matched parameters."""
-
-    kind: Literal["none"] = "none"
-
-
-ValueTerm = (
-    DecayTerm | L1Term | L2Term | GroupLassoTerm | OrthogonalTerm | MaxNormTerm | ActivityL1Term | ActivityL2Term | LrMultTerm
-    | DepthTerm
-)
-Term = Annotated[ValueTerm | NoneTerm, Field(discriminator="kind")]
-
-# Term kinds that carry a value, in the order explain() and the docs list them.
-VALUE_TERMS: tuple[str, ...] = (
-    "decay", "l1", "l2", "group_lasso", "orthogonal", "max_norm", "lr_mult", "depth", "activity_l1", "activity_l2"
-)
-# Kinds that act on a module's output rather than on its parameters.
-MODULE_TERMS: tuple[str, ...] = ("activity_l1", "activity_l2")
-PARAM_TERMS: tuple[str, ...] = tuple(k for k in VALUE_TERMS if k not in MODULE_TERMS)
-# Kinds that 'exclude' and 'none' leave alone: optimizer settings, not regularizers.
-NOT_REGULARIZERS: tuple[str, ...] = ("lr_mult", "depth")
 
 # ---------------------------------------------------------------- statements
 
@@ -249,32 +123,53 @@ class Rule(Node):
     selector: Selector
     terms: tuple[Term, ...] = Field(min_length=1)
 
-    @field_validator("terms")
+    @model_validator(mode="wrap")
     @classmethod
-    def _each_kind_once(cls, terms: tuple[Any, ...]) -> tuple[Any, ...]:
-        seen: set[str] = set()
-        for index, term in enumerate(terms):
-            if term.kind in seen:
-                raise PydanticCustomError(
-                    "duplicate_term",
-                    "term '{kind}' appears twice in one rule; write it once",
-                    {"kind": kind_label(term.kind), "at": index},
-                )
-            seen.add(term.kind)
-        return terms
+    def _checked(cls, data: Any, handler: Any) -> Any:
+        checks = (_each_kind_once, _modules_for_activity, _captures_bound)
+        return validated_and_checked(cls.__name__, data, handler, checks, _lenient_rule)
 
-    @model_validator(mode="after")
-    def _modules_for_activity(self) -> Rule:
-        activity = next((t for t in self.terms if t.kind in MODULE_TERMS), None)
-        bias = next((i for i, a in enumerate(self.selector.atoms) if a.kind == "bias"), None)
-        if activity is not None and bias is not None:
+
+_TERM: TypeAdapter[Any] = TypeAdapter(Term)
+
+
+def _lenient_rule(data: Any) -> Any:
+    try:
+        selector = Selector.model_validate(data.get("selector") if isinstance(data, Mapping) else None)
+    except ValidationError:
+        selector = None
+    return SimpleNamespace(selector=selector, terms=[readable(_TERM, term, (*VALUE_TERMS, "none")) for term in raw_items(data, "terms")])
+
+
+def _each_kind_once(rule: Any) -> None:
+    seen: set[str] = set()
+    for index, term in enumerate(rule.terms):
+        if term.kind in seen:
             raise PydanticCustomError(
-                "selector",
-                "'{term}' penalizes module outputs, but 'bias' selects parameters, never a module",
-                {"term": kind_label(activity.kind), "at": f"selector.atoms.{bias}"},
+                "duplicate_term",
+                "term '{kind}' appears twice in one rule; write it once",
+                {"kind": kind_label(term.kind), "at": f"terms.{index}"},
             )
-        check_captures(self.selector, self.terms)
-        return self
+        if term.kind is not None:
+            seen.add(term.kind)
+
+
+def _modules_for_activity(rule: Any) -> None:
+    activity = next((t for t in rule.terms if t.kind in MODULE_TERMS), None)
+    atoms = rule.selector.atoms if rule.selector is not None else ()
+    bias = next((i for i, a in enumerate(atoms) if a.kind == "bias"), None)
+    if activity is not None and bias is not None:
+        raise PydanticCustomError(
+            "selector",
+            "'{term}' penalizes module outputs, but 'bias' selects parameters, never a module",
+            {"term": kind_label(activity.kind), "at": f"selector.atoms.{bias}"},
+        )
+
+
+def _captures_bound(rule: Any) -> None:
+    # Which captures a rule may hold turns on its whole selector and its depth term: neither may have failed.
+    if rule.selector is not None and not any(t.kind == "depth" and hasattr(t, "failed") for t in rule.terms):
+        check_captures(rule.selector, rule.terms)
 
 
 class Exclude(Node):
@@ -325,10 +220,10 @@ class Spec(Node):
     def _meaning(self) -> tuple[Any, ...]:
         return (self.statements, self.lr_decay)
 
-    @model_validator(mode="after")
-    def _depth_with_lr_decay(self) -> Spec:
-        check_lr_decay(self.statements, self.lr_decay)
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _checked(cls, data: Any, handler: Any) -> Any:
+        return validated_and_checked(cls.__name__, data, handler, (_depth_with_lr_decay,), _lenient_spec)
 
     def spaces(self) -> dict[str, Any]:
         """``{name: space}`` for every search space, in file order; unnamed ones are named
@@ -378,7 +273,7 @@ class Spec(Node):
                     Diagnostic(
                         line=0,
                         column=0,
-                        message=f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}",
+                        message=f"{_where(e) or 'spec'}: {e['msg']}",
                         code=error_code(e),
                     )
                     for e in relevant_errors(exc)
@@ -396,3 +291,23 @@ class Spec(Node):
         from .compiler import Regularizer
 
         return Regularizer(self, model, reference=reference, accumulation_steps=accumulation_steps)
+
+
+def _where(error: Any) -> str:
+    # A check names the offending element itself ("at"), finer than the node it checks.
+    at = (error.get("ctx") or {}).get("at")
+    return ".".join(map(str, [*error["loc"], *([] if at is None else [at])]))
+
+
+def _lenient_spec(data: Any) -> Any:
+    # Pairing depth with lr_decay needs only the kinds of the terms and whether lr_decay is there.
+    statements = [
+        SimpleNamespace(terms=[SimpleNamespace(kind=kind_of(term)) for term in raw_items(statement, "terms")])
+        for statement in raw_items(data, "statements")
+    ]
+    lr_decay = data.get("lr_decay") if isinstance(data, Mapping) else None
+    return SimpleNamespace(statements=statements, lr_decay=lr_decay)
+
+
+def _depth_with_lr_decay(spec: Any) -> None:
+    check_lr_decay(spec.statements, spec.lr_decay)
