@@ -55,7 +55,9 @@ class Diagnostic:
         if not self.source_line:
             return head
         caret = caret_line(self.source_line, self.column, self._caret_width())
-        return f"{head}\n{self.source_line}\n{paint['caret']}{caret}{paint['reset']}"
+        # A lone '\r' would send the terminal back to the line's start, over what precedes it.
+        shown = self.source_line.replace("\r", " ")
+        return f"{head}\n{shown}\n{paint['caret']}{caret}{paint['reset']}"
 
     def _caret_width(self) -> int:
         if self.end_line == self.line and self.end_column and self.end_column > self.column:

@@ -30,7 +30,7 @@ END = rf"(?![{WORD}])"
 NUMBER = rf"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?{END}|[+-]?(?:[Ii][Nn][Ff](?:[Ii][Nn][Ii][Tt][Yy])?|[Nn][Aa][Nn]){END}"
 STRING = r'"[^"\r\n]*"'
 GLOB = rf"[{WORD}]+"
-COMMENT = r"#[^\r\n]*"
+COMMENT = r"#(?:[^\r\n]|\r(?!\n))*"  # to the line's end: a lone \r is text, \r\n ends it
 
 # (keywords, Pygments token name, TextMate scope), in the order they are tried.
 KEYWORD_CLASSES: tuple[tuple[tuple[str, ...], str, str], ...] = (

@@ -230,7 +230,11 @@ def _diagnose(
         expected = _expected_words(_accepted(exc, exc.allowed or ()))
         char = work[offset]
         if char == '"':
-            message = "unterminated quoted pattern: a closing '\"' is missing on this line"
+            rest = work[offset + 1 :].split("\n", 1)[0].removesuffix("\r")
+            if "\r" in rest.split('"', 1)[0]:
+                message = "a quoted pattern holds a carriage return ('\\r'); no name has one"
+            else:
+                message = "unterminated quoted pattern: a closing '\"' is missing on this line"
         else:
             message = f"unexpected character {char!r}"
             if expected:

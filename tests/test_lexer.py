@@ -67,6 +67,13 @@ def test_pygments_classifies_each_kind() -> None:
         assert [k for k, v in lexer.RegDslLexer().get_tokens(word) if v.strip()] == [Name], word
 
 
+def test_a_comment_runs_to_the_line_end_through_a_lone_cr_as_the_parser_reads_it() -> None:
+    # TextMate only: Pygments turns every '\r' into '\n' before any rule sees the text.
+    assert [(n, v) for n, v in textmate_scan("all # a\rb") if n.startswith("comment")] == [
+        ("comment.line.number-sign.regdsl", "# a\rb")
+    ]
+
+
 @pytest.mark.parametrize("word", KEYWORDS)
 def test_every_keyword_of_the_parser_is_highlighted(word: str) -> None:
     (kind,) = [k for k, v in lexer.RegDslLexer().get_tokens(word) if v.strip()]
