@@ -11,10 +11,10 @@ from typing import Any
 from .errors import Diagnostic, name_list
 from .findings import model_diagnostic
 from .matching import glob_of, selector_key
-from .resolution import Resolution
+from .resolution import ModuleRow, Resolution
 from .schedule import always_zero
 from .select import ParamEntry, atom_matches
-from .spec import NOT_REGULARIZERS, PARAM_TERMS, Exclude, LayerAtom, NoneTerm, Rule, Selector
+from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, Exclude, LayerAtom, NoneTerm, Rule, Selector
 from .unmatched import acts_on_modules, acts_on_params
 
 
@@ -43,35 +43,67 @@ def dead_rules(res: Resolution) -> Iterable[Diagnostic]:
     last = _last_setters(statements, trainable, len(res.table.entries))
     earliest: dict[tuple[int, str], float] = {}  # (selection, kind) -> the first of its last setters
     causes: dict[tuple[int, frozenset[str]], str] = {}
+    modules = {row.name: row for row in res.modules}
     for index, statement in enumerate(statements):
-        if not isinstance(statement, Rule) or not trainable[index] or not acts_on_params(statement):
-            continue
-        if acts_on_modules(statement):
-            continue  # its activity terms are effects too, and they are not judged here
-        if all(isinstance(t, NoneTerm) for t in statement.terms):
+        if not isinstance(statement, Rule) or all(isinstance(t, NoneTerm) for t in statement.terms):
             continue  # a pure 'none' rule's effect depends on what came before; not judged here
+        found: list[str] = []  # for each part of the rule (parameter terms, activity terms), what undoes it
         # A 'none' among other terms clears every regularization kind, so each is an effect of the rule.
         own = {t.kind for t in statement.terms if t.kind in PARAM_TERMS}
-        has_none = any(isinstance(t, NoneTerm) for t in statement.terms)
-        kinds = frozenset(own | (_REGULARIZERS if has_none else set()))
-        selected = trainable[index]
-        dead = True
+        if own or any(isinstance(t, NoneTerm) for t in statement.terms):
+            selected = trainable[index]
+            if not selected:
+                continue  # a rule on frozen or no parameters is RD101/RD104's
+            kinds = frozenset(own | (_REGULARIZERS if any(isinstance(t, NoneTerm) for t in statement.terms) else set()))
+            for kind in kinds:
+                key = (id(selected), kind)
+                if key not in earliest:
+                    # An excluded parameter has no regularizer left to override; lr_mult survives excludes.
+                    unexcluded = selected if kind in NOT_REGULARIZERS else filterfalse(excluded.__contains__, selected)
+                    earliest[key] = min(map(last[kind].__getitem__, unexcluded), default=math.inf)
+                if earliest[key] <= index:
+                    break
+            else:
+                key2 = (id(selected), kinds)
+                if key2 not in causes:
+                    causes[key2] = _causes(statements, selected, kinds, last, excluded, excluded_by)
+                found.append(f"every parameter it selects is {causes[key2]}")
+            if not found:
+                continue
+        if acts_on_modules(statement):
+            undone = _activity_undone(statements, index, res.module_matches[index], modules)
+            if undone is None:
+                continue
+            found.append(f"every module it selects is {undone}")
+        yield model_diagnostic(res.spec, statement.pos, "RD103", f"rule has no effect: {', and '.join(found)}")
+
+
+def _activity_undone(
+    statements: Sequence[Rule | Exclude], index: int, names: Sequence[str], rows: dict[str, ModuleRow]
+) -> str | None:
+    """Which later lines undo a rule's activity terms on every module it selects (a later rule's term
+    of the same kind, a 'none', an exclude), or None where one of them survives."""
+    kinds = [t.kind for t in statements[index].terms if t.kind in MODULE_TERMS]  # type: ignore[union-attr]
+    overriders: set[int] = set()
+    excluders: set[int] = set()
+    for name in names:
+        row = rows.get(name)
+        if row is None:
+            return None
         for kind in kinds:
-            key = (id(selected), kind)
-            if key not in earliest:
-                # An excluded parameter has no regularizer left to override; lr_mult survives excludes.
-                unexcluded = selected if kind in NOT_REGULARIZERS else filterfalse(excluded.__contains__, selected)
-                earliest[key] = min(map(last[kind].__getitem__, unexcluded), default=math.inf)
-            if earliest[key] <= index:
-                dead = False
-                break
-        if dead:
-            key2 = (id(selected), kinds)
-            if key2 not in causes:
-                causes[key2] = _causes(statements, selected, kinds, last, excluded, excluded_by)
-            yield model_diagnostic(
-                res.spec, statement.pos, "RD103", f"rule has no effect: every parameter it selects is {causes[key2]}"
-            )
+            setting = row.terms.get(kind)
+            if any(s is not None and s.statement == index for s in (setting, row.cleared_by)):
+                return None  # its term holds, or its own 'none' cleared it: either is the rule's doing
+            if setting is None and row.excluded_by is not None:
+                excluders.add(row.excluded_by.statement)  # type: ignore[arg-type]
+            elif setting is None and row.cleared_by is not None:
+                overriders.add(row.cleared_by.statement)  # type: ignore[arg-type]
+            elif setting is None:
+                return None
+            else:
+                overriders.add(setting.statement)  # type: ignore[arg-type]
+    found = [f"{verb} by {_lines(statements, which)}" for verb, which in (("overridden", overriders), ("excluded", excluders)) if which]
+    return " or ".join(found) or None
 
 
 _REGULARIZERS = frozenset(k for k in PARAM_TERMS if k not in NOT_REGULARIZERS)
@@ -152,6 +184,8 @@ def _selected_by(statements: Sequence[Rule | Exclude], keys: list[tuple[Any, ...
     judged: dict[tuple[Any, ...], bool] = {}
     out = set()
     for j, (statement, key) in enumerate(zip(statements, keys)):
+        if not acts_on_params(statement):
+            continue  # activity terms act on a module's output, never on the tensor
         hit = judged.get(key)
         if hit is None:
             hit = judged[key] = _selector_matches(statement.selector, view)
@@ -172,18 +206,28 @@ def tied_aliases(res: Resolution) -> Iterable[Diagnostic]:
                 if only_a and only_b:
                     first, second = sorted((min(only_a), min(only_b)))
                     name_of = {min(only_a): entry.names[a], min(only_b): entry.names[b]}
-                    excluder = next((j for j in (first, second) if isinstance(statements[j], Exclude)), None)
-                    consequence = (
-                        f"the exclude on line {_line(statements[excluder])} removes every term from it"
-                        if excluder is not None
-                        else "both rules apply to the one tensor"
-                    )
                     yield model_diagnostic(
                         res.spec, statements[second].pos, "RD203",
                         f"'{name_of[second]}' and '{name_of[first]}' are one tied tensor, but line "
                         f"{_line(statements[first])} selects it as '{name_of[first]}' and this line as "
-                        f"'{name_of[second]}': {consequence}",
+                        f"'{name_of[second]}': {_consequence(statements[first], statements[second])}",
                     )
+
+
+def _consequence(first: Rule | Exclude, second: Rule | Exclude) -> str:
+    """What two statements that select one tensor by two names do to it together."""
+    excluder = next((s for s in (first, second) if isinstance(s, Exclude)), None)
+    if excluder is not None:
+        return f"the exclude on line {_line(excluder)} removes every regularization term from it"
+    assert isinstance(first, Rule) and isinstance(second, Rule)
+    if any(isinstance(t, NoneTerm) for t in second.terms):
+        return f"this line's 'none' clears line {_line(first)}'s regularization terms from it"
+    kinds = [{t.kind for t in rule.terms if t.kind in PARAM_TERMS} for rule in (first, second)]
+    shared = sorted(kinds[0] & kinds[1], key=PARAM_TERMS.index)
+    if not shared:
+        return "the terms of both rules apply to the one tensor"
+    others = "; the other terms of both apply" if kinds[0] != kinds[1] else ""
+    return f"this line's {', '.join(shared)} replace{'s' * (len(shared) == 1)} line {_line(first)}'s{others}"
 
 
 def _line(statement: Rule | Exclude) -> str:

@@ -256,6 +256,110 @@ def test_deleting_a_dead_rule_changes_nothing(lines: list[str]):
         assert effect(rest, model) == before, f"line {line} was called dead, but deleting it changes the result"
 
 
+# ---------------------------------------------------------------- RD103 for activity terms
+
+_EVERY_MODULE = "every module it selects is "
+_MODULES = "rule has no effect: " + _EVERY_MODULE
+
+
+class _Aliased(nn.Module):
+    """One Linear registered as 'a' and as 'b' (so its parameters are one tied tensor under two names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = self.a
+        self.c = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.a(x))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("layer fc1 activity l2 1\nlayer fc1 activity l2 2\n", {1: _MODULES + "overridden by line 2"}),
+        ("layer fc1 activity l2 1\ntype Linear activity l2 2\n", {1: _MODULES + "overridden by line 2"}),
+        ("layer fc1 activity l1 1\nexclude layer fc1\n", {1: _MODULES + "excluded by line 2"}),
+        ("layer fc1 activity l1 1\nlayer fc* none\n", {1: _MODULES + "overridden by line 2"}),
+        (
+            "layer fc1 l2 1 activity l2 1\nlayer fc1 l2 2 activity l2 2\n",
+            {1: "rule has no effect: every parameter it selects is overridden by line 2, and " + _EVERY_MODULE + "overridden by line 2"},
+        ),
+        ("layer fc* activity l2 1\nlayer fc1 activity l2 2\n", {}),  # fc2 keeps line 1's
+        ("layer fc1 activity l2 1\nlayer fc1 activity l1 2\n", {}),  # another kind adds to it
+        ("layer fc1 l2 1 activity l2 1\nlayer fc1 activity l2 2\n", {}),  # its l2 on the weights holds
+        ("layer fc1 activity l2 1 l2 1\nlayer fc1 l2 2\n", {}),  # its activity term holds
+        ("layer fc1 activity l2 1 none\n", {}),  # its own 'none' clears it: the rule's doing, not a later line's
+    ],
+)
+def test_an_activity_rule_that_later_lines_undo_is_dead(text: str, expected: dict[int, str]) -> None:
+    # Before, a rule with an activity term was never judged: line 1 of the first case did nothing, silently.
+    assert dead(text) == expected
+
+
+def test_an_activity_rule_overridden_through_the_modules_other_name_is_dead_and_not_rd203() -> None:
+    text = "layer a activity l2 1\nlayer b activity l2 2\n"
+    found = [(d.line, d.code, d.message) for d in check(text, _Aliased())]
+    # Activity terms act on the module's output, never on its tied weight: RD203 has nothing to say.
+    assert found == [(1, "RD103", _MODULES + "overridden by line 2")]
+
+
+@pytest.mark.parametrize(
+    ("second", "consequence"),
+    [
+        ("layer b.weight l2 2", "this line's l2 replaces line 1's"),
+        ("layer b.weight l2 2 decay 1", "this line's l2 replaces line 1's; the other terms of both apply"),
+        ("layer b.weight l1 2", "the terms of both rules apply to the one tensor"),
+        ("layer b.weight none", "this line's 'none' clears line 1's regularization terms from it"),
+        ("exclude layer b.weight", "the exclude on line 2 removes every regularization term from it"),
+    ],
+)
+def test_rd203_says_what_the_two_rules_do_to_the_tied_tensor(second: str, consequence: str) -> None:
+    text = f"layer a.weight l2 1\n{second}\n"
+    (d,) = [d for d in check(text, _Aliased()) if d.code == "RD203"]
+    assert d.message == (
+        "'b.weight' and 'a.weight' are one tied tensor, but line 1 selects it as 'a.weight' and this line as "
+        f"'b.weight': {consequence}"
+    )
+    # What the message says, on the tensor itself (the later rule's same kind wins; other kinds add).
+    terms = {k: s.value for k, s in resolve(regdsl.parse(text), _Aliased()).rows[0].terms.items()}
+    if "replaces" in consequence:
+        assert terms["l2"] == 2.0
+    if "both apply" in consequence:
+        assert len(terms) == 2
+
+
+_ACTIVITY_SELECTORS = ["all", "layer fc1", "layer fc*", "layer head", "type Linear"]
+
+
+@st.composite
+def activity_statements(draw: st.DrawFn) -> str:
+    selector = draw(st.sampled_from(_ACTIVITY_SELECTORS))
+    if draw(st.integers(0, 5)) == 0:
+        return f"exclude {selector}"
+    kinds = draw(st.lists(st.sampled_from(["activity l1", "activity l2", "l2", "none"]), min_size=1, max_size=3, unique=True))
+    terms = " ".join(k if k == "none" else f"{k} {draw(st.sampled_from(['0.1', '0.2']))}" for k in kinds)
+    return f"{selector} {terms}"
+
+
+def module_effect(text: str, model: nn.Module) -> list[tuple]:
+    res = resolve(regdsl.parse(text), model)
+    modules = {row.name: {k: s.value for k, s in row.terms.items()} for row in res.modules}
+    return effect(text, model) + sorted((name, sorted(terms.items())) for name, terms in modules.items() if terms)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(activity_statements(), min_size=1, max_size=6))
+def test_deleting_a_dead_activity_rule_changes_nothing(lines: list[str]) -> None:
+    model = MLP()
+    text = "\n".join(lines) + "\n"
+    before = module_effect(text, model)
+    for line in dead(text, model):
+        rest = "\n".join(s for i, s in enumerate(lines, start=1) if i != line) + "\n"
+        assert module_effect(rest, model) == before, f"line {line} was called dead, but deleting it changes the result"
+
+
 # ---------------------------------------------------------------- RD104 at check and at compile
 
 
