@@ -36,6 +36,7 @@ from .fold import Folding, FoldPlan
 from .fold_kernels import eager
 from .guards import LrRatios, check_lrs, warn_decay_underflow
 from .penalties import PenaltyPlan
+from .replaced import unwatch, watch, watch_steps
 from .resolution import GroupKey
 from .schedule import any_scheduled, live, strength_at
 from .step_hooks import FoldCalls, Orphan, step_hooks
@@ -119,10 +120,17 @@ class _Owner:
     """One attached optimizer and what its step runs; ``lost`` is told when it is garbage-collected."""
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, post: PostStepPlan, decay: DecayWriter, fold: FoldPlan | None, lost: list[Any]
+        self,
+        optimizer: torch.optim.Optimizer,
+        post: PostStepPlan,
+        decay: DecayWriter,
+        fold: FoldPlan | None,
+        lost: Callable[[Any], None],
+        params: set[int],
     ):
-        self.optimizer = weakref.ref(optimizer, lost.append)
+        self.optimizer = weakref.ref(optimizer, lost)
         self.post, self.decay, self.fold = post, decay, fold
+        self.params = params  # the ids of the tensors it steps
         self.applies: list[str] = []  # what its hooks do that nothing else does, named for a warning
         self.gone = False
         self.by_hand = FoldCalls() if fold else None  # a plan with terms: with fold_hook=False each step checks reg.fold() ran
@@ -151,8 +159,10 @@ class Attachment:
         self._rest: PenaltyPlan | None = folding.rest if folding is not None else None
         self._step = reg.step
         self._lost: list[Any] = []  # the weak references of attached optimizers garbage-collected, not yet buried
+        self._reg = weakref.ref(reg)
+        self._unrelated: weakref.WeakSet[Any] = weakref.WeakSet()  # optimizers seen stepping none of its tensors
         self._owners = [
-            _Owner(optimizer, post, decay, folding.plans[k] if folding is not None else None, self._lost)
+            _Owner(optimizer, post, decay, folding.plans[k] if folding is not None else None, self._on_lost(), stepped[k])
             for k, (optimizer, (post, decay)) in enumerate(zip(optimizers, checked))
         ]
         for owner, optimizer in zip(self._owners, optimizers):
@@ -178,6 +188,45 @@ class Attachment:
             if applies:
                 self.hooks.append(Orphan(handles, applies))
             owner.applies = applies + ["the step count schedules read"] * scheduled
+        if any(owner.applies for owner in self._owners):
+            watch_steps()
+
+    def _on_lost(self) -> Callable[[Any], None]:
+        # The callback of an owner's weak reference: it must not hold the attachment alive.
+        lost, me = self._lost, weakref.ref(self)
+
+        def on_lost(ref: Any) -> None:
+            lost.append(ref)
+            attachment = me()
+            if attachment is not None:
+                watch(attachment)
+
+        return on_lost
+
+    def stepped_elsewhere(self, optimizer: torch.optim.Optimizer) -> None:
+        """A step of ``optimizer`` after an optimizer attached here was garbage-collected: when it steps
+        tensors the lost one's hooks applied something to, warn, once (:mod:`regdsl.replaced`)."""
+        lost = [owner for owner in self._owners if owner.optimizer() is None and not owner.gone and owner.applies]
+        reg = self._reg()
+        if not lost or reg is None or reg._attached is not self:
+            unwatch(self)  # told by penalty() already, or attached anew, detached, or gone
+            return
+        if optimizer in self._unrelated or any(owner.optimizer() is optimizer for owner in self._owners):
+            return
+        ids = set().union(*(owner.params for owner in lost))
+        if not any(id(p) in ids for group in optimizer.param_groups for p in group["params"]):
+            self._unrelated.add(optimizer)
+            return
+        unwatch(self)
+        what = list(dict.fromkeys(w for owner in lost for w in owner.applies))
+        warnings.warn(
+            RegDslWarning(
+                f"this optimizer steps parameters of a regularizer whose attached optimizer was garbage-collected, "
+                f"and with it what its hooks did ({', '.join(what)}): this step does none of it. "
+                "reg.attach(this_optimizer, ...) to it"
+            ),
+            stacklevel=caller_stacklevel(through_torch=True),
+        )
 
     @property
     def rest(self) -> PenaltyPlan | None:

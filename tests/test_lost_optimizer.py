@@ -6,11 +6,13 @@ attach() needs no detach() first. Expected gradients are the documented formulas
 from __future__ import annotations
 
 import gc
+import re
 import warnings
 
 import pytest
 import torch
 from models import MLP, seeded
+from torch import nn
 
 import regdsl
 from regdsl import RegDslWarning, RegUsageError
@@ -88,3 +90,82 @@ def test_attach_while_the_attached_optimizer_lives_still_needs_a_detach() -> Non
     _, reg, _opt = attached("all l2 0.1", fold=True)  # held: the attached optimizer lives
     with pytest.raises(RegUsageError, match="already attached"):
         reg.attach(torch.optim.SGD(reg.param_groups(lr=0.1)))
+
+
+# ---------------------------------------------------------------- a loop that leaves penalty() out
+
+STEPPED = "this optimizer steps parameters of a regularizer whose attached optimizer was garbage-collected"
+
+
+def train_step(model: MLP, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad(set_to_none=True)
+    model(torch.ones(2, 6)).sum().backward()  # the loss alone: every term was folded
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    ("rules", "fold", "what"),
+    [
+        ("layer fc1.weight l2 0.1", True, "folded terms"),
+        ("all max_norm 1.0", False, "post-step terms"),
+        ("all l2 0.1 warmup 5", True, "folded terms, the step count schedules read"),
+    ],
+)
+def test_a_replacement_stepping_without_penalty_warns_at_its_first_step_once(rules: str, fold: bool, what: str) -> None:
+    # Before, nothing said so: the new optimizer trained on without the terms, and penalty() was never called.
+    model, reg, opt = attached(rules, fold=fold)
+    train_step(model, opt)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))  # the attached one is garbage-collected here
+    gc.collect()
+    with pytest.warns(RegDslWarning, match=re.escape(f"{STEPPED}, and with it what its hooks did ({what})")) as caught:
+        train_step(model, opt)
+    assert len([w for w in caught if STEPPED in str(w.message)]) == 1
+    assert caught[0].filename == __file__  # the user's opt.step(), through torch's frames
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_step(model, opt)  # once
+    assert reg is not None
+
+
+def test_no_step_warning_where_regdsl_has_said_it_or_has_nothing_to_say() -> None:
+    # penalty() warned already: the step does not repeat it.
+    model, reg, opt = attached("layer fc1.weight l2 0.1", fold=True)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    gc.collect()
+    with pytest.warns(RegDslWarning, match=LOST):
+        reg.penalty()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_step(model, opt)
+        # Attached anew: the new optimizer's hooks apply the terms.
+        model, reg, opt = attached("layer fc1.weight l2 0.1", fold=True)
+        opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+        gc.collect()
+        reg.attach(opt, fold=True)
+        train_step(model, opt)
+        # Detached first: regdsl was told the terms stop.
+        model, reg, opt = attached("layer fc1.weight l2 0.1", fold=True)
+        reg.detach()
+        opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+        gc.collect()
+        train_step(model, opt)
+        # An optimizer over other tensors steps, while the lost one's own replacement is yet to come.
+        model, reg, opt = attached("layer fc1.weight l2 0.1", fold=True)
+        del opt
+        gc.collect()
+        other = nn.Linear(2, 2)
+        other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+        other(torch.ones(1, 2)).sum().backward()
+        other_opt.step()
+        other_opt.step()
+    assert reg is not None
+
+
+def test_the_step_watch_is_one_hook_for_the_process() -> None:
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    attached("layer fc1.weight l2 0.1", fold=True)
+    before = len(_global_optimizer_pre_hooks)
+    for _ in range(3):
+        attached("layer fc1.weight l2 0.1", fold=True)
+    assert len(_global_optimizer_pre_hooks) == before
