@@ -324,8 +324,9 @@ class Matcher:
 
     @functools.cached_property
     def module_names(self) -> list[str]:
-        """Names of the modules activity terms can select, in table order."""
-        return [name for name, _ in self.table.modules]
+        """Names of the modules activity terms can select, each by every name it is registered under:
+        what an unmatched pattern could have meant, since either name selects it."""
+        return self._sorted_modules.keys
 
     def _module_atom(self, atom: Any) -> Indices:
         key = atom_key(atom)

@@ -305,6 +305,22 @@ def test_an_activity_rule_overridden_through_the_modules_other_name_is_dead_and_
     assert found == [(1, "RD103", _MODULES + "overridden by line 2")]
 
 
+def test_an_unmatched_activity_pattern_is_offered_a_modules_second_name() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Linear(3, 3)
+            self.decoder_proj = self.encoder  # selected by either name, so either may be what was meant
+            self.c = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.encoder(x))
+
+    (d,) = check("layer decoder_prj activity l2 1\n", Shared())
+    assert d.code == "RD101"
+    assert d.message.endswith("; nearest: 'decoder_proj', 'encoder'"), d.message
+
+
 @pytest.mark.parametrize(
     ("second", "consequence"),
     [
