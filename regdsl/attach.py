@@ -160,7 +160,9 @@ class Attachment:
         self._step = reg.step
         self._lost: list[Any] = []  # the weak references of attached optimizers garbage-collected, not yet buried
         self._reg = weakref.ref(reg)
-        self._unrelated: weakref.WeakSet[Any] = weakref.WeakSet()  # optimizers seen stepping none of its tensors
+        # Optimizers seen stepping none of its tensors, by id, with their param_groups to tell a reused id:
+        # the global hook sees every optimizer, and some are neither hashable nor weakly referable.
+        self._unrelated: dict[int, Any] = {}
         self._owners = [
             _Owner(optimizer, post, decay, folding.plans[k] if folding is not None else None, self._on_lost(), stepped[k])
             for k, (optimizer, (post, decay)) in enumerate(zip(optimizers, checked))
@@ -211,11 +213,12 @@ class Attachment:
         if not lost or reg is None or reg._attached is not self:
             unwatch(self)  # told by penalty() already, or attached anew, detached, or gone
             return
-        if optimizer in self._unrelated or any(owner.optimizer() is optimizer for owner in self._owners):
+        groups = optimizer.param_groups
+        if self._unrelated.get(id(optimizer)) is groups or any(owner.optimizer() is optimizer for owner in self._owners):
             return
         ids = set().union(*(owner.params for owner in lost))
-        if not any(id(p) in ids for group in optimizer.param_groups for p in group["params"]):
-            self._unrelated.add(optimizer)
+        if not any(id(p) in ids for group in groups for p in group["params"]):
+            self._unrelated[id(optimizer)] = groups
             return
         unwatch(self)
         what = list(dict.fromkeys(w for owner in lost for w in owner.applies))

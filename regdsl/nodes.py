@@ -2,8 +2,9 @@
 
 Every node carries the span of source text it came from (``pos``). Positions
 are provenance, not meaning: ``==`` and ``hash`` ignore them, so a spec equals
-the spec parsed from its own canonical text. :mod:`regdsl.spec` builds terms,
-schedules and statements on these.
+the spec parsed from its own canonical text. Terms (:mod:`regdsl.term_nodes`), schedules
+and statements (:mod:`regdsl.spec`) are built on these, and check across their fields with
+:func:`validated_and_checked`.
 """
 
 from __future__ import annotations

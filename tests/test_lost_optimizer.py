@@ -169,3 +169,24 @@ def test_the_step_watch_is_one_hook_for_the_process() -> None:
     for _ in range(3):
         attached("layer fc1.weight l2 0.1", fold=True)
     assert len(_global_optimizer_pre_hooks) == before
+
+
+def test_the_watch_never_breaks_the_step_of_an_unhashable_optimizer() -> None:
+    class Unhashable(torch.optim.SGD):
+        __hash__ = None  # type: ignore[assignment]
+
+        def __eq__(self, other: object) -> bool:
+            return self is other
+
+    model, reg, opt = attached("layer fc1.weight l2 0.1", fold=True)
+    del opt
+    gc.collect()
+    other = nn.Linear(2, 2)
+    other_opt = Unhashable(other.parameters(), lr=0.1)
+    other(torch.ones(1, 2)).sum().backward()
+    before = other.weight.detach().clone()
+    other_opt.step()
+    other_opt.step()
+    assert not torch.equal(other.weight.detach(), before)
+    with pytest.warns(RegDslWarning, match=re.escape(STEPPED)):
+        train_step(model, Unhashable(reg.param_groups(lr=0.1)))
