@@ -24,7 +24,7 @@ CODES: dict[str, Code] = {
     "RD004": Code("error", "a strength (or a max_norm, lr_mult value) is negative, NaN or infinite; max_norm is 0"),
     "RD005": Code("error", "an invalid name pattern"),
     "RD006": Code("error", "a term appears twice in one rule"),
-    "RD007": Code("error", "an invalid schedule or dim (not a whole number, out of range, repeated, until before from)"),
+    "RD007": Code("error", "an invalid schedule or dim (not a whole number, out of range, repeated, until before from or before the warmup ends)"),
     "RD008": Code("error", "a selector atom that cannot select what a term acts on ('bias' with an activity term)"),
     "RD009": Code("error", "an invalid spec (JSON input)"),
     "RD010": Code("error", "an invalid search space (bounds, a value listed twice, a name defined twice or never, or a keyword or number word)"),

@@ -140,14 +140,25 @@ def _once_each(schedule: Any) -> None:
 
 
 def _from_before_until(schedule: Any) -> None:
-    start, until = (next((s for s in schedule.steps if s.kind == kind), None) for kind in ("from", "until"))
-    if start is None or until is None or hasattr(start, "failed") or hasattr(until, "failed"):
+    start, until, warmup = (next((s for s in schedule.steps if s.kind == k), None) for k in ("from", "until", "warmup"))
+    if until is None or hasattr(until, "failed") or hasattr(start, "failed"):
         return
-    if until.step <= start.step:
+    at = f"steps.{schedule.steps.index(until)}"
+    if start is not None and until.step <= start.step:
         raise PydanticCustomError(
             "schedule",
             "until {until} must come after from {start}: the term would never be on",
-            {"until": until.step, "start": start.step, "at": f"steps.{schedule.steps.index(until)}"},
+            {"until": until.step, "start": start.step, "at": at},
+        )
+    if warmup is None or hasattr(warmup, "failed"):
+        return
+    ramped = (start.step if start is not None else 0) + warmup.steps
+    if until.step <= ramped:
+        # The ramp reaches the strength at step from + warmup; 'until' switches the term off before that.
+        raise PydanticCustomError(
+            "schedule",
+            "until {until} must come after the warmup ends (step {ramped}): the term would never reach its strength",
+            {"until": until.step, "ramped": ramped, "at": at},
         )
 
 

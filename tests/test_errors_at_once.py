@@ -114,3 +114,39 @@ def test_a_bad_strength_adds_its_error_and_hides_none(fault: str, before: list[s
     fine, bad = head + fault.format(v=" 1"), head + fault.format(v="-1")
     column = fault.format(v="-1").index("-1") + 1
     assert _found(bad) == sorted({*_found(fine), (line, column, "RD004")})
+
+
+# ---------------------------------------------------------------- until before the warmup ends
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "ends"),
+    [
+        ("all l2 1 warmup 10 until 5", 20, 10),
+        ("all l2 1 warmup 10 until 10", 20, 10),  # the ramp reaches 1 at step 10, when until has turned it off
+        ("all l2 1 from 5 until 10 warmup 100", 17, 105),
+        ("all l2 1 from 5 until 6 warmup 1", 17, 6),  # on at step 5 only, where the ramp is 0
+    ],
+)
+def test_until_before_the_warmup_ends_is_rd007_at_the_until(text: str, column: int, ends: int) -> None:
+    with pytest.raises(regdsl.RegValidationError) as info:
+        regdsl.parse(text, "f.reg")
+    (d,) = info.value.diagnostics
+    assert (d.line, d.column, d.code) == (1, column, "RD007")
+    assert f"must come after the warmup ends (step {ends}): the term would never reach its strength" in d.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(start=st.one_of(st.none(), st.integers(0, 30)), ramp=st.integers(1, 30), until=st.integers(1, 80))
+def test_until_is_refused_exactly_when_the_documented_schedule_never_reaches_the_strength(start, ramp, until) -> None:
+    s = start or 0
+    if until <= s:
+        return  # 'until must come after from': its own error
+    # docs/language.md: 0 if t < S or t >= E; λ (t − S) / W if S <= t < S + W; λ afterwards.
+    strengths = [0.0 if t < s or t >= until else (t - s) / ramp if t < s + ramp else 1.0 for t in range(until + 1)]
+    text = f"all l2 1 warmup {ramp} until {until}" + (f" from {start}" if start is not None else "")
+    if 1.0 in strengths:
+        regdsl.parse(text)
+    else:
+        with pytest.raises(regdsl.RegValidationError, match="never reach its strength"):
+            regdsl.parse(text)

@@ -79,9 +79,10 @@ def test_huge_whole_number_is_positioned_rd007(before: str, after: str, digits: 
 
 def test_whole_numbers_are_int64():
     biggest = 2**63 - 1
-    spec = regdsl.parse(f"all l1 1 warmup {biggest} until {biggest}\nlayer fc group_lasso 1 dim=-{biggest}")
+    spec = regdsl.parse(f"all l1 1 warmup {biggest}\nall l2 1 until {biggest}\nlayer fc group_lasso 1 dim=-{biggest}")
     assert spec.statements[0].terms[0].schedule.get("warmup").steps == biggest
-    assert spec.statements[1].terms[0].dim == -biggest
+    assert spec.statements[1].terms[0].schedule.get("until").step == biggest
+    assert spec.statements[2].terms[0].dim == -biggest
     assert regdsl.parse(spec.to_source()) == spec
     for text in (f"all l1 1 warmup {biggest + 1}", "all l1 1 from 1e19", f"layer fc group_lasso 1 dim=-{biggest + 1}"):
         assert only_diagnostic(text).code == "RD007", text

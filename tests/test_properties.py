@@ -123,17 +123,18 @@ SCHEDULE_KINDS = ["warmup", "from", "until", "cosine"]
 
 @st.composite
 def schedules(draw):
-    """Each step kind at most once, in any order (printed as written); until > from."""
+    """Each step kind at most once, in any order (printed as written); until > from + warmup."""
     kinds = draw(st.lists(st.sampled_from(SCHEDULE_KINDS), max_size=4, unique=True))
-    start = min(draw(whole), MAX_EXACT - 1) if "from" in kinds else None
+    start = min(draw(whole), MAX_EXACT - 2) if "from" in kinds else None
+    ramp = min(max(draw(whole), 1), MAX_EXACT - 1 - (start or 0)) if "warmup" in kinds else None
     steps = []
     for kind in kinds:
         if kind == "warmup":
-            steps.append(WarmupStep(steps=max(draw(whole), 1)))
+            steps.append(WarmupStep(steps=ramp))
         elif kind == "from":
             steps.append(FromStep(step=start))
         elif kind == "until":
-            low = 1 if start is None else start + 1
+            low = (start or 0) + (ramp or 0) + 1
             end = st.integers(min_value=low, max_value=min(low + 10**6, MAX_EXACT))
             steps.append(UntilStep(step=draw(st.one_of(end, st.just(MAX_EXACT)))))
         else:
