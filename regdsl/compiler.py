@@ -80,6 +80,7 @@ class Regularizer:
         self._rows = self.resolution.rows
         self._groups = self.resolution.groups()
         self._step = 0
+        self._lr_scale: bool | None = None  # how param_groups() last built groups: remap_optimizer_state builds so
         self._scheduled_decays = [(k, m) for k, m in self._groups if k.decay is not None and is_scheduled(k.decay)]
         self._decay = DecayWriter(self._scheduled_decays)  # after_step()'s optimizer: it holds every member
         self._attached: Attachment | None = None  # set by attach(): the optimizers, their folds and post-step terms
@@ -131,7 +132,7 @@ class Regularizer:
                 "the rule file scales learning rates (lr_mult, lr_decay), so param_groups() needs the base learning rate: param_groups(lr=...) "
                 "(or param_groups(lr_scale=True) for timm's schedulers)"
             )
-        groups = []
+        groups, self._lr_scale = [], lr_scale
         for key, members in chosen:
             group = {
                 "params": members.params,
@@ -298,8 +299,9 @@ class Regularizer:
         Pass it to ``optimizer.load_state_dict`` of an optimizer built from :meth:`param_groups`
         (``of``: one built from ``param_groups(of)``, both layouts cut down to that part).
         Per-parameter state follows each parameter by name; ``weight_decay`` (at the saved step),
-        ``name`` and ``lr_mult`` come from the rules, the rest of a group (``lr``, ``betas``,
-        ``initial_lr``...) from the saved group it continues. See :mod:`regdsl.state`.
+        ``name`` and ``lr_mult`` (``lr_scale`` too, where :meth:`param_groups` wrote it) come from the
+        rules, the rest of a group (``lr``, ``betas``, ``initial_lr``...) from the saved group it
+        continues. See :mod:`regdsl.state`.
         """
         step = resume.saved_step(state)
         decays = [strength_at(key.decay, step) if key.decay else 0.0 for key, _ in self._groups]
@@ -311,7 +313,7 @@ class Regularizer:
             decays = [decays[i] for i in kept]
             saved = resume.saved_layout(state)
             state = {**state, "groups": resume.cut(saved, names)[0]} if saved is not None else state
-        return resume.remap_optimizer_state(optimizer_state, state, current, decays)
+        return resume.remap_optimizer_state(optimizer_state, state, current, decays, self._lr_scale)
 
     # ------------------------------------------------------------ loss and reports
 

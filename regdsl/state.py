@@ -206,7 +206,11 @@ def continued_from(saved: Layout, current: Layout) -> list[int | None]:
 
 
 def remap_optimizer_state(
-    optimizer_state: Mapping[str, Any], state: Mapping[str, Any], current: Layout, weight_decays: Sequence[float]
+    optimizer_state: Mapping[str, Any],
+    state: Mapping[str, Any],
+    current: Layout,
+    weight_decays: Sequence[float],
+    lr_scale: bool | None = None,
 ) -> dict[str, Any]:
     """``optimizer_state`` (saved with the layout in ``state``) re-keyed for the ``current`` layout.
 
@@ -214,7 +218,9 @@ def remap_optimizer_state(
     ``weight_decay`` (``weight_decays[i]``), ``name`` and ``lr_mult`` from the current rules
     and every other key from the saved group it continues (:func:`continued_from`; the
     first saved group for a group of parameters all new), with the learning rates in
-    :data:`LR_KEYS` scaled by the ratio of the two lr_mults. Parameters new to the groups
+    :data:`LR_KEYS` scaled by the ratio of the two lr_mults. ``lr_scale``: the current groups were
+    built with ``param_groups(lr_scale=True)`` (None: as the saved ones were), so each keeps the base
+    rate and carries ``lr_scale = lr_mult`` instead. Parameters new to the groups
     start with no state and saved parameters no longer in any group are dropped: a
     :class:`RegDslWarning` names both.
     """
@@ -234,15 +240,34 @@ def remap_optimizer_state(
     if not saved and current:
         raise RegStateError("the saved optimizer has no parameter group to take lr and the other settings from")
     was, donors = _where(saved), continued_from(saved, current)
+    scaled = lr_scale if lr_scale is not None else any("lr_scale" in g for g in groups)
     out_groups, out_state, fresh, next_id = [], {}, [], 0
     for i, group in enumerate(current):
         donor = donors[i] if donors[i] is not None else 0
-        settings = {k: v for k, v in groups[donor].items() if k not in ("params", "param_names", *RULE_KEYS)}
-        settings.update(_learning_rates(groups, saved, donor, group["lr_mult"]))
+        settings = {k: v for k, v in groups[donor].items() if k not in ("params", "param_names", "lr_scale", *RULE_KEYS)}
+        mult = 1.0 if scaled else group["lr_mult"]
+        if scaled and "lr_scale" in groups[donor] and groups[donor]["lr_scale"] == group["lr_mult"]:
+            found = _rates(groups[donor]), 1.0  # the same scale: its rates as saved, whatever a timm scheduler wrote
+        else:
+            found = _base_rates(groups, saved, donor)
+        if found is None and mult:
+            warnings.warn(
+                RegDslWarning(
+                    f"remap_optimizer_state: every saved group has lr_mult 0, so the saved optimizer holds no base "
+                    f"learning rate for group '{group['name']}' (lr_mult {group['lr_mult']}): it resumes with the "
+                    "saved lr, 0; set its lr after loading"
+                ),
+                stacklevel=caller_stacklevel(),
+            )
+        rates, of = found if found is not None else (_rates(groups[donor]), mult)
+        # A ratio, not a division then a product: an unchanged lr_mult gives the saved rates bit for bit.
+        settings.update(rates if mult == of else {k: v * (mult / of) for k, v in rates.items()})
         settings["weight_decay"] = weight_decays[i]
         settings["name"] = group["name"]
-        if group["lr_mult"] != 1.0:  # as param_groups() writes it: no key for lr_mult 1
+        if group["lr_mult"] != 1.0:  # as param_groups() writes them: no key for lr_mult 1
             settings["lr_mult"] = group["lr_mult"]
+            if scaled:
+                settings["lr_scale"] = group["lr_mult"]
         settings["params"] = list(range(next_id, next_id + len(group["params"])))
         for index, name in zip(settings["params"], group["params"]):
             if name in by_name:
@@ -259,14 +284,22 @@ def remap_optimizer_state(
     return {"state": out_state, "param_groups": out_groups}
 
 
-def _learning_rates(groups: Sequence[Mapping[str, Any]], saved: Layout, donor: int, lr_mult: float) -> dict[str, Any]:
-    """The donor's learning rates for a group with ``lr_mult``: base rate (lr / saved lr_mult) times it,
-    which is right under any LR scheduler that scales each group's lr by one common factor."""
+def _base_rates(groups: Sequence[Mapping[str, Any]], saved: Layout, donor: int) -> tuple[dict[str, Any], float] | None:
+    """Saved learning rates and the lr_mult they are for, read from the donor where it can tell them:
+    what the base rate is at the saved point, under any LR scheduler that scales each group's lr by
+    one common factor. None when no saved group can tell (every one had lr_mult 0)."""
+    if any("lr_scale" in g for g in groups):
+        # Built with param_groups(lr_scale=True): a group without an lr_scale holds the base rate, where
+        # one with it may hold it times its scale (timm's schedulers write that); without one, the donor's.
+        order = [donor, *range(len(groups))]
+        return _rates(groups[next((i for i in order if groups[i].get("lr_scale", 1.0) == 1.0), donor)]), 1.0
     # An 'lr_mult 0' group's rates say nothing about the base rate; another group's do.
-    source = donor if saved[donor]["lr_mult"] else next((i for i, g in enumerate(saved) if g["lr_mult"]), donor)
-    ratio = lr_mult / saved[source]["lr_mult"] if saved[source]["lr_mult"] else 1.0
-    rates = {k: groups[source][k] for k in LR_KEYS if k in groups[source]}
-    return rates if ratio == 1.0 else {k: v * ratio for k, v in rates.items()}
+    source = donor if saved[donor]["lr_mult"] else next((i for i, g in enumerate(saved) if g["lr_mult"]), None)
+    return None if source is None else (_rates(groups[source]), saved[source]["lr_mult"])
+
+
+def _rates(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: group[k] for k in LR_KEYS if k in group}
 
 
 def _saved_optimizer(

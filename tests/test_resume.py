@@ -451,3 +451,72 @@ def test_param_names_in_the_optimizer_state() -> None:
     run.opt.load_state_dict(remapped)
     assert run.opt.param_groups[0]["param_names"] == ["fc1.weight", "fc1.bias", "head.weight", "head.bias"]
     assert_own_state(run, own, list(own))
+
+
+# ---------------------------------------------------------------- lr_mult under lr_scale (timm's schedulers)
+
+BASE = 0.1
+
+
+def _saved(rules: str, lr_scale: bool) -> tuple[dict, dict]:
+    model = make_model()
+    reg = regdsl.parse(rules).compile(model)
+    opt = torch.optim.AdamW(reg.param_groups(lr=BASE, lr_scale=lr_scale))
+    reg.attach(opt)
+    x, y = data()
+    opt.zero_grad()
+    (F.mse_loss(model(x), y) + reg.penalty()).backward()
+    opt.step()
+    return opt.state_dict(), reg.state_dict()
+
+
+def _resumed(rules: str, lr_scale: bool, saved: tuple[dict, dict]) -> list[tuple]:
+    model = make_model()
+    reg = regdsl.parse(rules).compile(model)
+    opt = torch.optim.AdamW(reg.param_groups(lr=BASE, lr_scale=lr_scale))
+    opt.load_state_dict(reg.remap_optimizer_state(*saved))
+    return [(g["name"], g["lr"], g.get("lr_scale")) for g in opt.param_groups]
+
+
+@pytest.mark.parametrize(
+    ("saved_rules", "saved_scale", "scale", "expected"),
+    [
+        # lr_scale groups keep the base lr and carry the new multiplier, as param_groups(lr_scale=True) writes them.
+        ("layer fc1 lr_mult 0.5", True, True, [("no_decay lr_mult=0.25", BASE, 0.25), ("no_decay", BASE, None)]),
+        ("all l2 0.1", True, True, [("no_decay lr_mult=0.25", BASE, 0.25), ("no_decay", BASE, None)]),
+        ("layer fc1 lr_mult 0.5", False, True, [("no_decay lr_mult=0.25", BASE, 0.25), ("no_decay", BASE, None)]),
+        # Saved with lr_scale, resumed without it: the multiplier goes into the lr.
+        ("layer fc1 lr_mult 0.5", True, False, [("no_decay lr_mult=0.25", BASE * 0.25, None), ("no_decay", BASE, None)]),
+        ("layer fc1 lr_mult 0.5", False, False, [("no_decay lr_mult=0.25", BASE * 0.5 * (0.25 / 0.5), None), ("no_decay", BASE, None)]),
+    ],
+)
+def test_a_changed_lr_mult_resumes_as_a_fresh_optimizer_of_the_same_kind_would_start(
+    saved_rules: str, saved_scale: bool, scale: bool, expected: list[tuple]
+) -> None:
+    # Before, lr_scale was copied from the saved group and the lr scaled as if there were none:
+    # saved 0.5, resumed 0.25 gave lr 0.05 with lr_scale 0.5, which timm's schedulers read as 0.5.
+    saved = _saved(saved_rules, saved_scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", regdsl.RegDslWarning)  # a group split: fresh state, as it says
+        got = _resumed("layer fc1 lr_mult 0.25", scale, saved)
+    assert got == expected
+
+
+def test_an_unchanged_file_under_lr_scale_resumes_the_lr_a_scheduler_wrote() -> None:
+    opt_state, reg_state = _saved("layer fc1 lr_mult 0.5", True)
+    for group in opt_state["param_groups"]:  # as timm's schedulers write it: base value times lr_scale
+        group["lr"] = 0.04 * group.get("lr_scale", 1.0)
+    got = _resumed("layer fc1 lr_mult 0.5", True, (opt_state, reg_state))
+    assert got == [("no_decay lr_mult=0.5", 0.02, 0.5), ("no_decay", 0.04, None)]
+    # A new multiplier takes the base rate from the group without one.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", regdsl.RegDslWarning)
+        got = _resumed("layer fc1 lr_mult 0.25", True, (opt_state, reg_state))
+    assert got == [("no_decay lr_mult=0.25", 0.04, 0.25), ("no_decay", 0.04, None)]
+
+
+def test_a_base_rate_no_saved_group_holds_is_a_warning_not_a_silent_zero() -> None:
+    saved = _saved("all lr_mult 0", False)
+    with pytest.warns(regdsl.RegDslWarning, match="every saved group has lr_mult 0.*set its lr after loading"):
+        got = _resumed("all l2 0.1", False, saved)
+    assert got == [("no_decay", 0.0, None)]
