@@ -271,23 +271,25 @@ class Regularizer:
         return {
             "step": self._step,
             "references": {name: item.reference for name, item in self._references.items()},
+            "reference_kinds": {name: item.term.to for name, item in self._references.items()},
             "groups": resume.layout(self.groups_summary()),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Restore :meth:`state_dict`: schedules continue from the saved step, references are the saved ones.
 
-        With ``strict``, a state saved with another group layout raises :class:`RegStateError`
-        (resume through :meth:`remap_optimizer_state`, then load with ``strict=False``), and one
-        saved before layouts were recorded loads with a :class:`RegDslWarning`. Nothing changes
-        when it raises.
-        """
+        With ``strict``, a state saved with another group layout, or without a reference of the
+        current rules (one added since, or saved for the other of ``to init``/``to ref``), raises
+        :class:`RegStateError` (resume through :meth:`remap_optimizer_state`, then load with
+        ``strict=False``: such a reference keeps the ``w0`` compile made, with a warning), and one
+        saved before layouts were recorded loads with a :class:`RegDslWarning`. Nothing changes when it raises."""
         step = resume.saved_step(state)
-        saved = resume.saved_references(state, {name: item.param for name, item in self._references.items()})
         if strict:
             resume.check_layout(state, resume.layout(self.groups_summary()))
-        for name, item in self._references.items():
-            item.reference, item.ref = saved[name].detach().to(device=item.param.device, copy=True), None
+        items = {name: (item.param, item.term.to) for name, item in self._references.items()}
+        for name, saved in resume.saved_references(state, items, strict).items():
+            item = self._references[name]
+            item.reference, item.ref = saved.detach().to(device=item.param.device, copy=True), None
             item.follow()
         self._set_step(step, None)
 

@@ -50,18 +50,34 @@ def saved_step(state: Mapping[str, Any]) -> int:
     return step
 
 
-def saved_references(state: Mapping[str, Any], params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The saved ``w0`` of ``l2 ... to init|ref``: one for each of ``params`` (by name), of its shape."""
+def saved_references(state: Mapping[str, Any], items: Mapping[str, tuple[Any, str]], strict: bool) -> dict[str, Any]:
+    """The saved ``w0`` to load for each ``l2 ... to init|ref`` (``items``: name -> (parameter, 'init' or
+    'ref')), checked before any is loaded. A reference the state lacks (a rule added since) or saved
+    for the other kind ('to init' now 'to ref') raises with ``strict``; without, it keeps what
+    ``compile()`` made (the given reference, or the weights at compile for 'to init'), with a warning."""
     saved = state.get("references", {})
     if not isinstance(saved, Mapping):
         raise RegUsageError(
-            f"state_dict 'references' maps each parameter with a reference ({name_list(list(params))}) to a tensor, "
+            f"state_dict 'references' maps each parameter with a reference ({name_list(list(items))}) to a tensor, "
             f"not a {type(saved).__name__}"
         )
-    missing = [name for name in params if name not in saved]
-    if missing:
-        raise RegUsageError(f"state_dict has no reference for {name_list(missing)}")
-    for name, param in params.items():
+    kinds = state.get("reference_kinds", {})  # absent in states saved before kinds were recorded
+    kinds = kinds if isinstance(kinds, Mapping) else {}
+    missing = [name for name in items if name not in saved]
+    changed = [name for name, (_, kind) in items.items() if name in saved and kinds.get(name, kind) != kind]
+    if missing or changed:
+        what = [f"{name_list(missing)} (new since)"] * bool(missing)
+        what += [f"{name_list(changed)} (saved for the other of 'to init' and 'to ref')"] * bool(changed)
+        problem = f"state_dict has no reference of the current rules for {' and '.join(what)}"
+        if strict:
+            raise RegStateError(
+                f"{problem}: load with strict=False to keep the w0 compile() made for them (the reference given, "
+                "or for 'to init' the weights at compile)"
+            )
+        warnings.warn(RegDslWarning(f"{problem}: they keep the w0 compile() made"), stacklevel=caller_stacklevel())
+    for name, (param, _) in items.items():
+        if name in missing or name in changed:
+            continue
         if not isinstance(saved[name], torch.Tensor):  # checked before any is loaded: a refused load changes nothing
             raise RegUsageError(f"state_dict reference for '{name}' is a {type(saved[name]).__name__}, not a tensor")
         if tuple(saved[name].shape) != tuple(param.shape):
@@ -69,7 +85,7 @@ def saved_references(state: Mapping[str, Any], params: Mapping[str, Any]) -> Map
                 f"state_dict reference for '{name}' has shape {shape_text(tuple(saved[name].shape))}, "
                 f"the parameter {shape_text(tuple(param.shape))}"
             )
-    return saved
+    return {name: saved[name] for name in items if name not in missing and name not in changed}
 
 
 def layout(groups: Sequence[GroupSummary]) -> Layout:

@@ -11,6 +11,7 @@ own parameter names, and cloned at save time.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import pytest
@@ -108,7 +109,8 @@ def test_state_dict_records_the_group_layout() -> None:
     rules = "all decay 0.05\nexclude bias\nlayer head decay 0.1 warmup 10\nlayer fc1 lr_mult 0.5\nlayer fc2.weight l2 0.01 to init"
     reg = regdsl.parse(rules).compile(model)
     state = reg.state_dict()
-    assert set(state) == {"step", "references", "groups"}
+    assert set(state) == {"step", "references", "reference_kinds", "groups"}
+    assert state["reference_kinds"] == {"fc2.weight": "init"}
     assert state["step"] == 0
     assert set(state["references"]) == {"fc2.weight"}
     assert state["groups"] == [
@@ -520,3 +522,67 @@ def test_a_base_rate_no_saved_group_holds_is_a_warning_not_a_silent_zero() -> No
     with pytest.warns(regdsl.RegDslWarning, match="every saved group has lr_mult 0.*set its lr after loading"):
         got = _resumed("all l2 0.1", False, saved)
     assert got == [("no_decay", 0.0, None)]
+
+
+# ---------------------------------------------------------------- references the rules gained or changed
+
+
+def _trained(rules: str, reference: dict | None = None) -> tuple[nn.Module, dict]:
+    run = Run.__new__(Run)
+    run.model = make_model()
+    run.reg = regdsl.parse(rules).compile(run.model, reference=reference)
+    run.opt = make_optimizer("sgd", run.reg.param_groups(lr=LR))
+    run.reg.attach(run.opt)
+    run.train(3)
+    return run.model, {"model": run.model.state_dict(), "reg": run.reg.state_dict()}
+
+
+def _l2_value(reg: regdsl.Regularizer) -> float:
+    return float(reg.penalty().detach())
+
+
+@pytest.mark.parametrize(
+    ("saved_rules", "rules", "reference", "why"),
+    [
+        ("all l2 0.01", "all l2 0.01\nlayer fc2.weight l2 0.1 to init", None, "new since"),
+        ("layer fc2.weight l2 0.1 to init", "layer fc2.weight l2 0.1 to ref", "seven", "saved for the other of 'to init' and 'to ref'"),
+    ],
+)
+def test_a_reference_the_rules_gained_or_changed_is_refused_strictly_and_kept_as_compiled_otherwise(
+    saved_rules: str, rules: str, reference: str | None, why: str
+) -> None:
+    # Before: a rule gaining 'to init' could not be resumed at all ("no reference", with strict=False too),
+    # and 'to init' turned 'to ref' silently took the saved init copy for the new pretrained w0.
+    _, ckpt = _trained(saved_rules)
+    model = make_model(5)
+    model.load_state_dict(ckpt["model"])
+    given = {"fc2.weight": torch.full((16, 16), 7.0)} if reference else None
+    reg = regdsl.parse(rules).compile(model, reference=given)
+    w = model.fc2.weight.detach().clone()
+    w0 = given["fc2.weight"] if given else w  # 'to init' at compile: the weights as loaded
+    before = _l2_value(reg)
+    with pytest.raises(regdsl.RegStateError, match=f"no reference of the current rules for 'fc2.weight' \\({re.escape(why)}"):
+        reg.load_state_dict(ckpt["reg"])
+    assert reg.step == 0 and _l2_value(reg) == before  # nothing half-applied
+    with pytest.warns(regdsl.RegDslWarning, match="keep the w0 compile\\(\\) made"):
+        reg.load_state_dict(ckpt["reg"], strict=False)
+    assert reg.step == 3
+    others = 0.0 if saved_rules.startswith("layer") else 0.5 * 0.01 * sum(
+        float((p.detach().double() ** 2).sum()) for n, p in model.named_parameters() if n != "fc2.weight"
+    )
+    expected = others + 0.5 * 0.1 * float(((w.double() - w0.double()) ** 2).sum())
+    assert _l2_value(reg) == pytest.approx(expected, rel=1e-5)
+
+
+def test_an_unchanged_reference_is_the_saved_one_and_an_old_state_without_kinds_still_loads() -> None:
+    _, ckpt = _trained("layer fc2.weight l2 0.1 to init")
+    saved_w0 = ckpt["reg"]["references"]["fc2.weight"]
+    model = make_model(5)
+    model.load_state_dict(ckpt["model"])
+    reg = regdsl.parse("layer fc2.weight l2 0.1 to init").compile(model)
+    old = {k: v for k, v in ckpt["reg"].items() if k != "reference_kinds"}  # saved before kinds were recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg.load_state_dict(old)
+    w = model.fc2.weight.detach().double()
+    assert _l2_value(reg) == pytest.approx(0.5 * 0.1 * float(((w - saved_w0.double()) ** 2).sum()), rel=1e-5)
