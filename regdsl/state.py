@@ -45,7 +45,7 @@ def saved_step(state: Mapping[str, Any]) -> int:
     if not isinstance(state, Mapping):
         raise RegUsageError(f"a regularizer's state is the mapping reg.state_dict() returns, not {type(state).__name__}")
     step = state.get("step")
-    if not isinstance(step, int) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise RegUsageError(f"state_dict 'step' must be a whole number >= 0, got {step!r}")
     return step
 

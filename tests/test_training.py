@@ -521,6 +521,7 @@ def _reg_with_reference() -> tuple[MLP, regdsl.Regularizer]:
         pytest.param(lambda s: s.update(references=None), id="references-none"),
         pytest.param(lambda s: s.update(step=-1), id="negative-step"),
         pytest.param(lambda s: s.update(step="4"), id="step-not-int"),
+        pytest.param(lambda s: s.update(step=True), id="step-bool"),
     ],
 )
 def test_load_state_dict_rejects_bad_state(corrupt) -> None:
