@@ -219,7 +219,7 @@ class Regularizer:
             self._warned_untaken = True
             warn_untaken(self._activity.targets)
         if self._watch.active:
-            self._watch.stepped(id(optimizer) if optimizer is not None else 0)
+            self._watch.stepped(id(optimizer) if optimizer is not None else 0, optimizer)
         post = self._attached.owner(optimizer).post if self._attached is not None else self._post
         post.apply(self._step, optimizer.param_groups if optimizer is not None else None)
         self._set_step(self._step + 1, optimizer)

@@ -156,12 +156,14 @@ class PenaltyWatch:
         self._last: dict[int, int] = {}
         self._start = self._epoch
 
-    def stepped(self, key: int) -> None:
+    def stepped(self, key: int, optimizer: Any = None) -> None:
         """An optimizer step (``key``: its id; 0 for ``after_step()``) is over, or about to update."""
         if self.taken:
             self.taken = False
             self._epoch += 1
         if self._last.get(key, self._start) == self._epoch and not self._warned:
+            if optimizer is not None and without_gradients(optimizer):
+                return  # no backward before it (a skipped training_step): a penalty() would have done nothing
             self._warned = True
             held = "loss terms that cannot fold" if self.folding else "loss terms"
             hint = "" if self.folding else " (or attach(optimizer, fold=True) folds those that can into the step itself)"
@@ -174,3 +176,9 @@ class PenaltyWatch:
                 stacklevel=caller_stacklevel(through_torch=True),
             )
         self._last[key] = self._epoch
+
+
+def without_gradients(optimizer: Any) -> bool:
+    """Whether no tensor ``optimizer`` steps has a gradient: no backward came before its step (a
+    skipped batch), so torch updates nothing, and a missing ``penalty()`` or ``reg.fold()`` is no loss."""
+    return all(p.grad is None for group in optimizer.param_groups for p in group["params"])

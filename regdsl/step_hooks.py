@@ -15,6 +15,7 @@ import torch
 from .errors import RegDslWarning, RegUsageError, caller_stacklevel
 from .fold import FoldPlan
 from .fold_kernels import eager
+from .guards import without_gradients
 
 
 def step_hooks(
@@ -114,8 +115,8 @@ class FoldCalls:
         self.folded = False
         self._warned = False
 
-    def stepped(self) -> None:
-        if not self.folded and not self._warned:
+    def stepped(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.folded and not self._warned and not without_gradients(optimizer):
             self._warned = True
             warnings.warn(
                 RegDslWarning(
@@ -131,8 +132,9 @@ class FoldCalls:
 def _checked(
     by_hand: FoldCalls, post: Callable[..., None], optimizer: torch.optim.Optimizer, args: Any, kwargs: Any
 ) -> None:
-    by_hand.stepped()
+    by_hand.stepped(optimizer)
     post(optimizer, args, kwargs)
+
 
 
 def _advance(reg_ref: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -146,7 +148,7 @@ def _count(reg_ref: Any, optimizer: torch.optim.Optimizer) -> None:
     if reg is not None:
         reg._step += 1  # nothing is scheduled: no strength moves, only reg.step and state_dict() read it
         if reg._watch.active:
-            reg._watch.stepped(id(optimizer))
+            reg._watch.stepped(id(optimizer), optimizer)
 
 
 def _count_after(

@@ -449,3 +449,37 @@ def test_group_lasso_folds_a_large_weight_alone_and_batches_the_rest(dim: int) -
     assert_grads(got, want)
     zero_slice = model[0].weight.grad[3] if dim == 0 else model[0].weight.grad[:, 3]
     assert torch.equal(zero_slice, torch.zeros_like(zero_slice))
+
+
+def test_a_step_with_no_backward_draws_no_missing_penalty_warning_on_the_loss_path() -> None:
+    import warnings
+
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse("all l2 0.1").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    reg.attach(opt)
+    opt.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # no backward: a penalty() would have changed nothing
+    model(torch.ones(1, 6)).sum().backward()
+    with pytest.warns(regdsl.RegDslWarning, match="no reg.penalty\\(\\) call"):
+        opt.step()  # a backward without the penalty: still told
+
+
+def test_a_step_with_no_backward_draws_no_missing_fold_warning_by_hand() -> None:
+    import warnings
+
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse("all l2 0.1").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    reg.attach(opt, fold=True, fold_hook=False)
+    opt.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # no backward, no reg.fold(): a skipped batch, as Lightning's callback leaves it
+    model(torch.ones(1, 6)).sum().backward()
+    with pytest.warns(regdsl.RegDslWarning, match="no reg.fold\\(\\) since the step before"):
+        opt.step()  # a backward without the fold: still told

@@ -124,6 +124,41 @@ def test_fit_matches_the_plain_loop(tmp_path, expected, accumulate: int, fold: b
     assert logged["reg/group_lasso:4"] > 0
 
 
+class Skipping(Regression):
+    """A training_step that returns None for batch 1: Lightning skips its backward, yet steps the optimizer."""
+
+    def training_step(self, batch, index):
+        loss = super().training_step(batch, index)
+        return None if index == 1 else loss
+
+
+def skipping_loop() -> dict[str, torch.Tensor]:
+    model = net()
+    reg = regdsl.compile(regdsl.parse(RULES.replace("net.", "")), model)
+    opt = torch.optim.SGD(reg.param_groups(lr=LR, momentum=0.9))
+    reg.attach(opt)
+    x, y = data().tensors
+    for step in range(STEPS):
+        at = (step % EPOCH) * GLOBAL_BATCH
+        xs, ys = x[at : at + GLOBAL_BATCH], y[at : at + GLOBAL_BATCH]
+        loss = F.mse_loss(model(xs), ys) + reg.penalty()
+        opt.zero_grad()
+        if step % EPOCH != 1:  # batch 1 of each epoch: no backward, an optimizer step that moves nothing
+            loss.backward()
+        opt.step()
+    return {f"net.{n}": p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "loss"])
+def test_a_skipped_training_step_moves_nothing_on_either_path(tmp_path, fold: bool) -> None:
+    # Before, the fold path added the terms to the empty gradients of the skipped step and moved every
+    # regularized weight, where the loss path (and torch's update) moved none.
+    module, callback = Skipping(), RegularizationCallback(regdsl.parse(RULES), fold=fold)
+    trainer(1, tmp_path, callbacks=[callback]).fit(module, loader(1))
+    assert module.reg.step == STEPS
+    assert_same(module, skipping_loop())
+
+
 # Lightning notes that the resumed run checkpoints elsewhere than the first: true, and on purpose.
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_resume_from_a_checkpoint_continues_the_schedules(tmp_path, expected) -> None:

@@ -8,7 +8,8 @@ The callback (docs/integrations/lightning.md):
 * attaches the regularizer to every optimizer Lightning built (several under manual optimization,
   each from ``self.reg.param_groups(of=part, ...)``) and, by default, folds the parameter terms
   of the optimizer about to step in ``on_before_optimizer_step`` (after the closure's backward,
-  before gradient clipping; manual optimization's ``opt.step()`` runs it too), so that
+  before gradient clipping; manual optimization's ``opt.step()`` runs it too; not into a step with
+  no backward since the optimizer's last, a ``training_step`` that returned None), so that
   ``training_step`` changes only where the file has activity terms (or with ``fold=False``):
   there it adds ``self.reg.penalty()`` to its loss. Lightning divides that loss by
   ``accumulate_grad_batches`` itself, and steps (and folds) once per accumulation;
@@ -47,6 +48,10 @@ class RegularizationCallback(pl.Callback):
         self.trial = trial  # an Optuna trial: it gives the rules' search spaces their values
         self.reg: Regularizer | None = None
         self._saved: Mapping[str, Any] | None = None  # a checkpoint's state, loaded before setup compiled
+        # Backward passes so far, and their count at each optimizer's last step: a step with no backward
+        # since (a training_step that returned None) updates nothing, so nothing is folded into it either.
+        self._backwards = 0
+        self._seen: dict[int, int] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -67,8 +72,12 @@ class RegularizationCallback(pl.Callback):
         # steps, as trainer.global_step does.
         self.reg.attach(trainer.optimizers, fold=self.fold, fold_hook=False)
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._backwards += 1
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self.fold and self.reg is not None:
+        backward, self._seen[id(optimizer)] = self._seen.get(id(optimizer), 0) != self._backwards, self._backwards
+        if self.fold and self.reg is not None and backward:
             self.reg.fold(optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
