@@ -149,6 +149,7 @@ def skipping_loop() -> dict[str, torch.Tensor]:
     return {f"net.{n}": p.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`")  # on purpose here
 @pytest.mark.parametrize("fold", [True, False], ids=["fold", "loss"])
 def test_a_skipped_training_step_moves_nothing_on_either_path(tmp_path, fold: bool) -> None:
     # Before, the fold path added the terms to the empty gradients of the skipped step and moved every
