@@ -100,6 +100,7 @@ class LrDecay(Node):
     factor: Value  # a number, or a search space whose every value is in (0, 1]
     # Set on the copies regdsl.spaces.stand_in makes: the space a stand-in value replaced.
     _space: Any = PrivateAttr(default=None)
+    _space_name: str | None = PrivateAttr(default=None)  # its name in spec.spaces(): which space, of equal ones
 
     @field_validator("factor")
     @classmethod

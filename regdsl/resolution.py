@@ -172,10 +172,14 @@ class GroupKey:
 
     decay: DecayTerm | None
     lr_mult: float | None
+    # The search spaces the two depend on, by name (a file's check and explain run at stand-in values):
+    # separate spaces are separate settings once valued, even where their stand-ins are equal.
+    spaces: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
-        return group_name(self.decay.strength if self.decay else 0.0, self.decay, self.lr_mult)
+        name = group_name(self.decay.strength if self.decay else 0.0, self.decay, self.lr_mult)
+        return name + (f" ({', '.join(self.spaces)})" if self.spaces else "")
 
 
 @dataclass(frozen=True)
@@ -239,7 +243,8 @@ class Resolution:
             term = decay.term if decay is not None and not always_zero(decay.term) else None
             # lr_mult 1 is the optimizer's own lr: the same group as no lr_mult at all.
             factor = mult.value if mult is not None and mult.value != 1.0 else None
-            key_of[outcome] = GroupKey(term, factor)
+            spaces = tuple(s.term._space_name for s in (decay, mult) if s is not None and s.term._space_name is not None)
+            key_of[outcome] = GroupKey(term, factor, spaces)
         if self.depths is not None:
             return self._depth_groups(key_of)
         members_of = {outcome: groups.setdefault(key, []) for outcome, key in key_of.items()}
@@ -256,12 +261,15 @@ class Resolution:
         being ``lr_mult · lr_decay ** (deepest − depth)`` (regdsl.depth)."""
         groups: dict[GroupKey, list[int]] = {}
         outcomes, depths, flags = self.outcome_of(), self.depths, self.table.trainable
+        lr_decay = self.spec.lr_decay._space_name if self.spec.lr_decay is not None else None
         for i in compress(range(len(flags)), flags):
             key = key_of[outcomes[i]]
             factor = depths.factor(i)
-            if factor != 1.0:
+            power = depths.deepest - depths.of(i)
+            spaces = (*key.spaces, f"{lr_decay}**{power}") if lr_decay is not None and power else key.spaces
+            if factor != 1.0 or spaces != key.spaces:
                 mult = factor if key.lr_mult is None else key.lr_mult * factor
-                key = GroupKey(key.decay, None if mult == 1.0 else mult)
+                key = GroupKey(key.decay, None if mult == 1.0 else mult, spaces)
             groups.setdefault(key, []).append(i)
         entries = self.table.entries
         return [(k, Members(entries, m)) for k, m in sorted(groups.items(), key=lambda group: group[1][0])]

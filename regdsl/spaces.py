@@ -77,11 +77,11 @@ def _replaced(spec: Spec, value_of: Callable[[str, Any], float], keep_space: boo
     for si, ti, field, space, name in uses:
         if si == LR_DECAY:
             lr_decay = spec.lr_decay.model_copy(update={field: value_of(name, space)})  # type: ignore[union-attr]
-            lr_decay._space = space if keep_space else None
+            lr_decay._space, lr_decay._space_name = (space, name) if keep_space else (None, None)
             continue
         terms = terms_of.setdefault(si, list(statements[si].terms))  # type: ignore[union-attr]
         term = terms[ti].model_copy(update={field: value_of(name, space)})
-        term._space = space if keep_space else None
+        term._space, term._space_name = (space, name) if keep_space else (None, None)
         terms[ti] = term
     for si, terms in terms_of.items():
         statements[si] = statements[si].model_copy(update={"terms": tuple(terms)})

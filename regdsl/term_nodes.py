@@ -26,6 +26,7 @@ class _Valued(Node):
 
     # Set on the copies regdsl.spaces.stand_in makes: the space a stand-in value replaced.
     _space: Any = PrivateAttr(default=None)
+    _space_name: str | None = PrivateAttr(default=None)  # its name in spec.spaces(): which space, of equal ones
 
     @property
     def space(self) -> Any:

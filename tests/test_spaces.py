@@ -361,9 +361,42 @@ def test_check_and_explain_accept_spaces_and_show_them() -> None:
     assert rows["0.weight"].terms["decay"].value == 0.01
     assert rows["0.weight"].terms["l1"].value == 5e-4
     groups = regdsl.resolve(spec, model).groups_summary()
-    assert [(g.name, g.space) for g in groups] == [("decay=choice(0.0, 0.01, 0.1)", "choice(0.0, 0.01, 0.1)"), ("no_decay", "")]
+    # The group is named by the space too ("decay:3", the decay's space on line 3): see the next test.
+    assert [(g.name, g.space) for g in groups] == [("decay=choice(0.0, 0.01, 0.1) (decay:3)", "choice(0.0, 0.01, 0.1)"), ("no_decay", "")]
     table = regdsl.format_groups(groups).splitlines()
     assert table[2].split()[:3] == ["decay=choice(0.0,", "0.01,", "0.1)"] and "choice(0.0, 0.01, 0.1)  " in table[2]
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected"),
+    [
+        # Three decay spaces whose stand-ins are all 1.0: three settings once valued, so three groups.
+        (
+            "all decay loguniform(1e-2, 1e2)\nexclude bias\nlayer 2.** decay uniform(0, 2)\nlayer 0.weight decay loguniform(1e-2, 1e2)",
+            [
+                ("decay=loguniform(0.01, 100.0) (decay:4)", ["0.weight"]),
+                ("no_decay", ["0.bias", "2.bias"]),
+                ("decay=uniform(0.0, 2.0) (decay:3)", ["2.weight"]),
+            ],
+        ),
+        # A literal decay equal to a space's stand-in, and an lr_mult space whose stand-in is 1.
+        (
+            "all decay choice(0, 0.1)\nlayer 0.weight lr_mult loguniform(0.1, 10) as lm\nlayer 2.bias decay 0.1",
+            [
+                ("decay=choice(0.0, 0.1) (decay:1, lm)", ["0.weight"]),
+                ("decay=choice(0.0, 0.1) (decay:1)", ["0.bias", "2.weight"]),
+                ("decay=0.1", ["2.bias"]),
+            ],
+        ),
+        # A named space used twice is one setting: one group.
+        ("layer 0.** decay uniform(0, 1) as wd\nlayer 2.** decay wd", [("decay=uniform(0.0, 1.0) (wd)", ["0.weight", "0.bias", "2.weight", "2.bias"])]),
+    ],
+)
+def test_explain_keeps_settings_of_separate_spaces_in_separate_groups(rules: str, expected: list) -> None:
+    # Before, groups were keyed on stand-in values alone: the first file showed one group of 3 tensors
+    # where any valued file gives 2 or 3, and a literal 0.1 joined the choice(0, 0.1) group.
+    groups = regdsl.resolve(regdsl.parse(rules), mlp()).groups_summary()
+    assert [(g.name, list(g.params)) for g in groups] == expected
 
 
 def test_cli_check_explain_and_fmt_on_a_file_with_spaces(tmp_path: Path) -> None:
