@@ -86,7 +86,9 @@ def _replaced(spec: Spec, value_of: Callable[[str, Any], float], keep_space: boo
     for si, terms in terms_of.items():
         statements[si] = statements[si].model_copy(update={"terms": tuple(terms)})
     out = spec.model_copy(update={"statements": tuple(statements), "lr_decay": lr_decay})
-    out._source = spec._source if keep_space else None  # a concrete spec is no longer its file's text
+    # Its nodes keep their positions in the file's text: a diagnostic about a valued spec (a trial's)
+    # shows the line as written, with its caret.
+    out._source = spec._source
     return out
 
 

@@ -247,7 +247,8 @@ class Spec(Node):
 
     @property
     def source(self) -> str | None:
-        """The text this spec was parsed from, when it came from text."""
+        """The text this spec was parsed from, when it came from text (for a spec with its search spaces
+        valued, ``with_values`` or a trial's, the text of the spec it was made from: its positions point there)."""
         return self._source
 
     def to_source(self) -> str:

@@ -465,3 +465,11 @@ def test_lr_decay_can_be_tuned_and_its_space_named() -> None:
         "RD013", "lr_decay must be a number in (0, 1], got 2.0 (a value of loguniform(0.001, 2.0))"
     )
 
+
+
+def test_a_diagnostic_about_a_valued_spec_shows_the_line_as_written() -> None:
+    # Before, a trial's (or with_values') spec had no source text: 'f.reg:2:7: error: ...' and nothing under it.
+    spec = regdsl.parse("all decay 0.01\nlayer haed l2 uniform(0, 1) as lam\n", "f.reg").with_values({"lam": 0.5})
+    with pytest.raises(regdsl.RegCompileError) as info:
+        spec.compile(mlp())
+    assert str(info.value).splitlines()[1:3] == ["layer haed l2 uniform(0, 1) as lam", "      ^^^^"]
