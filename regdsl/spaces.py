@@ -14,7 +14,7 @@ import numbers
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .errors import RegUsageError, model_diagnostic
+from .errors import RegCompileError, RegUsageError, model_diagnostic
 from .space_nodes import SPACE_TYPES, VALUE_FIELDS, ChoiceSpace, LogUniformSpace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -152,7 +152,8 @@ def require_values(spec: Spec) -> None:
         )
         for *_, space, name in uses
     ]
-    raise RegUsageError(diagnostics)
+    # An error diagnostic at compile, as every other: RegCompileError (docs/diagnostics.md).
+    raise RegCompileError(diagnostics)
 
 
 def search_space(spec: Spec) -> dict[str, Any]:

@@ -343,5 +343,5 @@ def test_an_optuna_trial_gives_the_search_spaces_their_values(tmp_path, expected
     trainer(1, tmp_path, callbacks=[callback]).fit(module, loader(1))
     assert callback.reg.spec == regdsl.parse(RULES)
     assert_same(module, expected)
-    with pytest.raises(regdsl.RegUsageError, match="'wd'.*has no value"):
+    with pytest.raises(regdsl.RegCompileError, match="'wd'.*has no value"):
         trainer(1, tmp_path, callbacks=[RegularizationCallback(regdsl.parse(spaced))]).fit(Regression(), loader(1))

@@ -247,5 +247,5 @@ def test_a_dict_trial_gives_values_by_name(tmp_path) -> None:
     assert trainer.reg.strength("transformer.h.0.mlp.c_fc.weight", "l2") == 0.25
     trainer.optimizer = None
     trainer._trial = None
-    with pytest.raises(regdsl.RegUsageError, match="'lam'.*has no value"):
+    with pytest.raises(regdsl.RegCompileError, match="'lam'.*has no value"):
         trainer.create_optimizer()  # outside a search a space has no value: compile says which

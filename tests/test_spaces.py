@@ -239,7 +239,7 @@ def test_compile_refuses_what_is_no_trial() -> None:
 
 def test_compile_refuses_spaces_naming_each_one() -> None:
     spec = regdsl.parse(RULES, "tune.reg")
-    with pytest.raises(RegUsageError) as info:
+    with pytest.raises(regdsl.RegCompileError) as info:  # an error diagnostic at compile, as RD101 is
         regdsl.compile(spec, mlp())
     found = [(d.file, d.line, d.column, d.code) for d in info.value.diagnostics]
     assert found == [("tune.reg", 1, 15, "RD011"), ("tune.reg", 3, 11, "RD011"), ("tune.reg", 3, 40, "RD011")]
