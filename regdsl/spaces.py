@@ -204,10 +204,14 @@ def grid_points(space: Any, n: int) -> tuple[float, ...]:
 
 def grid(spec: Spec, n: int = 5) -> Iterator[dict[str, float]]:
     """Every combination of ``n`` points per interval space and every value of each ``choice``,
-    as ``{name: value}`` for :meth:`Spec.with_values`, the first space varying slowest."""
+    as ``{name: value}`` for :meth:`Spec.with_values`, the first space varying slowest. Its arguments
+    are checked at the call, not at the first ``next()``."""
+    from .spec import Spec
+
+    if not isinstance(spec, Spec):
+        raise TypeError(f"grid() takes a Spec (regdsl.parse(text) or regdsl.load(path)), not a {type(spec).__name__}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RegUsageError(f"grid: n must be a whole number >= 1, got {n!r}")
     known = spaces(spec)
     axes = [grid_points(space, n) for space in known.values()]
-    for combination in itertools.product(*axes):
-        yield dict(zip(known, combination))
+    return (dict(zip(known, combination)) for combination in itertools.product(*axes))

@@ -473,3 +473,11 @@ def test_a_diagnostic_about_a_valued_spec_shows_the_line_as_written() -> None:
     with pytest.raises(regdsl.RegCompileError) as info:
         spec.compile(mlp())
     assert str(info.value).splitlines()[1:3] == ["layer haed l2 uniform(0, 1) as lam", "      ^^^^"]
+
+
+def test_grid_of_a_path_is_a_type_error_at_the_call() -> None:
+    # Before: AttributeError: 'str' object has no attribute 'statements', at the first next().
+    with pytest.raises(TypeError, match="grid\\(\\) takes a Spec .* not a str"):
+        regdsl.grid("tune.reg", n=2)
+    with pytest.raises(RegUsageError, match="n must be"):
+        regdsl.grid(regdsl.parse(RULES), n=0)
