@@ -220,6 +220,7 @@ def _explain(args: argparse.Namespace) -> int:
     if spec is None:
         return EXIT_PROBLEMS
     resolution = resolve(spec, _model(args))
+    status = _explained_errors(resolution)
     if args.group:
         groups = resolution.groups_summary()
         if args.format == "json":
@@ -228,7 +229,7 @@ def _explain(args: argparse.Namespace) -> int:
             print(groups_csv(groups), end="")
         else:
             print(format_groups(groups))
-        return EXIT_OK
+        return status
     rows, modules = list(resolution.rows), list(resolution.modules)
     if args.format == "json":
         print(json.dumps(explain_records(rows, modules), indent=2))
@@ -243,7 +244,20 @@ def _explain(args: argparse.Namespace) -> int:
         )
         print(f"'set by' names the term and the line of {args.file} that set it.\n")
         print(format_explain(rows, modules))
-    return EXIT_OK
+    return status
+
+
+def _explained_errors(resolution: Any) -> int:
+    """What compile would refuse in the file explained (RD101, RD104...), on stderr: the table shows
+    the file anyway, but no Regularizer would be built from it. Exit 1 then, as check does."""
+    from .lint import check_resolution
+
+    errors = [d for d in check_resolution(resolution) if d.severity == "error"]
+    for diagnostic in errors:
+        print(diagnostic.render(), file=sys.stderr)
+    if errors:
+        print(f"compile refuses this file: {_plural(len(errors), 'error')} (regdsl check shows every finding)", file=sys.stderr)
+    return EXIT_PROBLEMS if errors else EXIT_OK
 
 
 # ---------------------------------------------------------------- plot

@@ -187,6 +187,8 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     start = lambda name, *args, **kw: runs.start(name, lambda: run(*args, **kw))
     # Longest first.
     start("gpt2-table", "explain", "examples/gpt2.reg", "--model", "examples/models.py:tiny_gpt2")
+    (work / "typo.reg").write_text("all decay 0.01\nlayer haed l1 1\n", encoding="utf-8")
+    start("explain-refused", "explain", str(work / "typo.reg"), "--model", CLASSIFIER, "--group")
     start("text", "check", warn, "--model", CLASSIFIER)
     start("text-strict", "check", warn, "--model", CLASSIFIER, "--strict")
     start("json-strict", "check", warn, str(work / "broken.reg"), "--model", CLASSIFIER, "--format", "json", "--strict")
@@ -510,6 +512,16 @@ def _ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     return result
+
+
+def test_explain_of_a_file_compile_refuses_says_so_and_exits_1(cli: Runs) -> None:
+    # Before: the table alone, exit 0, for a file that regdsl.compile refuses (RD101 'haed').
+    result = cli["explain-refused"]
+    assert result.returncode == 1, result
+    assert result.stdout.splitlines()[2].split() == ["decay=0.01", "0.01", "10", "5,764"]  # the table still shows
+    lines = result.stderr.splitlines()
+    assert lines[0].endswith("typo.reg:2:7: error: RD101 layer pattern 'haed' matches no parameter or module; nearest: 'head'")
+    assert lines[1:] == ["layer haed l1 1", "      ^^^^", "compile refuses this file: 1 error (regdsl check shows every finding)"]
 
 
 def test_explain_table(cli: Runs) -> None:
