@@ -18,13 +18,17 @@ def format_source(text: str, filename: str = "<string>") -> str:
     spec = parse(text, filename)
     # The text as parse() read it, BOM removed (fmt drops it), so line numbers match the spec's.
     text = spec.source or ""
-    by_line: dict[int, list[str]] = {}
+    # Per line, its statements in the order written: lr_decay too stays where it stands on its line.
+    placed: list[tuple[int, int, str]] = []
     if spec.lr_decay is not None:
         assert spec.lr_decay.pos is not None
-        by_line[spec.lr_decay.pos.line] = [format_lr_decay(spec.lr_decay)]
+        placed.append((spec.lr_decay.pos.line, spec.lr_decay.pos.column, format_lr_decay(spec.lr_decay)))
     for statement in spec.statements:
         assert statement.pos is not None  # parse() positions every node
-        by_line.setdefault(statement.pos.line, []).append(format_statement(statement))
+        placed.append((statement.pos.line, statement.pos.column, format_statement(statement)))
+    by_line: dict[int, list[str]] = {}
+    for line, _, formatted in sorted(placed, key=lambda p: p[:2]):
+        by_line.setdefault(line, []).append(formatted)
     out: list[str] = []
     for number, raw in enumerate(text.split("\n"), start=1):
         line = raw.removesuffix("\r")

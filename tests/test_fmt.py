@@ -91,6 +91,11 @@ CASES = {
         "lr_decay 1;all depth 03\n",
         "lr_decay 1.0\nall depth 3\n",
     ),
+    # On a line it shares, lr_decay keeps its place among the statements (it was moved first).
+    "lr-decay-after-a-statement-on-its-line": (
+        "layer x depth 1; lr_decay 0.9  # c\n",
+        "layer x depth 1\nlr_decay 0.9  # c\n",
+    ),
     "empty": ("", ""),
 }
 
