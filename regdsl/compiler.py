@@ -310,11 +310,7 @@ class Regularizer:
         current = resume.layout(self.groups_summary())
         if of is not None:
             ids = subset(of, self.table.entries)
-            names = {e.name for e in self.table.entries if id(e.param) in ids}
-            current, kept = resume.cut(current, names)
-            decays = [decays[i] for i in kept]
-            saved = resume.saved_layout(state)
-            state = {**state, "groups": resume.cut(saved, names)[0]} if saved is not None else state
+            state, current, decays = resume.of_part(state, current, decays, {e.name for e in self.table.entries if id(e.param) in ids})
         return resume.remap_optimizer_state(optimizer_state, state, current, decays, self._lr_scale)
 
     # ------------------------------------------------------------ loss and reports

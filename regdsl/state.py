@@ -122,6 +122,16 @@ def cut(layout: Layout, names: set[str]) -> tuple[Layout, list[int]]:
     return [g for _, g in kept], [i for i, _ in kept]
 
 
+def of_part(
+    state: Mapping[str, Any], current: Layout, decays: Sequence[float], names: set[str]
+) -> tuple[Mapping[str, Any], Layout, list[float]]:
+    """The saved state, the current layout and its decays cut down to one part's parameters (``names``),
+    as ``param_groups(of=...)`` cuts the groups: what ``remap_optimizer_state(..., of=part)`` remaps."""
+    current, kept = cut(current, names)
+    saved = saved_layout(state)
+    return ({**state, "groups": cut(saved, names)[0]} if saved is not None else state), current, [decays[i] for i in kept]
+
+
 def _is_group(g: Any) -> bool:
     return (
         isinstance(g, Mapping)
