@@ -141,8 +141,19 @@ class Attachment:
     before the first hook is installed or the first group written."""
 
     def __init__(self, reg: Regularizer, optimizers: list[torch.optim.Optimizer], fold: bool, fold_hook: bool):
+        for flag, value in (("fold", fold), ("fold_hook", fold_hook)):
+            if not isinstance(value, bool):
+                raise RegUsageError(f"attach({flag}=...) takes True or False, not {value!r}")
         several = len(optimizers) > 1
         stepped = [{id(p) for g in o.param_groups for p in g["params"]} for o in optimizers]
+        model = {id(e.param) for e in reg.table.entries}
+        for k, ids in enumerate(stepped):
+            if not ids & model:  # its steps would count in reg.step and move the schedules, for another model
+                which = f"optimizer {k + 1} of {len(optimizers)}" if several else "the optimizer"
+                raise RegUsageError(
+                    f"{which} steps none of the parameters of the model the rules were compiled for: build it "
+                    "from reg.param_groups()"
+                )
         if several:
             _check_split(reg, stepped)
         checked = []

@@ -28,6 +28,8 @@ def parse(text: str, filename: str = "<string>") -> Spec:
     if not isinstance(text, str):
         hint = ": decode them first, or regdsl.load(path) reads a file" if isinstance(text, (bytes, bytearray)) else ""
         raise TypeError(f"parse() takes the rule text as a str, not {type(text).__name__}{hint}")
+    if not isinstance(filename, str):
+        raise TypeError(f"parse()'s filename names the text in messages: a str, not {type(filename).__name__}")
     # The only place a BOM is removed: parse(), load() and the command line all come through here.
     text = strip_bom(text)
     with paused_gc():  # a parse tree, plain data and a spec of every line, all alive at once
@@ -78,6 +80,11 @@ def _named_in(name: str, lines: list[str]) -> bool:
 
 def load(path: str | os.PathLike[str]) -> Spec:
     """Read and parse a ``.reg`` file (UTF-8, BOM allowed). ``OSError`` passes through."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"load() takes a .reg file's path (a str or a pathlib.Path), not {type(path).__name__}"
+            + ("; pass a Spec to regdsl.compile as it is" if type(path).__name__ == "Spec" else "")
+        )
     filename = os.fspath(path)
     with open(filename, "rb") as handle:
         data = handle.read()

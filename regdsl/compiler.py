@@ -28,7 +28,7 @@ from .ddp import DeferredPenalty, ddp_of, defers
 from .diagnose import diagnose, enforce
 from .errors import RegUsageError
 from .gcpause import paused_gc
-from .guards import PenaltyWatch, check_parameters_current, warn_not_listening, warn_untaken
+from .guards import PenaltyWatch, check_base_lr, check_parameters_current, warn_not_listening, warn_untaken
 from .items import step_items
 from .penalties import PenaltyPlan
 from .resolution import Coverage, GroupSummary, ModuleRow, ParamRow, Resolution, Setting, resolve
@@ -132,6 +132,7 @@ class Regularizer:
                 "the rule file scales learning rates (lr_mult, lr_decay), so param_groups() needs the base learning rate: param_groups(lr=...) "
                 "(or param_groups(lr_scale=True) for timm's schedulers)"
             )
+        check_base_lr(defaults)
         groups, self._lr_scale = [], lr_scale
         for key, members in chosen:
             group = {
@@ -385,6 +386,8 @@ def compile(
     ``trial`` (an Optuna trial) gives each search space of the rules its value, through
     ``trial.suggest_float``/``suggest_categorical`` under the space's name.
     """
+    if not isinstance(rules, (Spec, str, os.PathLike)):
+        raise TypeError(f"regdsl.compile takes a .reg file's path or a Spec (regdsl.parse(text)), not {type(rules).__name__}")
     try:
         spec = rules if isinstance(rules, Spec) else load(rules)
     except FileNotFoundError as error:  # rule text passed for a path reads as a missing file

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from numbers import Real
 from typing import Any
 
 import torch
@@ -182,3 +183,11 @@ def without_gradients(optimizer: Any) -> bool:
     """Whether no tensor ``optimizer`` steps has a gradient: no backward came before its step (a
     skipped batch), so torch updates nothing, and a missing ``penalty()`` or ``reg.fold()`` is no loss."""
     return all(p.grad is None for group in optimizer.param_groups for p in group["params"])
+
+
+def check_base_lr(defaults: dict[str, Any]) -> None:
+    """``param_groups(lr=...)``: a number (or a tensor, which torch's optimizers take), which an
+    ``lr_mult`` multiplies; anything else failed inside the product, or (True) passed as a rate."""
+    lr = defaults.get("lr", 0.0)
+    if isinstance(lr, bool) or not isinstance(lr, (Real, torch.Tensor)):
+        raise RegUsageError(f"param_groups(lr=...) takes a number, not {lr!r}")

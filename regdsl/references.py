@@ -56,6 +56,8 @@ def _value_problem(key: str, value: Any, param: torch.Tensor) -> str | None:
             f"the reference's '{key}' has shape {shape_text(tuple(value.shape))}, the parameter "
             f"{shape_text(tuple(param.shape))}, for"
         )
+    if value.is_meta and not param.is_meta:
+        return f"the reference's '{key}' is on the meta device: it holds no values to copy, for"
     # A NaN in w0 would make every step's penalty NaN; meta tensors hold no values to judge.
     if not value.is_meta and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
         return f"the reference's '{key}' holds NaN or infinite values, for"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import Diagnostic
@@ -61,6 +61,7 @@ def format_explain(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) 
     ``set by``: which rule line set each term (``decay:3 l2:6``), or ``excluded:4``, or ``frozen``.
     Modules with activity terms follow in a second table. A row's notes (a ``type`` matched through
     a base class, a parametrization's original) are numbered footnotes: ``decay:3 [1]``."""
+    rows = _rows_of(rows, "ParamRow", "format_explain", "reg.explain() or regdsl.resolve(spec, model).rows")
     numbers: dict[str, int] = {}
     for note in (n for r in [*rows, *modules] for n in r.notes):
         numbers.setdefault(note, len(numbers) + 1)
@@ -205,6 +206,7 @@ def explain_csv(rows: Sequence[ParamRow]) -> str:
 
 
 def format_groups(groups: Sequence[GroupSummary]) -> str:
+    groups = _rows_of(groups, "GroupSummary", "format_groups", "reg.groups_summary()")
     with_mult = any(g.lr_mult != 1.0 for g in groups)
     with_schedule = any(g.schedule for g in groups)
     body = [
@@ -308,3 +310,14 @@ def github_annotation(d: Diagnostic) -> str:
         f"endLine={record['end_line']},endColumn={record['end_column']},title={prop(d.code or 'regdsl')}"
     )
     return f"::{d.severity} {props}::{data(d.message)}"
+
+
+def _rows_of(rows: Any, kind: str, function: str, source: str) -> list[Any]:
+    # A Regularizer, or the other table's rows, would fail deep inside with an unrelated message.
+    from . import resolution  # here: `regdsl check FILE` imports this module without torch
+
+    cls = getattr(resolution, kind)
+    found = list(rows) if isinstance(rows, Iterable) and not isinstance(rows, (str, bytes)) else None
+    if found is None or not all(isinstance(r, cls) for r in found):
+        raise TypeError(f"{function}() takes a list of {kind} ({source}), not {type(rows).__name__}")
+    return found

@@ -317,6 +317,8 @@ def resolve(spec: Spec, model: nn.Module) -> Resolution:
     """Apply the cascade: per parameter (or module) and term kind, the last matching rule that
     sets it wins; ``none`` clears at its position; any matching ``exclude`` removes everything
     but ``lr_mult``. See :mod:`regdsl.cascade` for how."""
+    if not isinstance(spec, Spec):
+        raise TypeError(f"resolve() takes a Spec (regdsl.parse(text) or regdsl.load(path)), not a {type(spec).__name__}")
     from .cascade import resolve_table
     from .spaces import stand_in
 

@@ -100,6 +100,8 @@ def stand_in(spec: Spec) -> Spec:
 
 def with_values(spec: Spec, values: Mapping[str, float]) -> Spec:
     """A concrete spec: every space replaced by ``values[name]``, which must lie in the space."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"with_values() takes a mapping {{name: value}}, not {type(values).__name__}")
     known = spaces(spec)
     problems = [f"'{n}' names no search space of the rules (they have: {_names(known)})" for n in values if n not in known]
     problems += [f"no value for '{n}' ({s})" for n, s in known.items() if n not in values]

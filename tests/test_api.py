@@ -195,3 +195,82 @@ def test_wrong_arguments_to_check_and_after_step_say_what_they_take() -> None:
     with pytest.raises(regdsl.RegUsageError, match="after_step\\(\\) takes the optimizer that just stepped, not a str"):
         reg.after_step("opt")  # type: ignore[arg-type]
     assert reg.step == 0
+
+
+# ---------------------------------------------------------------- misuse met by an audit: clear errors
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "says"),
+    [
+        (lambda m: regdsl.resolve("all l2 1", m), TypeError, "resolve() takes a Spec"),
+        (lambda m: regdsl.resolve(m, regdsl.parse("all l2 1")), TypeError, "not a Sequential"),
+        (lambda m: regdsl.format_explain(regdsl.compile(regdsl.parse("all l2 1"), m)), TypeError, "takes a list of ParamRow"),
+        (lambda m: regdsl.format_groups(regdsl.compile(regdsl.parse("all l2 1"), m).explain()), TypeError, "takes a list of GroupSummary"),
+        (lambda m: regdsl.compile(None, m), TypeError, "takes a .reg file's path or a Spec"),
+        (lambda m: regdsl.compile(m, regdsl.parse("all l2 1")), TypeError, "not Sequential"),
+        (lambda m: regdsl.load(3), TypeError, "load() takes a .reg file's path"),
+        (lambda m: regdsl.parse("all l2 1", filename=3), TypeError, "filename"),
+        (lambda m: regdsl.parse("all l2 uniform(0, 1) as a").with_values([("a", 0.5)]), TypeError, "takes a mapping"),
+        (lambda m: regdsl.compile(regdsl.parse("layer 1 lr_mult 2"), m).param_groups(lr="x"), regdsl.RegUsageError, "takes a number"),
+        (lambda m: regdsl.compile(regdsl.parse("layer 1 lr_mult 2"), m).param_groups(lr=True), regdsl.RegUsageError, "takes a number"),
+        (
+            lambda m: regdsl.compile(regdsl.parse("all l2 1"), m).attach(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)),
+            regdsl.RegUsageError,
+            "steps none of the parameters of the model",
+        ),
+        (
+            lambda m: regdsl.compile(regdsl.parse("all l2 1"), m).attach(torch.optim.SGD(m.parameters(), lr=0.1), fold="yes"),
+            regdsl.RegUsageError,
+            "takes True or False",
+        ),
+        (
+            lambda m: regdsl.parse("layer 1.* l2 0.01 to ref").compile(m, reference={"1.weight": torch.zeros(2, 8, device="meta"), "1.bias": torch.zeros(2)}),
+            regdsl.RegCompileError,
+            "on the meta device",
+        ),
+    ],
+    ids=[
+        "resolve-text", "resolve-swapped", "format-explain-reg", "format-groups-rows", "compile-none", "compile-swapped",
+        "load-int", "parse-filename", "with-values-list", "lr-str", "lr-bool", "attach-other-model", "attach-fold-str",
+        "meta-reference",
+    ],
+)
+def test_misuse_is_a_clear_error(call, error: type, says: str) -> None:
+    # Before each was a raw AttributeError/TypeError from deep inside, or (lr=True, another model's
+    # optimizer, fold="yes") accepted silently; the meta reference passed check and crashed compile.
+    with pytest.raises(error) as info:
+        call(_net())
+    assert says in str(info.value)
+
+
+def test_check_reports_what_compile_refuses_for_a_meta_reference() -> None:
+    m = _net()
+    spec = regdsl.parse("layer 1.* l2 0.01 to ref")
+    found = regdsl.check(spec, m, reference={"1.weight": torch.zeros(2, 8, device="meta"), "1.bias": torch.zeros(2)})
+    assert [d.code for d in found] == ["RD105"]
+
+
+@pytest.mark.parametrize(
+    ("w0", "says"),
+    [
+        (torch.full((2, 8), float("nan")), "holds NaN or infinite values"),
+        (torch.zeros(2, 8, dtype=torch.complex64), "torch.complex64 tensor, the parameter torch.float32"),
+        (torch.zeros(2, 8, dtype=torch.long), "torch.int64 tensor"),
+    ],
+    ids=["nan", "complex", "int"],
+)
+def test_load_state_dict_checks_a_reference_as_compile_does(w0: torch.Tensor, says: str) -> None:
+    # Before, a NaN w0 loaded and every penalty() was NaN from then on.
+    m = _net()
+    reg = regdsl.parse("layer 1.* l2 0.01 to init\nexclude bias").compile(m)
+    state = reg.state_dict()
+    before = reg.penalty().detach()
+    with pytest.raises(regdsl.RegUsageError, match=says):
+        reg.load_state_dict({**state, "references": {"1.weight": w0}})
+    assert torch.equal(reg.penalty().detach(), before)
