@@ -94,6 +94,9 @@ class ActivityPlan:
         target = self.targets[index]
         if not isinstance(output, torch.Tensor):
             raise target.on_bad_output(target.name, type(output).__name__)
+        if not output.is_floating_point():
+            # Token ids or a mask: l2 would penalize the integers themselves, l1 fail inside torch.
+            raise target.on_bad_output(target.name, f"{str(output.dtype).removeprefix('torch.')} tensor")
         autocast = autocast_device_type(output.device)
         if autocast is None:
             value = self._value(index, output)
@@ -124,6 +127,14 @@ class ActivityPlan:
         self._taken = True
         return pending
 
+    def drop(self) -> list[torch.Tensor]:
+        """At an optimizer step: the values collected since the last :meth:`take`, which no penalty()
+        took; none is reported by :meth:`recent` any more either (they were applied by nothing)."""
+        pending = self.take()
+        if pending:
+            self._recent = []
+        return pending
+
     def recent(self) -> list[tuple[ActivityTarget, torch.Tensor]]:
         """Detached values of the latest forward pass(es): those the last :meth:`take` returned,
         or those collected since it."""
@@ -149,5 +160,7 @@ def _in_backward() -> bool:
     """A forward pass inside backward is activation checkpointing recomputing what the real
     forward pass already reported; counting it again would double the term whenever another
     forward's penalty() comes before the optimizer step (gradient accumulation)."""
+    if torch.compiler.is_compiling():
+        return False  # traced into a graph, whose recomputation never runs this hook again
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1

@@ -36,7 +36,7 @@ CODES: dict[str, Code] = {
     "RD102": Code("error", "a type name matches no module class in the model"),
     "RD104": Code("error", "a term that cannot take effect on a parameter"),
     "RD105": Code("error", "a reference for 'l2 ... to ref' is missing, lacks a parameter, or has the wrong shape"),
-    "RD106": Code("error", "an activity term on a module whose output is not a tensor"),
+    "RD106": Code("error", "an activity term on a module whose output is not a floating-point tensor"),
     "RD107": Code("error", "the model has nothing to train: no parameters, or all frozen"),
     "RD108": Code("error", "a depth expression gives a parameter a depth below 0"),
     # Against a model: probably mistakes (errors under --strict; RegDslWarning from compile()).

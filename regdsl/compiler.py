@@ -216,7 +216,7 @@ class Regularizer:
 
     def _advance(self, optimizer: torch.optim.Optimizer | None) -> None:
         # Activity values no penalty() took belong to a step that is over; keeping them would hold graphs.
-        if self._activity.take() and not self._warned_untaken:
+        if self._activity.drop() and not self._warned_untaken:
             self._warned_untaken = True
             warn_untaken(self._activity.targets)
         if self._watch.active:

@@ -94,8 +94,8 @@ def _bad_output(resolution: Resolution, setting: Setting) -> Any:
             [
                 model_diagnostic(
                     spec, setting.pos, "RD106",
-                    f"'{kind}' needs a tensor output, but module '{name or '(model)'}' returned a {type_name}; "
-                    "select a submodule whose output is one tensor",
+                    f"'{kind}' needs a floating-point tensor output, but module '{name or '(model)'}' returned a "
+                    f"{type_name}; select a submodule whose output is one such tensor",
                 )
             ]
         )  # fmt: skip

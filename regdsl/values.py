@@ -13,8 +13,9 @@ strengths of the current step and the per-term math of :mod:`regdsl.penalties`, 
 optimizer step. Nothing is read back to the host: the caller's ``.item()`` is the sync.
 
 Activity terms depend on a batch, so they cannot be recomputed: theirs are the values
-collected during the latest forward pass (those the last ``penalty()`` took, or those the
-next one will take). A label appears once such a pass has run with autograd recording.
+collected since the last ``penalty()`` (summed over the passes), or those it took; values an
+optimizer step dropped untaken are gone from here too. A label appears once a pass has run
+with autograd recording.
 
 Left out, being no loss terms: ``decay`` and ``lr_mult`` (the optimizer's), ``l1 ... prox``
 and ``max_norm`` (applied after each step), and terms whose strength is 0 at every step.

@@ -942,3 +942,47 @@ def test_load_state_dict_of_no_mapping_and_remap_of_no_optimizer_state_are_usage
     with pytest.raises(regdsl.RegStateError, match="needs an optimizer's state_dict"):
         reg.remap_optimizer_state(None, reg.state_dict())  # type: ignore[arg-type]
     assert reg.step == 0
+
+
+# ---------------------------------------------------------------- activity terms: output kinds, fullgraph
+
+
+def test_activity_terms_trace_whole_under_torch_compile_fullgraph() -> None:
+    # Before: torch._dynamo.exc.Unsupported (the hook asked autograd for its graph task id), and a graph
+    # break at every hooked module without fullgraph.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    reg = regdsl.parse("layer 0 activity l2 0.3\nlayer 2 activity l1 0.2").compile(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 4)
+    compiled(x)
+    got = reg.penalty()
+    a0 = model[0](x).double()
+    a2 = model[2](torch.tanh(model[0](x))).double()
+    want = 0.3 / 2 * a0.square().sum() / 3 + 0.2 * a2.abs().sum() / 3
+    torch.testing.assert_close(got.double(), want)
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+@pytest.mark.parametrize("dtype", [torch.long, torch.complex64])
+def test_an_activity_term_on_a_non_float_output_is_rd106(kind: str, dtype: torch.dtype) -> None:
+    # Before: l2 on token ids penalized the integers themselves, silently; l1 failed inside torch.
+    class Ids(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.to(dtype)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ids, self.fc = Ids(), nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.ids(x).real.float())
+
+    model = Net()
+    reg = regdsl.parse(f"layer ids activity {kind} 0.1").compile(model)
+    with pytest.raises(regdsl.RegCompileError) as info:
+        model(torch.ones(2, 3))
+    (d,) = info.value.diagnostics
+    assert d.code == "RD106" and f"returned a {str(dtype).removeprefix('torch.')} tensor" in d.message
+    assert reg is not None

@@ -239,3 +239,27 @@ def test_values_stay_on_the_gpu_without_a_sync() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(v.device.type == "cuda" for v in values.values())
+
+
+def test_activity_values_no_penalty_took_leave_values_when_the_step_drops_them() -> None:
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg = regdsl.parse("layer 0 activity l2 1").compile(model)
+    reg.attach(opt)
+    x1, x2 = torch.randn(3, 4), torch.randn(3, 4)
+    model(x1)
+    model(x2)
+    # Two passes since the last penalty(): their values, summed (l2: 1/2 · sum a² / batch, each).
+    with torch.no_grad():  # the reference's own calls of the module must not collect
+        want = sum(0.5 * model[0](x).double().square().sum() / 3 for x in (x1, x2))
+    torch.testing.assert_close(reg.values()["activity_l2:1"].double(), want)
+    model(x1).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", regdsl.RegDslWarning)  # the step says they were never added to a loss
+        opt.step()
+    # Before, values() went on reporting what the step had dropped, while the next penalty() was 0.
+    assert "activity_l2:1" not in reg.values()
+    assert float(reg.penalty()) == 0.0
