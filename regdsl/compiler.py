@@ -256,7 +256,7 @@ class Regularizer:
         row = next((r for r in self._rows if name == r.name or name in r.aliases), None)
         settings = row.terms if row is not None else next((m.terms for m in self.resolution.modules if m.name == name), None)
         if settings is None:
-            raise KeyError(f"no parameter or module named {name!r}")
+            raise KeyError(f"no parameter named {name!r}, nor a module with an activity term")
         if kind not in (kinds := PARAM_TERMS + MODULE_TERMS):  # else a misspelt kind would read as unset, 0.0
             raise KeyError(f"no term kind {kind!r}: one of {', '.join(kinds)}")
         setting = settings.get(kind)

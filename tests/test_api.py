@@ -176,7 +176,7 @@ def test_strength_of_a_misspelt_kind_is_an_error_not_zero() -> None:
     for kind in ("L1", "weight_decay", "activity l2"):
         with pytest.raises(KeyError, match=rf"no term kind '{kind}': one of decay, l1, l2"):
             reg.strength("0.weight", kind)
-    with pytest.raises(KeyError, match="no parameter or module named '0.wieght'"):
+    with pytest.raises(KeyError, match="no parameter named '0.wieght', nor a module with an activity term"):
         reg.strength("0.wieght", "l1")
 
 
@@ -274,3 +274,12 @@ def test_load_state_dict_checks_a_reference_as_compile_does(w0: torch.Tensor, sa
     with pytest.raises(regdsl.RegUsageError, match=says):
         reg.load_state_dict({**state, "references": {"1.weight": w0}})
     assert torch.equal(reg.penalty().detach(), before)
+
+
+def test_strength_of_a_module_without_an_activity_term_says_which_name_it_lacks() -> None:
+    # Before: "no parameter or module named 'fc2'", though fc2 is a module of the model.
+    model = _net()
+    reg = regdsl.parse("layer 1.* l2 0.01").compile(model)
+    with pytest.raises(KeyError, match="no parameter named '1', nor a module with an activity term"):
+        reg.strength("1", "l2")
+    assert reg.strength("1.weight", "l2") == 0.01
