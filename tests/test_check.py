@@ -248,12 +248,16 @@ def statements(draw: st.DrawFn) -> str:
 @given(st.lists(statements(), min_size=1, max_size=6))
 @example(["all decay 0.1", "layer fc1 none l2 1", "layer fc1 l2 2"])
 def test_deleting_a_dead_rule_changes_nothing(lines: list[str]):
+    assert_dead_rules_deletable(lines, effect)
+
+
+def assert_dead_rules_deletable(lines: list[str], effect_of: Callable[[str, nn.Module], list[tuple]]) -> None:
     model = MLP()
     text = "\n".join(lines) + "\n"
-    before = effect(text, model)
+    before = effect_of(text, model)
     for line in dead(text, model):
         rest = "\n".join(s for i, s in enumerate(lines, start=1) if i != line) + "\n"
-        assert effect(rest, model) == before, f"line {line} was called dead, but deleting it changes the result"
+        assert effect_of(rest, model) == before, f"line {line} was called dead, but deleting it changes the result"
 
 
 # ---------------------------------------------------------------- RD103 for activity terms
@@ -368,12 +372,7 @@ def module_effect(text: str, model: nn.Module) -> list[tuple]:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(activity_statements(), min_size=1, max_size=6))
 def test_deleting_a_dead_activity_rule_changes_nothing(lines: list[str]) -> None:
-    model = MLP()
-    text = "\n".join(lines) + "\n"
-    before = module_effect(text, model)
-    for line in dead(text, model):
-        rest = "\n".join(s for i, s in enumerate(lines, start=1) if i != line) + "\n"
-        assert module_effect(rest, model) == before, f"line {line} was called dead, but deleting it changes the result"
+    assert_dead_rules_deletable(lines, module_effect)
 
 
 # ---------------------------------------------------------------- RD104 at check and at compile

@@ -5,6 +5,7 @@ allocations per step, CUDA. Expected values are plain torch formulas written her
 from __future__ import annotations
 
 import collections
+import warnings
 
 import pytest
 import torch
@@ -452,8 +453,6 @@ def test_group_lasso_folds_a_large_weight_alone_and_batches_the_rest(dim: int) -
 
 
 def test_a_step_with_no_backward_draws_no_missing_penalty_warning_on_the_loss_path() -> None:
-    import warnings
-
     seeded(0)
     model = MLP()
     reg = regdsl.parse("all l2 0.1").compile(model)
@@ -469,8 +468,6 @@ def test_a_step_with_no_backward_draws_no_missing_penalty_warning_on_the_loss_pa
 
 
 def test_a_step_with_no_backward_draws_no_missing_fold_warning_by_hand() -> None:
-    import warnings
-
     seeded(0)
     model = MLP()
     reg = regdsl.parse("all l2 0.1").compile(model)
