@@ -1,7 +1,8 @@
 """What does regularization add to a training step? Side by side, in interleaved rounds, in one run.
 
     python benchmarks/step_overhead.py [--models tiny_mlp,mlp400,resnet50,vit_b16,gpt2_tiny]
-                                       [--repeats 15] [--quick] [--device cpu|cuda] [--threads N]
+                                       [--repeats 15] [--quick] [--no-compile] [--device cpu|cuda]
+                                       [--workloads 'elastic net,group_lasso'] [--threads N]
 
 Models: a tiny MLP 10-5-1 (batch 32), a 400-layer MLP (64 wide, ReLU, batch 256), ResNet-50 (batch 4,
 224x224) and ViT-B/16 (batch 1) from transformers' default configs with random weights (nothing is
@@ -42,6 +43,7 @@ reach the other candidates); garbage is collected before the rounds and the coll
 while they run, so no collection lands in a timed region; times are medians of interleaved rounds
 (benchmarks/timing.py); compare only ratios within one run.
 --quick: 5 rounds, ResNet-50 and ViT-B/16 at toy sizes, no torch.compile; under a minute on 2 cores.
+--no-compile: full sizes, the two compiled candidates left out. --workloads: some of the two.
 """
 
 from __future__ import annotations
@@ -86,8 +88,9 @@ def run_workload(
 
     labels = list(CANDIDATES)
     skip: dict[str, str] = {}
-    if args.quick:
-        skip.update({lb: "n/a (--quick: no torch.compile)" for lb in COMPILED})
+    if not args.compile:
+        why = "--quick" if args.quick else "--no-compile"
+        skip.update({lb: f"n/a ({why}: no torch.compile)" for lb in COMPILED})
     else:
         torch._dynamo.reset()  # every compiled opt.step shares SGD.step's code: keep its recompile count low
     checked = check(bench, rules, workload, names, [lb for lb in labels if lb not in skip])
@@ -232,7 +235,7 @@ def main() -> int:
         bench = build_bench(key, args.quick, device)
         total = sum(p.numel() for p in bench.model.parameters())
         print(f"\n== {key}: {bench.title}; {len(list(bench.model.parameters()))} tensors, {total:,} elements")
-        for workload in WORKLOADS:
+        for workload in args.workloads:
             passed, summary = run_workload(bench, workload, args, device)
             ok &= passed
             rows.append((key + (" (--quick size)" if "--quick size" in bench.title else ""), workload, summary))

@@ -1,7 +1,8 @@
 """What does the regularization's own work cost, timed apart from the training step?
 
     python benchmarks/term_work.py [--models tiny_mlp,mlp400,resnet50,vit_b16,gpt2_tiny]
-                                   [--repeats 15] [--quick] [--device cpu|cuda] [--threads N]
+                                   [--repeats 15] [--quick] [--no-compile] [--device cpu|cuda]
+                                   [--workloads 'elastic net,group_lasso'] [--threads N]
 
 step_overhead.py answers the question users ask (what a step costs), but on ResNet-50 and ViT-B a
 one-thread step on a shared 2-core machine lasts 1.6 s and moves by tens of milliseconds between
@@ -31,6 +32,7 @@ equal the loop's to within 1e-6 of the largest, or the candidate is not timed an
 The compiled path is checked on its own float32 copy, before its first timed step: the gradients its
 graph leaves in p.grad, from zeros, against the loop's at the same weights, to within 1e-5 (float32
 rounding). --quick: 5 rounds, ResNet-50 and ViT-B/16 at toy sizes, no compile; seconds on 2 cores.
+--no-compile: full sizes, no compiled path. --workloads: some of the two.
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def run_workload(
         + ", ".join(f"{lb} {text}" for lb, text in checked.items())
     )
     works = {lb: fn for lb, fn in candidates(bench, rules, workload).items() if "FAILED" not in checked.get(lb, "")}
-    if not args.quick:
+    if args.compile:
         torch._dynamo.reset()  # every compiled opt.step shares SGD.step's code: keep its recompile count low
         plain_step, path_step, path_model = compiled_pair(bench, rules)
         checked["compiled path"] = check_compiled(bench, workload, params, path_step, path_model)
@@ -189,8 +191,8 @@ def run_workload(
         row[label] = f"{t * 1e3:.2f} ms ({ratio:.2f}; {low:.2f} to {high:.2f})"
     for label in checked:
         row.setdefault(label, "not timed: FAILED the check")
-    if args.quick:
-        row["compiled path"] = "n/a (--quick)"
+    if not args.compile:
+        row["compiled path"] = "n/a (--quick)" if args.quick else "n/a (--no-compile)"
     print(f"   {'floor (alone)':<15}  {t_floor * 1e3:9.3f}  one read of the regularized weights")
     return not any("FAILED" in text for text in checked.values()), row
 
@@ -206,7 +208,7 @@ def main() -> int:
     for key in keys:
         bench = build_bench(key, args.quick, device)
         print(f"\n== {key}: {bench.title}")
-        for workload in WORKLOADS:
+        for workload in args.workloads:
             passed, row = run_workload(bench, workload, args, device)
             ok &= passed
             rows.append((key + (" (--quick size)" if "--quick size" in bench.title else ""), workload, row))

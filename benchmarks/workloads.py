@@ -192,6 +192,10 @@ def command_line(doc: str) -> tuple[argparse.Namespace, list[str], torch.device]
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15, 5 with --quick)")
     parser.add_argument("--quick", action="store_true", help="5 rounds, toy-size ResNet and ViT, no torch.compile")
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {', '.join(map(repr, WORKLOADS))}"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="full sizes, the compiled candidates left out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     args = parser.parse_args()
@@ -199,6 +203,11 @@ def command_line(doc: str) -> tuple[argparse.Namespace, list[str], torch.device]
     unknown = [k for k in keys if k not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    strange = [w for w in args.workloads if w not in WORKLOADS]
+    if strange:
+        parser.error(f"unknown workload(s) {', '.join(strange)}; choose from {', '.join(WORKLOADS)}")
+    args.compile = not (args.quick or args.no_compile)
     if args.repeats is None:
         args.repeats = 5 if args.quick else 15
     if args.threads is not None:

@@ -17,7 +17,8 @@ needs (:mod:`regdsl.fold_kernels` runs each bucket): ``l2`` is one ``_foreach_ad
 where a freed large block goes back to the OS and every step would fault it in again), and
 otherwise into ``_foreach`` temporaries, a batch of at most ``SMALL_BATCH`` bytes (CPU)
 or ``CHUNK`` bytes (devices with a caching allocator) at a time; ``group_lasso`` needs
-one norm per slice and ``orthogonal`` its Gram matrix (``addmm_`` straight into the
+one norm per slice (off the CPU, weights of one shape as one stack: :mod:`regdsl.fold_stacked`)
+and ``orthogonal`` its Gram matrix (``addmm_`` straight into the
 gradient where it can). ``l1`` and ``l2`` on the same large CPU tensor fold together, a slice
 at a time while it is in cache (:mod:`regdsl.fold_elastic`).
 

@@ -38,6 +38,25 @@ def test_step_overhead_quick_runs_and_prints_its_table() -> None:
     assert "noise (90%)" in out
 
 
+@pytest.mark.parametrize("script", ["step_overhead.py", "term_work.py"])
+def test_no_compile_and_workloads_narrow_a_full_size_run(script: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--no-compile", "--workloads", "group_lasso"]
+        + ["--models", "tiny_mlp", "--repeats", "2"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "-- group_lasso:" in result.stdout and "-- elastic net:" not in result.stdout
+    assert "n/a (--no-compile" in result.stdout and "--quick" not in result.stdout
+    bad = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--workloads", "ridge"], check=False, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "unknown workload(s) ridge" in bad.stderr
+
+
 def test_term_work_quick_checks_then_times_each_candidates_work() -> None:
     out = run_quick("term_work.py", "--models", "tiny_mlp")
     # Both workloads were checked against the loop's gradients before any timing, and passed.
