@@ -11,7 +11,8 @@ torch calls a process-wide step pre-hook at every optimizer's step. regdsl regis
 at the first ``attach`` that installs hooks. It is registered there and never later, because the
 collector that frees the old optimizer may run inside an optimizer's loop over these hooks, where
 adding one breaks that loop. Until an attached optimizer is lost, the hook returns at once: about
-0.3 µs a step, measured on a CPU (docs/fold.md).
+0.3 µs a step, measured on a CPU (docs/fold.md). A step compiled with ``torch.compile(opt.step)``
+is not watched (the hook returns while traced).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 # Attachments (regdsl.attach.Attachment) that lost an optimizer whose hooks applied something, until
@@ -44,6 +46,11 @@ def unwatch(attachment: Any) -> None:
 
 
 def _stepped(optimizer: Any, args: Any, kwargs: Any) -> None:
+    # torch.compile(opt.step) traces the global pre-hooks too: weak references, a set changing under
+    # the trace and a warning made dynamo fail the step of any optimizer in the process. A compiled
+    # step is not watched; the replacement's next eager step is.
+    if torch.compiler.is_compiling():
+        return
     if _watched:
         for attachment in list(_watched):
             attachment.stepped_elsewhere(optimizer)

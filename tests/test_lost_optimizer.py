@@ -190,3 +190,36 @@ def test_the_watch_never_breaks_the_step_of_an_unhashable_optimizer() -> None:
     assert not torch.equal(other.weight.detach(), before)
     with pytest.warns(RegDslWarning, match=re.escape(STEPPED)):
         train_step(model, Unhashable(reg.param_groups(lr=0.1)))
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("watched", ["other tensors", "the replacement"])
+def test_the_watch_stays_out_of_a_step_compiled_with_torch_compile(watched: str) -> None:
+    # torch.compile(opt.step) traces the process-wide pre-hooks: the watch's weak references and sets
+    # made dynamo fail (SpeculationLogDivergence) for any optimizer of the process, once an attached
+    # one was lost. The compiled step skips the watch; an eager step of the replacement still warns.
+    model, reg, opt = attached("layer fc1.weight l2 0.1", fold=True)
+    del opt
+    gc.collect()
+    if watched == "other tensors":
+        other = nn.Linear(2, 2)
+        other_opt = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+        other_opt.step = torch.compile(other_opt.step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(3):
+                other_opt.zero_grad()
+                other(torch.ones(1, 2)).sum().backward()
+                other_opt.step()
+        return
+    new = torch.optim.SGD(reg.param_groups(lr=0.1), momentum=0.9)
+    compiled = torch.compile(new.step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            new.zero_grad()
+            model(torch.ones(2, 6)).sum().backward()
+            compiled()
+    with pytest.warns(RegDslWarning, match=re.escape(STEPPED)):
+        train_step(model, new)
+    assert reg is not None
