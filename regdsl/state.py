@@ -14,6 +14,8 @@ never needs regdsl's classes to be unpickled.
 
 from __future__ import annotations
 
+import math
+
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -321,12 +323,31 @@ def _base_rates(groups: Sequence[Mapping[str, Any]], saved: Layout, donor: int) 
     one common factor. None when no saved group can tell (every one had lr_mult 0)."""
     if any("lr_scale" in g for g in groups):
         # Built with param_groups(lr_scale=True): a group without an lr_scale holds the base rate, where
-        # one with it may hold it times its scale (timm's schedulers write that); without one, the donor's.
+        # one with it may hold it times its scale (timm's schedulers write that).
         order = [donor, *range(len(groups))]
-        return _rates(groups[next((i for i in order if groups[i].get("lr_scale", 1.0) == 1.0), donor)]), 1.0
+        unit = next((i for i in order if groups[i].get("lr_scale", 1.0) == 1.0), None)
+        return (_rates(groups[unit]) if unit is not None else _unscaled(groups, donor)), 1.0
     # An 'lr_mult 0' group's rates say nothing about the base rate; another group's do.
     source = donor if saved[donor]["lr_mult"] else next((i for i, g in enumerate(saved) if g["lr_mult"]), None)
     return None if source is None else (_rates(groups[source]), saved[source]["lr_mult"])
+
+
+def _unscaled(groups: Sequence[Mapping[str, Any]], donor: int) -> dict[str, Any]:
+    """The donor's rates with its ``lr`` back at the base rate, when no group is at scale 1 (the deepest
+    layer frozen, an lr_mult on every group). A timm scheduler writes ``lr = base · lr_scale`` into
+    every group at once, and before its first step each holds the base: two groups of different
+    scales tell which. With one scale only, nothing tells, and the lr is taken as it is."""
+    rates, scale = _rates(groups[donor]), groups[donor].get("lr_scale", 1.0)
+    lr = rates.get("lr")
+    if not isinstance(lr, (int, float)) or not scale:
+        return rates
+    for other in groups:
+        theirs, their_lr = other.get("lr_scale", 1.0), other.get("lr")
+        if theirs and theirs != scale and isinstance(their_lr, (int, float)) and their_lr != lr:
+            if math.isclose(their_lr * scale, lr * theirs, rel_tol=1e-9):
+                rates["lr"] = lr / scale
+            break
+    return rates
 
 
 def _rates(group: Mapping[str, Any]) -> dict[str, Any]:

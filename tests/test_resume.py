@@ -517,6 +517,21 @@ def test_an_unchanged_file_under_lr_scale_resumes_the_lr_a_scheduler_wrote() -> 
     assert got == [("no_decay lr_mult=0.25", 0.04, 0.25), ("no_decay", 0.04, None)]
 
 
+@pytest.mark.parametrize("stepped", [True, False], ids=["scheduler stepped", "not yet"])
+def test_with_no_group_at_scale_1_the_base_rate_is_read_through_the_scales(stepped: bool) -> None:
+    # Every group scaled (the deepest layer frozen, or an lr_mult on all): before, a remapped group took
+    # another's lr as the base rate, times its scale where a timm scheduler had written it (0.02, not 0.04).
+    opt_state, reg_state = _saved("all lr_mult 0.8\nlayer fc1 lr_mult 0.5", True)
+    for group in opt_state["param_groups"]:  # a timm scheduler writes base times lr_scale; before its first step, the base
+        group["lr"] = 0.04 * group["lr_scale"] if stepped else 0.04
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", regdsl.RegDslWarning)
+        got = _resumed("all lr_mult 0.8\nlayer fc1 lr_mult 0.25", True, (opt_state, reg_state))
+    assert [(name, scale) for name, _, scale in got] == [("no_decay lr_mult=0.25", 0.25), ("no_decay lr_mult=0.8", 0.8)]
+    assert got[0][1] == pytest.approx(0.04, rel=1e-12)  # the new scale's group: the base rate, as param_groups writes it
+    assert got[1][1] == (0.04 * 0.8 if stepped else 0.04)  # unchanged: as saved, bit for bit
+
+
 def test_a_base_rate_no_saved_group_holds_is_a_warning_not_a_silent_zero() -> None:
     saved = _saved("all lr_mult 0", False)
     with pytest.warns(regdsl.RegDslWarning, match="every saved group has lr_mult 0.*set its lr after loading"):
