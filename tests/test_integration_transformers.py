@@ -184,6 +184,31 @@ def test_weight_decay_in_the_arguments_warns(tmp_path) -> None:
         trainer.create_optimizer()
 
 
+def test_weight_decay_in_the_optimizer_kwargs_warns(tmp_path) -> None:
+    # Before, it was dropped in silence: decay 0.3 asked for, the rule file's 0.01 applied.
+    kwargs = (torch.optim.AdamW, {"lr": LR, "weight_decay": 0.3})
+    trainer = InOrder(model=gpt2(), args=arguments(tmp_path, 1), train_dataset=Tokens(), rules=regdsl.parse(RULES), optimizer_cls_and_kwargs=kwargs)
+    with pytest.warns(regdsl.RegDslWarning, match=r"optimizer_cls_and_kwargs's weight_decay=0.3 is ignored"):
+        trainer.create_optimizer()
+    assert sorted({g["weight_decay"] for g in trainer.optimizer.param_groups}) == [0.0, 0.01]
+
+
+def test_a_resume_with_edited_rules_is_refused_by_regdsl_before_the_optimizer_is_touched(tmp_path) -> None:
+    # Before, the optimizer state was loaded first: torch's "different number of parameter groups"
+    # (or, when only a decay changed, the refusal came after the optimizer was overwritten).
+    first = InOrder(model=gpt2(), args=arguments(tmp_path / "a", 1, save_strategy="steps", save_steps=2), train_dataset=Tokens(), rules=regdsl.parse(RULES))
+    first.train()
+    checkpoint = str(tmp_path / "a" / "checkpoint-2")
+    for edited in (RULES.replace("exclude embedding\n", ""), RULES.replace("all decay 0.01", "all decay 0.02")):
+        resumed = InOrder(model=gpt2(), args=arguments(tmp_path / "b", 1), train_dataset=Tokens(), rules=regdsl.parse(edited))
+        resumed.create_optimizer()
+        before = {k: v for k, v in resumed.optimizer.state_dict().items() if k != "state"}
+        with pytest.raises(regdsl.RegStateError):
+            resumed._load_optimizer_and_scheduler(checkpoint)
+        assert {k: v for k, v in resumed.optimizer.state_dict().items() if k != "state"} == before
+        assert not resumed.optimizer.state
+
+
 def test_hyperparameter_search_compiles_for_each_trial(tmp_path) -> None:
     """Optuna's trials rebuild the model through model_init; each gets its own regularizer, whose
     groups hold exactly that model's parameters."""

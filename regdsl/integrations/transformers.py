@@ -77,14 +77,18 @@ class RegularizationMixin:
                 "own parameter groups (GaLore, LOMO, layer-wise and factory optimizers do), so the rule file's groups "
                 "cannot be given to it: choose an optimizer that takes parameter groups, such as adamw_torch"
             )
-        if self.args.weight_decay:
-            warnings.warn(
-                RegDslWarning(
-                    f"TrainingArguments.weight_decay={self.args.weight_decay} is ignored: the rule file sets each "
-                    "group's decay (write 'all decay VALUE' for a default)"
-                ),
-                stacklevel=2,
-            )
+        given = [("TrainingArguments.weight_decay", self.args.weight_decay)]
+        if self.optimizer_cls_and_kwargs is not None:
+            given.append(("optimizer_cls_and_kwargs's weight_decay", optimizer_kwargs.get("weight_decay")))
+        for where, value in given:
+            if value:
+                warnings.warn(
+                    RegDslWarning(
+                        f"{where}={value} is ignored: the rule file sets each group's decay "
+                        "(write 'all decay VALUE' for a default)"
+                    ),
+                    stacklevel=2,
+                )
         if self.reg is not None:
             self.reg.detach()  # a model_init trial: the previous model's regularizer lets go of its hooks
         rules, trial = self._rules_for_trial()
@@ -141,16 +145,17 @@ class RegularizationMixin:
             torch.save(self.reg.state_dict(), os.path.join(output_dir, STATE_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # regdsl's state first (docs/resume.md): a rule file edited since the checkpoint is refused with
+        # what moved, before the optimizer's state is touched (torch would only say the groups differ).
+        if checkpoint is not None and self.reg is not None:
+            path = os.path.join(checkpoint, STATE_FILE)
+            if os.path.isfile(path):
+                self.reg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            else:
+                warnings.warn(
+                    RegDslWarning(f"{checkpoint} has no {STATE_FILE}: every schedule restarts at step 0"), stacklevel=2
+                )
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self.reg is None:
-            return
-        path = os.path.join(checkpoint, STATE_FILE)
-        if not os.path.isfile(path):
-            warnings.warn(
-                RegDslWarning(f"{checkpoint} has no {STATE_FILE}: every schedule restarts at step 0"), stacklevel=2
-            )
-            return
-        self.reg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.reg is not None and "loss" in logs:
