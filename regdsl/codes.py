@@ -31,6 +31,7 @@ CODES: dict[str, Code] = {
     "RD011": Code("error", "a search space without a value, at compile"),
     "RD012": Code("error", "a capture ('{i}') outside a rule whose depth names it, or a depth naming a capture its selector lacks"),
     "RD013": Code("error", "an invalid depth or lr_decay: not a whole number >= 0 / not in (0, 1], a second lr_decay, one without the other"),
+    "RD014": Code("error", "formatting would rename an unnamed search space (named by its line)"),
     # Against a model: rules that cannot do what they say.
     "RD101": Code("error", "a selector, or one pattern in it, matches no parameter"),
     "RD102": Code("error", "a type name matches no module class in the model"),

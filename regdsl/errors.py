@@ -161,10 +161,10 @@ def shape_text(shape: tuple[int, ...]) -> str:
 
 
 def model_diagnostic(
-    spec: Spec, pos: Span | None, code: str, message: str, kind: Literal["model", "compile"] = "model"
+    spec: Spec, pos: Span | None, code: str, message: str, kind: Literal["validation", "model", "compile"] = "model"
 ) -> Diagnostic:
-    """A diagnostic about the spec against a model (or, ``kind="compile"``, about compiling it),
-    pinned to ``pos`` in the spec's source."""
+    """A diagnostic about the spec against a model (or, ``kind="compile"``, about compiling it; or,
+    ``kind="validation"``, about the file alone), pinned to ``pos`` in the spec's source."""
     line, column = (pos.line, pos.column) if pos else (0, 0)
     return Diagnostic(
         line=line,

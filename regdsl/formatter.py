@@ -3,14 +3,24 @@
 One statement per line (``a; b`` becomes two lines), canonical spelling of
 each statement (see :meth:`Spec.to_source`), a comment after the statements of
 its line stays after the last of them, runs of blank lines shrink to one.
-Formatting never changes meaning: ``parse(format_source(t)) == parse(t)``.
+Formatting never changes meaning: ``parse(format_source(t)) == parse(t)``, and every search
+space keeps its name. An unnamed space is named by its line (``"l1:4"``), the name trials,
+``with_values()`` and ``reg.values()`` know it by, so a file where formatting would move one to
+another line is refused (RD014) rather than formatted.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .build import parse
+from .errors import RegValidationError, model_diagnostic
 from .parser import split_line
 from .printer import format_lr_decay, format_statement
+from .spaces import unnamed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .spec import Spec
 
 
 def format_source(text: str, filename: str = "<string>") -> str:
@@ -45,4 +55,25 @@ def format_source(text: str, filename: str = "<string>") -> str:
             out.append("")  # one blank line survives; the rest, and trailing ones, go
     while out and out[-1] == "":
         out.pop()
-    return "".join(f"{line}\n" for line in out)
+    formatted = "".join(f"{line}\n" for line in out)
+    before = unnamed(spec)
+    if before:
+        _keep_names(spec, before, unnamed(parse(formatted, filename)))
+    return formatted
+
+
+def _keep_names(spec: Spec, before: list[tuple[str, Any]], after: list[tuple[str, Any]]) -> None:
+    renamed = [
+        model_diagnostic(
+            spec,
+            space.pos,
+            "RD014",
+            f"formatting would rename this search space from '{old}' to '{new}': an unnamed space is named by its "
+            "line, and trials, with_values() and reg.values() know it by that name; name it ('... as NAME'), then format",
+            kind="validation",
+        )
+        for (old, space), (new, _) in zip(before, after)
+        if old != new
+    ]
+    if renamed:
+        raise RegValidationError(renamed)

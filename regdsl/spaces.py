@@ -60,6 +60,11 @@ def _uses(spec: Spec) -> list[Use]:
     return uses
 
 
+def unnamed(spec: Spec) -> list[tuple[str, Any]]:
+    """``(name, space)`` of every space written without ``as NAME``, in file order: named by its line."""
+    return [(name, space) for *_, space, name in _uses(spec) if space.name is None and not space.ref]
+
+
 def spaces(spec: Spec) -> dict[str, Any]:
     """``{name: space}``, one entry per space (a named one once, however many terms use it), in file order."""
     return {name: space for *_, space, name in _uses(spec) if not space.ref}

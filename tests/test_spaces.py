@@ -399,6 +399,26 @@ def test_explain_keeps_settings_of_separate_spaces_in_separate_groups(rules: str
     assert [(g.name, list(g.params)) for g in groups] == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "renamed"),
+    [
+        ("# tuned\n\n\nall l1 choice(0, 1e-5) prox\n", [("l1:4", "l1:3", 4)]),  # the blank lines shrink to one
+        ("all l1 choice(0, 1e-5); layer 2.** l1 uniform(0, 1)\n", [("l1:1:5", "l1:1", 1), ("l1:1:36", "l1:2", 1)]),
+        ("all depth 0; lr_decay choice(0.5, 0.9)\n", [("lr_decay:1", "lr_decay:2", 1)]),
+    ],
+)
+def test_formatting_that_would_rename_an_unnamed_space_is_refused(text: str, renamed: list) -> None:
+    # Before, fmt renamed them: a stored study's best_params, or with_values({'l1:4': ...}), no longer fit.
+    with pytest.raises(regdsl.RegValidationError) as caught:
+        regdsl.format_source(text, "t.reg")
+    got = [(d.code, d.line, d.message.split("'")[1:4:2]) for d in caught.value.diagnostics]
+    assert got == [("RD014", line, [old, new]) for old, new, line in renamed]
+    names = list(regdsl.parse(text).spaces())
+    assert [old for old, _, _ in renamed] == [n for n in names if ":" in n]
+    named = text.replace("1e-5)", "1e-5) as a").replace("1)", "1) as b").replace("0.9)", "0.9) as c")
+    assert set(regdsl.parse(regdsl.format_source(named)).spaces()) == set(regdsl.parse(named).spaces())
+
+
 def test_cli_check_explain_and_fmt_on_a_file_with_spaces(tmp_path: Path) -> None:
     rules = tmp_path / "tune.reg"
     rules.write_text(RULES)
@@ -408,9 +428,15 @@ def test_cli_check_explain_and_fmt_on_a_file_with_spaces(tmp_path: Path) -> None
 
     done = run("check", str(rules))
     assert done.returncode == 0 and "All checks passed: 1 file, 5 statements." in done.stdout, done.stdout + done.stderr
-    done = run("fmt", "--check", str(rules))
-    assert done.returncode == 1  # the canonical text spells the numbers out
-    done = run("fmt", "--diff", str(rules))
+    # Split from its line, the unnamed l1 space would be 'l1:4', no longer 'l1:3': refused, the file kept.
+    done = run("fmt", str(rules))
+    assert done.returncode == 1 and "tune.reg:3:40: error: RD014" in done.stdout and "from 'l1:3' to 'l1:4'" in done.stdout
+    assert rules.read_text() == RULES
+    named = tmp_path / "named.reg"
+    named.write_text(RULES.replace("uniform(0, 1e-3)", "uniform(0, 1e-3) as l1_strength"))
+    done = run("fmt", "--check", str(named))
+    assert done.returncode == 1 and "Would reformat" in done.stdout  # the canonical text spells the numbers out
+    done = run("fmt", "--diff", str(named))
     assert "+layer 0.** l2 loguniform(1e-05, 0.01) as head_l2" in done.stdout, done.stdout + done.stderr
     model = tmp_path / "model.py"
     model.write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))\n")
