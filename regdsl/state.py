@@ -15,7 +15,6 @@ never needs regdsl's classes to be unpickled.
 from __future__ import annotations
 
 import math
-
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
