@@ -8,11 +8,13 @@ meta fails, it is built again on the CPU.
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,9 @@ def resolve_target(target: str) -> Callable[..., Any]:
     module_part, sep, attr = target.rpartition(":")
     if not sep or not module_part or not attr:
         raise ModelLoadError(f"--model expects 'package.module:callable' or 'path/to/file.py:callable', got {target!r}")
+    directory = None
     if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
-        module = _import_file(Path(module_part))
+        module, directory = _import_file(Path(module_part))
     else:
         # As `python -m` does, the working directory is importable (a console script's is not).
         if os.getcwd() not in sys.path and "" not in sys.path:
@@ -59,10 +62,31 @@ def resolve_target(target: str) -> Callable[..., Any]:
             raise ModelLoadError(f"{module_part!r} has no attribute {attr!r}") from None
     if not callable(obj):
         raise ModelLoadError(f"{target!r} is not callable")
-    return obj
+    return obj if directory is None else _called_importable(obj, directory)
 
 
-def _import_file(path: Path) -> Any:
+def _called_importable(fn: Callable[..., Any], directory: str) -> Callable[..., Any]:
+    """``fn``, with the file's directory importable while it runs too: a factory that imports its
+    neighbours inside (``def make(): from helper import Block``) finds them, as in a script."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with _importable(directory):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def _importable(directory: str) -> Iterator[None]:
+    sys.path.insert(0, directory)
+    try:
+        yield
+    finally:
+        sys.path.remove(directory)
+
+
+def _import_file(path: Path) -> tuple[Any, str]:
     if not path.is_file():
         raise ModelLoadError(f"no such file: {path}")
     name = f"_regdsl_model_{abs(hash(path.resolve()))}"
@@ -72,14 +96,13 @@ def _import_file(path: Path) -> Any:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     # The file's own directory is importable, as when it is run as a script.
-    sys.path.insert(0, str(path.resolve().parent))
+    directory = str(path.resolve().parent)
     try:
-        spec.loader.exec_module(module)
+        with _importable(directory):
+            spec.loader.exec_module(module)
     except (Exception, SystemExit) as exc:
         raise ModelLoadError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        sys.path.remove(str(path.resolve().parent))
-    return module
+    return module, directory
 
 
 def load_model(target: str, kwargs: dict[str, Any] | None = None, *, meta: bool = True) -> nn.Module:

@@ -663,3 +663,16 @@ def test_explain_table_on_gpt2_keeps_long_names_whole_and_aligned(cli: Runs) -> 
     assert table_columns(table)[0] == (0, len("transformer.h.0.attn.c_attn.weight"))
     for line, row in zip(table[2:], expected):
         assert line.startswith(row[0] + " ")
+
+
+def test_a_model_file_whose_factory_imports_its_neighbours_inside(tmp_path: Path) -> None:
+    # Before, the file's directory left sys.path once the file was imported, before the factory ran:
+    # "No module named 'helper'", where `python sub/model.py` finds it.
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "helper.py").write_text("from torch import nn\n\nclass Block(nn.Linear):\n    def __init__(self):\n        super().__init__(3, 2)\n")
+    (sub / "model.py").write_text("def make():\n    from helper import Block\n    return Block()\n")
+    rules = tmp_path / "rules.reg"
+    rules.write_text("all l2 0.1\n")
+    done = run("check", str(rules), "--model", f"{sub / 'model.py'}:make", cwd=tmp_path)
+    assert done.returncode == 0 and "All checks passed" in done.stdout, done.stdout + done.stderr
