@@ -2,7 +2,7 @@
 
 Exit codes, as in ruff: 0 clean; 1 problems found (errors, warnings under
 ``--strict``, files ``fmt --check`` would change); 2 a usage error, an unreadable
-file, or a model that cannot be built.
+file, a model that cannot be built, or output that could not be written (a closed pipe).
 """
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args)
     except _UsageError as exc:
         print(f"regdsl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`regdsl check ... | head`): stop quietly, as grep and ruff do; stdout
+        # goes to devnull so that the interpreter's last flush does not print the same error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_USAGE
 
 

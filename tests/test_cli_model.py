@@ -676,3 +676,20 @@ def test_a_model_file_whose_factory_imports_its_neighbours_inside(tmp_path: Path
     rules.write_text("all l2 0.1\n")
     done = run("check", str(rules), "--model", f"{sub / 'model.py'}:make", cwd=tmp_path)
     assert done.returncode == 0 and "All checks passed" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("fmt", ["text", "github"])
+def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path: Path, fmt: str) -> None:
+    # `regdsl check ... | head -1`: before, a BrokenPipeError traceback on stderr.
+    rules = tmp_path / "many.reg"
+    rules.write_text("".join(f"layer nothing{k}.** l2 0.1\n" for k in range(3000)))
+    proc = subprocess.Popen(
+        [*entry_point(), "check", str(rules), "--model", "examples/train.py:Classifier", "--format", fmt],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 2
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
