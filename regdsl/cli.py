@@ -240,6 +240,14 @@ def _explain(args: argparse.Namespace) -> int:
         print(json.dumps(explain_records(rows, modules), indent=2))
     elif args.format == "csv":
         print(explain_csv(rows), end="")
+        acting = [m.name for m in modules if m.terms]
+        if acting:  # one row per parameter: say what the CSV leaves out, rather than nothing
+            shown = ", ".join(acting[:3]) + (f" and {len(acting) - 3} more" if len(acting) > 3 else "")
+            print(
+                f"regdsl: note: the CSV lists parameters; the activity terms of {_plural(len(acting), 'module')} "
+                f"({shown}) are not in it: --format json or the table shows them",
+                file=sys.stderr,
+            )
     else:
         trainable = sum(r.trainable for r in rows)
         numel = sum(r.numel for r in rows)

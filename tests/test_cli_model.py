@@ -693,3 +693,13 @@ def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path: Path, fmt: 
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 2
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+
+
+def test_explain_csv_says_it_leaves_the_activity_terms_out() -> None:
+    # Before, the CSV had no trace of them and nothing said so.
+    done = run("explain", "examples/cnn.reg", "--model", "examples/train_cnn.py:SmallCNN", "--format", "csv")
+    assert done.returncode == 0
+    assert "activity" not in done.stdout
+    assert "regdsl: note: the CSV lists parameters; the activity terms of 1 module (act2) are not in it" in done.stderr
+    quiet = run("explain", "examples/rules.reg", "--model", "examples/train.py:Classifier", "--format", "csv")
+    assert quiet.returncode == 0 and quiet.stderr == ""
