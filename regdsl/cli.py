@@ -74,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed the usage error
         return int(exc.code or 0)
     command = {"check": _check, "explain": _explain, "fmt": _fmt, "plot": _plot}[args.command]
+    if hasattr(args, "files"):  # a file named twice (f.reg ./f.reg) is checked, or rewritten, once
+        args.files = list({os.path.realpath(path): path for path in reversed(args.files)}.values())[::-1]
     try:
         return command(args)
     except _UsageError as exc:

@@ -703,3 +703,13 @@ def test_explain_csv_says_it_leaves_the_activity_terms_out() -> None:
     assert "regdsl: note: the CSV lists parameters; the activity terms of 1 module (act2) are not in it" in done.stderr
     quiet = run("explain", "examples/rules.reg", "--model", "examples/train.py:Classifier", "--format", "csv")
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_a_file_named_twice_is_checked_and_formatted_once(tmp_path: Path) -> None:
+    rules = tmp_path / "f.reg"
+    rules.write_text("all  l2 0.1\n")
+    done = run("fmt", str(rules), str(tmp_path / ".." / tmp_path.name / "f.reg"))
+    assert done.returncode == 0 and "1 file reformatted, 0 left unchanged." in done.stdout, done.stdout
+    rules.write_text("all l2 0.1\nlayer nothing l2 1\n")
+    done = run("check", str(rules), str(rules), "--model", "examples/train.py:Classifier")
+    assert done.stdout.count("error: RD101") == 1, done.stdout
