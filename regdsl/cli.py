@@ -1,4 +1,4 @@
-"""The ``regdsl`` command line: ``check``, ``explain`` and ``fmt``.
+"""The ``regdsl`` command line: ``check``, ``explain``, ``plot`` and ``fmt``.
 
 Exit codes, as in ruff: 0 clean; 1 problems found (errors, warnings under
 ``--strict``, files ``fmt --check`` would change); 2 a usage error, an unreadable
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("file", metavar="FILE")
     model_options(plot, required=True)
     plot.add_argument("--checkpoint", nargs="+", required=True, metavar="PT", help="state_dict files, in training order")
-    plot.add_argument("-o", "--output", required=True, metavar="PNG", help="the image to write (any format matplotlib writes)")
+    plot.add_argument("-o", "--output", required=True, metavar="PNG", help="the image to write; its extension names the format (png, pdf, svg...)")
 
     fmt = commands.add_parser("fmt", help="rewrite rule files in canonical form, keeping comments")
     fmt.add_argument("files", nargs="+", metavar="FILE")
@@ -283,13 +283,23 @@ def _plot(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401
     except ImportError:
         raise _UsageError("regdsl plot needs matplotlib: pip install 'regdsl[plot]'") from None
-    from .plot import PlotError, weights
+    from .plot import PlotError, output_format, weights
+    from .resolution import resolve
 
+    try:
+        output_format(args.output)  # a bad -o is told before the model is built and the checkpoints read
+    except PlotError as exc:
+        raise _UsageError(str(exc)) from None
     spec = _spec_or_report(args.file)
     if spec is None:
         return EXIT_PROBLEMS
+    model = _model(args)
+    # A file compile refuses is refused here as explain refuses it: a picture of its groups would
+    # show a layout that no training run can have had (a misspelt pattern's rule applied to nothing).
+    if _explained_errors(resolve(spec, model)):
+        return EXIT_PROBLEMS
     try:
-        weights(spec, _model(args), args.checkpoint, path=args.output)
+        weights(spec, model, args.checkpoint, path=args.output)
     except PlotError as exc:
         raise _UsageError(str(exc)) from None
     print(f"wrote {args.output}")

@@ -13,6 +13,8 @@ and checkpoints taken during training (``pip install regdsl[plot]`` for matplotl
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,7 +30,8 @@ Checkpoint = Mapping[str, torch.Tensor] | str | os.PathLike[str]
 
 
 class PlotError(Exception):
-    """A checkpoint that cannot be read or lacks a tensor the rules' groups name."""
+    """A checkpoint that cannot be read or lacks a tensor the rules' groups name, or an image
+    file that cannot be written."""
 
 
 def weights(
@@ -42,12 +45,15 @@ def weights(
 
     ``checkpoints``: state_dicts, or files holding one (``torch.save(model.state_dict())``, or a
     dict with it under ``"model"`` or ``"state_dict"``), in training order. ``labels`` name them
-    in the legends (default: "before"/"after" for two, else their index).
+    in the legends (default: "before"/"after" for two, else their index). Checkpoints load with
+    ``torch.load(weights_only=True)``: tensors and plain data only. ``path``'s extension names the
+    image format (``.png``, ``.pdf``, ``.svg``...); the file written is ``path`` itself.
     """
     from matplotlib.figure import Figure
 
     if not checkpoints:
         raise PlotError("give at least one checkpoint")
+    image = None if path is None else output_format(path)
     spec = rules if isinstance(rules, Spec) else load(rules)
     resolution = resolve(spec, model)
     states = [_state(c) for c in checkpoints]
@@ -69,8 +75,33 @@ def weights(
     if len(states) > 1:
         _norms(fig.add_subplot(grid[row, :]), [g for g, _ in groups], values, names)
     if path is not None:
-        fig.savefig(path, dpi=100)
+        try:
+            fig.savefig(path, dpi=100, format=image)
+        except OSError as exc:  # after output_format's checks: no permission, a full disk
+            raise PlotError(f"cannot write {os.fspath(path)}: {exc.strerror or exc}") from None
+        except RuntimeError as exc:  # a backend's tool missing: .pgf needs xelatex
+            raise PlotError(f"cannot write {os.fspath(path)}: {exc}") from None
     return fig
+
+
+def output_format(path: str | os.PathLike[str]) -> str:
+    """The image format ``path``'s extension names, checked before any work (the command line calls
+    it before building the model): matplotlib finds out only when saving, and for a name with no
+    extension writes ``name.png`` instead, next to a directory of that name too."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise PlotError(f"cannot write {name}: it is a directory")
+    folder = os.path.dirname(name)
+    if folder and not os.path.isdir(folder):
+        raise PlotError(f"cannot write {name}: no directory {folder}")
+    image = os.path.splitext(name)[1][1:].lower()  # matplotlib lower-cases it too
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if image not in formats:
+        why = f"matplotlib writes no format '.{image}'; end the name" if image else "the name has no extension to tell the image format; end it"
+        raise PlotError(f"cannot write {name}: {why} with one of: {', '.join(sorted(formats))}")
+    return image
 
 
 def _histograms(ax: Any, name: str, tensors: int, first: torch.Tensor, last: torch.Tensor, labels: list[str]) -> None:
@@ -128,16 +159,51 @@ def _state(source: Checkpoint) -> dict[str, torch.Tensor]:
     if isinstance(source, Mapping):
         state: Any = source
     else:
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise PlotError(f"cannot read checkpoint {os.fspath(source)}: {exc}") from None
+        state = _load(source)
     for key in ("model", "state_dict"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
     if not isinstance(state, Mapping):
         raise PlotError(f"checkpoint {_describe(source)} holds no state_dict")
     return {canonical_name(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _load(source: str | os.PathLike[str]) -> Any:
+    """The file's contents, loaded with ``weights_only=True``; never as a full pickle, which can run
+    any code the file holds (a checkpoint from elsewhere is no safer than a script from there)."""
+    where = f"cannot read checkpoint {os.fspath(source)}"
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise PlotError(f"{where}: {exc.strerror or exc}") from None
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise PlotError(f"{where}: not a file torch.save wrote ({_first_line(exc)})") from None
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        what = found.group(1) if found else "objects other than tensors and plain data"
+        raise PlotError(
+            f"{where}: it holds {what}; checkpoints load with torch.load(weights_only=True) only, "
+            "as loading other objects can run code from the file. Save the state_dict alone "
+            "(torch.save(model.state_dict(), path)), or, for a file you trust, load it yourself "
+            "and pass the state_dict to regdsl.plot.weights"
+        ) from None
+    except EOFError:
+        raise PlotError(f"{where}: {'the file is empty' if _empty(source) else 'the file ends early'}") from None
+    except KeyError:  # the legacy format's magic number, not found
+        raise PlotError(f"{where}: not a file torch.save wrote") from None
+    except Exception as exc:  # noqa: BLE001 - weights_only runs no code from the file: any failure is in reading it
+        raise PlotError(f"{where}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().split("\n")[0] or type(exc).__name__
+
+
+def _empty(source: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.getsize(source) == 0
+    except OSError:
+        return False
 
 
 def _tensor(state: Mapping[str, torch.Tensor], name: str, index: int, sources: Sequence[Checkpoint]) -> torch.Tensor:

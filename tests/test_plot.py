@@ -128,3 +128,113 @@ def test_the_installed_command(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert imread(tmp_path / "c.png").shape[2] in (3, 4)
+
+
+# ---------------------------------------------------------------- what the command refuses
+
+
+def plot(tmp_path: Path, *checkpoint: str, output: str = "out.png", rules: str = RULES, target: str | None = None) -> int:
+    """`regdsl plot` on RULES (or ``rules``) and tests/models.py's CNN, from ``tmp_path``'s files."""
+    (tmp_path / "rules.reg").write_text(rules, encoding="utf-8")
+    model = target or f"{ROOT / 'tests' / 'models.py'}:CNN"
+    paths = [str(tmp_path / c) for c in checkpoint]
+    return cli(["plot", str(tmp_path / "rules.reg"), "--model", model, "--checkpoint", *paths, "-o", str(tmp_path / output)])
+
+
+def test_a_checkpoint_with_objects_is_refused_saying_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A training checkpoint with an argparse.Namespace in it: torch.load(weights_only=True) refuses
+    it, and plot says so (never loads it as a pickle, which runs code) and what to save instead."""
+    import argparse
+
+    torch.save({"model": checkpoints()[0], "args": argparse.Namespace(lr=0.1)}, tmp_path / "ns.pt")
+    assert plot(tmp_path, "ns.pt") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"regdsl: error: cannot read checkpoint {tmp_path / 'ns.pt'}: it holds argparse.Namespace")
+    assert "weights_only=True" in err and "can run code" in err and "torch.save(model.state_dict(), path)" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out.png").exists()
+    with pytest.raises(PlotError, match="it holds argparse.Namespace"):
+        weights(regdsl.parse(RULES), CNN(), [tmp_path / "ns.pt"])
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b"", "the file is empty"), (b"hello\n", "not a file torch.save wrote"), (b"PK\x03\x04truncated", "PytorchStreamReader")],
+    ids=["empty", "text", "truncated-zip"],
+)
+def test_a_file_that_is_no_checkpoint_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, why: str
+) -> None:
+    (tmp_path / "bad.pt").write_bytes(content)
+    assert plot(tmp_path, "bad.pt") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"regdsl: error: cannot read checkpoint {tmp_path / 'bad.pt'}: ") and why in err
+
+
+@pytest.mark.parametrize(
+    ("output", "why"),
+    [
+        ("nodir/w.png", "cannot write {out}: no directory {tmp}/nodir"),
+        ("w.xyz", "cannot write {out}: matplotlib writes no format '.xyz'; end the name with one of: "),
+        ("weights", "cannot write {out}: the name has no extension to tell the image format; end it with one of: "),
+        ("adir", "cannot write {out}: it is a directory"),
+    ],
+    ids=["missing-directory", "unknown-format", "no-extension", "a-directory"],
+)
+def test_the_output_is_checked_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], output: str, why: str
+) -> None:
+    """Before the model is built or a checkpoint read (missing.pt does not exist); matplotlib would
+    have found out after the work, or written weights.png for -o weights and adir.png for -o adir."""
+    (tmp_path / "adir").mkdir()
+    assert plot(tmp_path, "missing.pt", output=output, target="no_such_module:Model") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("regdsl: error: " + why.format(out=tmp_path / output, tmp=tmp_path)), err
+    assert err.count("\n") == 1
+    if "one of" in why:
+        assert "pdf, pgf, png" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "rules.reg"]
+
+
+def test_the_output_is_the_path_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The format comes from the extension, whatever its case; the file written is the one named."""
+    torch.save(checkpoints()[0], tmp_path / "a.pt")
+    assert plot(tmp_path, "a.pt", output="w.SVG") == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'w.SVG'}\n"
+    assert (tmp_path / "w.SVG").read_bytes().lstrip().startswith(b"<?xml")
+
+
+@pytest.mark.parametrize(
+    ("rules", "target", "code"),
+    [(RULES + "\nlayer hed.** l1 0.1", None, "RD101 layer pattern 'hed.**' matches no parameter"), (RULES, "torch.nn:ReLU", "RD107")],
+    ids=["pattern-typo", "no-parameters"],
+)
+def test_a_file_compile_refuses_is_not_drawn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rules: str, target: str | None, code: str
+) -> None:
+    """As explain: the errors on stderr and exit 1 (the picture would show rules no run can have)."""
+    torch.save(checkpoints()[0] if target is None else {}, tmp_path / "a.pt")
+    assert plot(tmp_path, "a.pt", rules=rules, target=target) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and code in err
+    assert err.endswith("compile refuses this file: 1 error (regdsl check shows every finding)\n")
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [(OSError(28, "No space left on device"), "No space left on device"), (RuntimeError("'xelatex' not found"), "'xelatex' not found")],
+    ids=["full-disk", "no-latex-for-pgf"],
+)
+def test_a_failed_write_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, error: Exception, why: str
+) -> None:
+    """What output_format cannot see before: the disk filling up, a .pgf without LaTeX installed."""
+    from matplotlib.figure import Figure
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(Figure, "savefig", fail)
+    torch.save(checkpoints()[0], tmp_path / "a.pt")
+    assert plot(tmp_path, "a.pt") == 2
+    assert capsys.readouterr().err == f"regdsl: error: cannot write {tmp_path / 'out.png'}: {why}\n"
