@@ -100,7 +100,15 @@ def _replaced(spec: Spec, value_of: Callable[[str, Any], float], keep_space: boo
 def stand_in(spec: Spec) -> Spec:
     """``spec`` with each space at its stand-in value, the space kept beside it: what ``check``
     and ``explain`` resolve a file with spaces with. Never compiled (see :func:`require_values`)."""
-    return _replaced(spec, lambda _, space: space.stand_in, keep_space=True)
+    # lr_decay is off at 1, as a strength is at 0: its choice stands in with the first other one.
+    own = spec.lr_decay.factor if spec.lr_decay is not None else None
+
+    def value(_: str, space: Any) -> float:
+        if space is own and isinstance(space, ChoiceSpace):
+            return next((v for v in space.choices if v != 1), space.stand_in)
+        return space.stand_in
+
+    return _replaced(spec, value, keep_space=True)
 
 
 def with_values(spec: Spec, values: Mapping[str, float]) -> Spec:

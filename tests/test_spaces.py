@@ -507,3 +507,12 @@ def test_grid_of_a_path_is_a_type_error_at_the_call() -> None:
         regdsl.grid("tune.reg", n=2)
     with pytest.raises(RegUsageError, match="n must be"):
         regdsl.grid(regdsl.parse(RULES), n=0)
+
+
+@pytest.mark.parametrize(("choices", "factor"), [("1, 0.5", 0.5), ("0.5, 1", 0.5), ("1, 0.9, 0.5", 0.9), ("1", 1.0)])
+def test_an_lr_decay_choice_stands_in_with_a_decay_that_is_on(choices: str, factor: float) -> None:
+    # lr_decay 1 is no decay: the first choice stood in, so 'choice(1, 0.5)' explained as every lr_factor 1.0.
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    rules = f"lr_decay choice({choices})\nlayer 0 depth 0\nlayer 1 depth 1\n"
+    rows = regdsl.resolve(regdsl.parse(rules), model).rows
+    assert [(r.name, r.lr_factor) for r in rows] == [("0.weight", factor), ("0.bias", factor), ("1.weight", 1.0), ("1.bias", 1.0)]
