@@ -22,7 +22,6 @@ removes them, as does ``detach()``; ``attach()`` installs them again.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,10 +60,7 @@ class ActivityPlan:
         """Install the forward hooks (again, after :meth:`remove`); a no-op while installed."""
         if self._handles or not self.targets:
             return
-        plan = weakref.ref(self)
-        self._handles += [
-            t.module.register_forward_hook(functools.partial(_hook, plan, i)) for i, t in enumerate(self.targets)
-        ]
+        self._handles += [t.module.register_forward_hook(_Hook(self, i, t.module)) for i, t in enumerate(self.targets)]
 
     def __bool__(self) -> bool:
         return bool(self.targets)
@@ -145,10 +141,34 @@ class ActivityPlan:
         self._pending, self._recent = [], []
 
 
-def _hook(plan_ref: weakref.ref[ActivityPlan], index: int, module: nn.Module, args: Any, output: Any) -> None:
-    plan = plan_ref()
-    if plan is not None:
-        plan.collect(index, output)
+class _Hook:
+    """One target's forward hook. A copy of the model (``copy.deepcopy``: an ``AveragedModel``, an
+    EMA, a distillation teacher) copies its modules' hooks: a copied hook is inert, and one called
+    for a module other than its target (a shallow copy shares the hooks) does nothing, so only the
+    compiled model's forwards are collected. Inert, a copy pickles too (``torch.save(model)``)."""
+
+    __slots__ = ("index", "module", "plan")
+
+    def __init__(self, plan: ActivityPlan, index: int, module: nn.Module):
+        self.plan, self.index, self.module = weakref.ref(plan), index, weakref.ref(module)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        plan = self.plan()
+        if plan is not None and module is self.module():
+            plan.collect(self.index, output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Inert:
+        return _Inert()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_Inert, ())
+
+
+class _Inert:
+    """What a copied :class:`_Hook` becomes: a hook that collects nothing."""
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        return None
 
 
 def _remove(handles: list[torch.utils.hooks.RemovableHandle]) -> None:
