@@ -330,3 +330,36 @@ def test_an_optuna_trial_gives_the_search_spaces_their_values(tmp_path, expected
     assert_same(module, expected)
     with pytest.raises(regdsl.RegCompileError, match="'wd'.*has no value"):
         trainer(1, tmp_path, callbacks=[RegularizationCallback(regdsl.parse(spaced))]).fit(Regression(), loader(1))
+
+
+class FusedSGD(Regression):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+
+    def training_step(self, batch, index):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.reg.param_groups(lr=0.1), lr=0.1, fused=self.fused)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's notes on CPU autocast and the scaler
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_a_fused_optimizer_under_a_grad_scaler_gets_the_whole_folded_term(tmp_path, fused: bool) -> None:
+    # A fused optimizer unscales its gradients itself: at on_before_optimizer_step they are still scaled,
+    # and GradScaler sets optimizer.grad_scale only later. The fold added the unscaled term: 0.05/65536.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def first_weights(rules: str) -> torch.Tensor:
+        module = FusedSGD(fused)
+        plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+        fitted = trainer(1, tmp_path, max_steps=1, plugins=[plugin], callbacks=[RegularizationCallback(regdsl.parse(rules))])
+        fitted.fit(module, loader(1))
+        return module.net.fc1.weight.detach().clone()
+
+    without = first_weights("layer net.fc1.weight l1 0.0")
+    start = net().fc1.weight.detach()
+    with_l1 = first_weights("layer net.fc1.weight l1 0.5")
+    torch.testing.assert_close(without - with_l1, 0.1 * 0.5 * start.sign(), rtol=0, atol=1e-5)  # lr · λ · sign(w)

@@ -77,8 +77,18 @@ class RegularizationCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         backward, self._seen[id(optimizer)] = self._seen.get(id(optimizer), 0) != self._backwards, self._backwards
-        if self.fold and self.reg is not None and backward:
+        if not (self.fold and self.reg is not None and backward):
+            return
+        scale = _scale_to_come(trainer, optimizer)
+        if scale is None:
             self.reg.fold(optimizer)
+            return
+        # Set as GradScaler.step() will set it for the update, so the fold scales its terms to match.
+        optimizer.grad_scale = scale
+        try:
+            self.reg.fold(optimizer)
+        finally:
+            del optimizer.grad_scale
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # values() reads every regularized weight: only on the steps the Trainer logs.
@@ -102,6 +112,18 @@ class RegularizationCallback(pl.Callback):
             self._saved = saved
         else:
             self.reg.load_state_dict(saved)
+
+
+def _scale_to_come(trainer: pl.Trainer, optimizer: Any) -> torch.Tensor | None:
+    """The loss scale of gradients still scaled at ``on_before_optimizer_step``: a fused optimizer
+    unscales them itself, so Lightning's mixed precision skips ``unscale_`` and runs this hook before
+    ``scaler.step()``, which sets ``optimizer.grad_scale`` only for the update. None otherwise."""
+    if getattr(optimizer, "grad_scale", None) is not None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return scaler._get_scale_async()  # the scale tensor, on the device, read without a host sync
 
 
 __all__ = ["RegularizationCallback"]
