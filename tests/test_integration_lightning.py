@@ -81,14 +81,19 @@ def loader(accumulate: int) -> DataLoader:
     return DataLoader(data(), batch_size=GLOBAL_BATCH // accumulate, shuffle=False)
 
 
-def plain_loop(skipped: int | None = None) -> dict[str, torch.Tensor]:
-    """``skipped``: the batch of each epoch whose backward is left out (its optimizer step still runs)."""
+def plain_loop(skipped: int | None = None, new_optimizer_at: int | None = None) -> dict[str, torch.Tensor]:
+    """``skipped``: the batch of each epoch whose backward is left out (its optimizer step still runs).
+    ``new_optimizer_at``: the step from which a new optimizer (momentum from zero) takes over."""
     model = net()
     reg = regdsl.compile(regdsl.parse(RULES.replace("net.", "")), model)
     opt = torch.optim.SGD(reg.param_groups(lr=LR, momentum=0.9))
     reg.attach(opt)
     x, y = data().tensors
     for step in range(STEPS):
+        if step == new_optimizer_at:
+            reg.detach()
+            opt = torch.optim.SGD(reg.param_groups(lr=LR, momentum=0.9))
+            reg.attach(opt)
         at = (step % EPOCH) * GLOBAL_BATCH
         xs, ys = x[at : at + GLOBAL_BATCH], y[at : at + GLOBAL_BATCH]
         loss = F.mse_loss(model(xs), ys) + reg.penalty()
@@ -363,3 +368,34 @@ def test_a_fused_optimizer_under_a_grad_scaler_gets_the_whole_folded_term(tmp_pa
     start = net().fc1.weight.detach()
     with_l1 = first_weights("layer net.fc1.weight l1 0.5")
     torch.testing.assert_close(without - with_l1, 0.1 * 0.5 * start.sign(), rtol=0, atol=1e-5)  # lr · λ · sign(w)
+
+
+def test_fitting_the_same_module_again_continues_its_schedules(tmp_path) -> None:
+    # Before, the second fit compiled the rules afresh: reg.step back at 0 (trainer.global_step went on)
+    # and the warmups restarted, 'to init' would pull toward the first fit's end.
+    module, callback = Regression(), RegularizationCallback(regdsl.parse(RULES))
+    fitted = trainer(2, tmp_path, callbacks=[callback], max_steps=EPOCH)
+    fitted.fit(module, loader(2))
+    first = module.reg
+    fitted.fit_loop.epoch_loop.max_steps = STEPS
+    fitted.fit(module, loader(2))
+    assert module.reg is first and module.reg.step == fitted.global_step == STEPS
+    assert_same(module, plain_loop(new_optimizer_at=EPOCH))  # the second fit builds its optimizer anew
+
+
+class SkipsFirst(Regression):
+    def training_step(self, batch, index):
+        loss = super().training_step(batch, index)
+        return None if index == 0 else loss
+
+
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`")  # on purpose here
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "loss"])
+def test_a_callback_used_again_folds_nothing_into_a_first_step_without_backward(tmp_path, fold: bool) -> None:
+    # Its backward count carried over from the first fit made the new optimizer's skipped step look backed.
+    callback = RegularizationCallback(regdsl.parse(RULES), fold=fold)
+    trainer(1, tmp_path, callbacks=[callback]).fit(Regression(), loader(1))
+    module = SkipsFirst()
+    trainer(1, tmp_path, callbacks=[callback]).fit(module, loader(1))
+    assert module.reg.step == STEPS
+    assert_same(module, plain_loop(skipped=0))

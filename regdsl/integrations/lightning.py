@@ -52,13 +52,20 @@ class RegularizationCallback(pl.Callback):
         # since (a training_step that returned None) updates nothing, so nothing is folded into it either.
         self._backwards = 0
         self._seen: dict[int, int] = {}
+        self._compiled_for: tuple[int, tuple[int, ...]] | None = None  # the module and parameters self.reg is for
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.reg is not None and self._compiled_for == (id(pl_module), _parameter_ids(pl_module)):
+            # A second fit of the same module continues: reg.step goes on as trainer.global_step does,
+            # and 'to init' keeps the weights the first fit started from.
+            pl_module.reg = self.reg
+            return
         if self.reg is not None:
             self.reg.detach()
         self.reg = compile(self.rules, pl_module, reference=self.reference, trial=self.trial)
+        self._compiled_for = (id(pl_module), _parameter_ids(pl_module))
         pl_module.reg = self.reg
         if self._saved is not None:
             self.reg.load_state_dict(self._saved)
@@ -71,6 +78,7 @@ class RegularizationCallback(pl.Callback):
         # on_before_optimizer_step, once the gradients exist. reg.step counts every optimizer's
         # steps, as trainer.global_step does.
         self.reg.attach(trainer.optimizers, fold=self.fold, fold_hook=False)
+        self._backwards, self._seen = 0, {}  # this fit's optimizers: none has stepped yet
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         self._backwards += 1
@@ -112,6 +120,10 @@ class RegularizationCallback(pl.Callback):
             self._saved = saved
         else:
             self.reg.load_state_dict(saved)
+
+
+def _parameter_ids(module: torch.nn.Module) -> tuple[int, ...]:
+    return tuple(id(p) for p in module.parameters())
 
 
 def _scale_to_come(trainer: pl.Trainer, optimizer: Any) -> torch.Tensor | None:
