@@ -350,7 +350,8 @@ def test_a_checkpoint_wrapped_model_reads_as_the_bare_one_in_check_explain_and_c
     for command in (["check"], ["explain"], ["explain", "--format", "json"], ["explain", "--format", "csv"]):
         runs = {m: _cli(capsys, *command, rules, "--model", f"{factory}:{m}") for m in ("wrapped", "bare")}
         code, out, err = runs["wrapped"]
-        assert (code, err) == (0, ""), out
+        assert code == 0, out
+        assert err == ("" if command[-1] != "csv" else runs["bare"][2]), err  # the CSV's note on activity terms, alike
         assert "RD102" not in out
         assert out.replace(":wrapped", ":bare") == runs["bare"][1], command
 
