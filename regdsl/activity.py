@@ -52,6 +52,7 @@ class ActivityPlan:
         self._strengths = [torch.tensor(strength_at(t.term, step), dtype=torch.float64) for t in self.targets]
         self._on_device: list[dict[tuple[torch.device, torch.dtype], torch.Tensor]] = [{} for _ in self.targets]
         self._scheduled = [i for i, t in enumerate(self.targets) if is_scheduled(t.term)]
+        self._scheduled_set = frozenset(self._scheduled)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._finalizer = weakref.finalize(self, _remove, self._handles)
         self.register()
@@ -115,7 +116,12 @@ class ActivityPlan:
         else:
             total = output.to(acc).square().sum()
             factor = 0.5
-        return self.strength(index, output.device, acc) * (total * (factor / max(batch, 1)))
+        strength = self.strength(index, output.device, acc)
+        if index in self._scheduled_set:
+            # A copy for autograd to keep: a step between this forward and its backward (another
+            # optimizer's, in a GAN) updates the cached one in place, and backward would refuse it.
+            strength = strength.clone()
+        return strength * (total * (factor / max(batch, 1)))
 
     def take(self) -> list[torch.Tensor]:
         """The values collected since the last call."""

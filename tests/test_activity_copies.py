@@ -62,3 +62,27 @@ def test_a_model_with_activity_hooks_pickles_and_its_copy_collects_nothing() -> 
     assert reg.penalty().item() == 0.0
     model(x)
     torch.testing.assert_close(reg.penalty(), by_hand(model, x))
+
+
+def test_a_step_between_a_forward_and_its_backward_keeps_the_forwards_strength() -> None:
+    # A GAN: the generator's forward, then the discriminator's step (reg.step moves a schedule), then the
+    # generator's backward. Before: "modified by an inplace operation" (the strength autograd kept).
+    def gradients(step_between: bool) -> dict[str, torch.Tensor]:
+        gan = nn.ModuleDict({"gen": student(), "disc": nn.Linear(2, 2)})
+        model = gan["gen"]
+        reg = regdsl.parse(f"layer gen.1 activity l2 {LAM} warmup 4").compile(gan)
+        opt_model = torch.optim.SGD(reg.param_groups(gan["gen"], lr=0.0))
+        opt_other = torch.optim.SGD(reg.param_groups(gan["disc"], lr=0.0))
+        reg.attach([opt_model, opt_other])
+        opt_other.step()  # reg.step 1: inside the warmup
+        model(torch.randn(5, 4, generator=torch.Generator().manual_seed(1)))
+        penalty = reg.penalty()
+        if step_between:
+            opt_other.step()  # reg.step 2: the strength moves
+        penalty.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    want, got = gradients(False), gradients(True)
+    assert want.keys() == got.keys() and want
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=0, atol=0)
