@@ -34,7 +34,7 @@ from .entries import Members, ParamEntry
 from .errors import RegDslWarning, RegUsageError, caller_stacklevel, name_list
 from .fold import Folding, FoldPlan
 from .fold_kernels import eager
-from .guards import LrRatios, check_lrs, warn_decay_underflow
+from .guards import LrRatios, check_lrs, warn_decay_not_in_groups, warn_decay_underflow
 from .penalties import PenaltyPlan
 from .replaced import unwatch, watch, watch_steps
 from .resolution import GroupKey
@@ -182,6 +182,7 @@ class Attachment:
             owner.decay.write(optimizer, reg.step)
         for optimizer in optimizers:  # may raise, under warnings-as-errors: before any hook
             warn_decay_underflow(optimizer, reg._groups)
+            warn_decay_not_in_groups(optimizer, reg._groups, reg.step)
         self.hooks: list[Any] = []
         scheduled = bool(reg._scheduled_decays) or any_scheduled(i.term for i in reg._loss_items + reg._post_items)
         names = {key.name for key, _ in reg._groups}

@@ -4,6 +4,7 @@ and AdamW decay too small to move 16-bit weights (:mod:`regdsl.precision`)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from numbers import Real
@@ -13,6 +14,7 @@ import torch
 
 from .errors import RegDslWarning, RegUsageError, caller_stacklevel, name_list
 from .precision import decay_underflows
+from .schedule import strength_at
 from .walk import canonical_name
 
 
@@ -105,6 +107,36 @@ def warn_decay_underflow(optimizer: torch.optim.Optimizer, groups: Sequence[tupl
     lines = {key.name: key.decay.pos.line for key, _ in groups if key.decay is not None and key.decay.pos is not None}
     for message in decay_underflows(optimizer, lines):
         warnings.warn(RegDslWarning(message), stacklevel=caller_stacklevel())
+
+
+def warn_decay_not_in_groups(optimizer: torch.optim.Optimizer, groups: Sequence[tuple[Any, Any]], step: int) -> None:
+    """A file with ``decay`` rules, attached to an optimizer whose groups decay the tensors otherwise
+    (built from ``model.parameters()``: torch's AdamW decays every tensor by 0.01, biases and norms
+    the file excludes too, and no tensor by the file's value). The file's decay would be a silent no-op."""
+    if not any(key.decay is not None for key, _ in groups):
+        return
+    wanted = {
+        id(e.param): (e.name, strength_at(key.decay, step) if key.decay is not None else 0.0)
+        for key, members in groups
+        for e in members
+    }
+    wrong = []
+    for group in optimizer.param_groups:
+        actual = group.get("weight_decay", 0.0)
+        actual = float(actual.item()) if isinstance(actual, torch.Tensor) else float(actual)
+        for p in group["params"]:
+            name, value = wanted.get(id(p), (None, actual))
+            if name is not None and not math.isclose(actual, value, rel_tol=1e-9, abs_tol=1e-12):
+                wrong.append(f"'{name}': {actual:g} where the rules give {value:g}")
+    if wrong:
+        shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        warnings.warn(
+            RegDslWarning(
+                f"the optimizer's weight_decay is not the rule file's for {len(wrong)} tensor{'s' * (len(wrong) > 1)} "
+                f"({shown}): the file's decay acts through the optimizer's groups, so build it from reg.param_groups()"
+            ),
+            stacklevel=caller_stacklevel(),
+        )
 
 
 def warn_untaken(targets: Sequence[Any]) -> None:

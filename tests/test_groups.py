@@ -6,6 +6,8 @@ structure; `check_partition` checks the invariants every result must keep.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -430,3 +432,37 @@ def test_lr_scale_instead_of_a_scaled_lr() -> None:
     with pytest.raises(regdsl.RegUsageError, match=r"lr_scale=True\) for timm"):
         reg.param_groups()
     assert reg.param_groups(lr_scale=True)[0].get("lr") is None  # no lr needed: timm's scheduler sets it
+
+
+@pytest.mark.parametrize(
+    ("build", "wrong"),
+    [
+        # torch's AdamW decays every tensor by 0.01: the excluded bias and norm too, the weights by the wrong value.
+        (lambda m, reg: torch.optim.AdamW(m.parameters(), lr=1e-3), 6),
+        (lambda m, reg: torch.optim.SGD(m.parameters(), lr=0.1), 2),  # no decay at all: the file's 0.1 does nothing
+        (lambda m, reg: torch.optim.AdamW(reg.param_groups(lr=1e-3)), 0),
+    ],
+    ids=["AdamW(model.parameters())", "SGD(model.parameters())", "param_groups"],
+)
+def test_attach_warns_when_the_optimizers_groups_would_not_apply_the_files_decay(build, wrong: int) -> None:
+    # Before, the file's decay was a silent no-op with an optimizer built from model.parameters().
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    reg = regdsl.parse("all decay 0.1\nexclude bias\nexclude norm").compile(model)
+    optimizer = build(model, reg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reg.attach(optimizer)
+    said = [str(w.message) for w in caught if "weight_decay is not the rule file's" in str(w.message)]
+    if wrong:
+        assert len(said) == 1 and f"for {wrong} tensors" in said[0] and "reg.param_groups()" in said[0], said
+    else:
+        assert said == []
+
+
+def test_a_file_without_decay_leaves_the_optimizers_decay_alone() -> None:
+    model = nn.Linear(3, 2)
+    reg = regdsl.parse("all l1 1e-4").compile(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg.attach(torch.optim.AdamW(model.parameters(), lr=1e-3))
