@@ -34,7 +34,7 @@ from .entries import Members, ParamEntry
 from .errors import RegDslWarning, RegUsageError, caller_stacklevel, name_list
 from .fold import Folding, FoldPlan
 from .fold_kernels import eager
-from .guards import LrRatios, check_lrs, warn_decay_not_in_groups, warn_decay_underflow
+from .guards import LrRatios, check_lrs, check_maximize, warn_decay_not_in_groups, warn_decay_underflow
 from .penalties import PenaltyPlan
 from .replaced import unwatch, watch, watch_steps
 from .resolution import GroupKey
@@ -145,6 +145,7 @@ class Attachment:
             if not isinstance(value, bool):
                 raise RegUsageError(f"attach({flag}=...) takes True or False, not {value!r}")
         several = len(optimizers) > 1
+        check_maximize(optimizers, fold)
         stepped = [{id(p) for g in o.param_groups for p in g["params"]} for o in optimizers]
         model = {id(e.param) for e in reg.table.entries}
         for k, ids in enumerate(stepped):

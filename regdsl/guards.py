@@ -139,6 +139,26 @@ def warn_decay_not_in_groups(optimizer: torch.optim.Optimizer, groups: Sequence[
         )
 
 
+def check_maximize(optimizers: Sequence[torch.optim.Optimizer], fold: bool) -> None:
+    """An optimizer with ``maximize=True`` climbs its gradient: a term folded into it, or a penalty
+    added to the objective it maximizes, would grow (decay, prox and max_norm still shrink). The fold
+    cannot be told apart from the data gradient, so it is refused; the loss path is told to subtract."""
+    if not any(group.get("maximize", False) for optimizer in optimizers for group in optimizer.param_groups):
+        return
+    if fold:
+        raise RegUsageError(
+            "attach(fold=True) with an optimizer that has maximize=True: it would climb the folded terms, growing the "
+            "weights they shrink; attach(optimizer) and subtract the penalty from the objective it maximizes"
+        )
+    warnings.warn(
+        RegDslWarning(
+            "the optimizer has maximize=True: subtract reg.penalty() from the objective it maximizes "
+            "(objective - reg.penalty()); added, the terms would grow the weights they shrink"
+        ),
+        stacklevel=caller_stacklevel(),
+    )
+
+
 def warn_untaken(targets: Sequence[Any]) -> None:
     """An optimizer step ran (inside torch's step hook) with activity values no penalty() took."""
     warnings.warn(
