@@ -38,6 +38,23 @@ class Node(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     pos: Span | None = Field(default=None, description="Source span; ignored by == and hash.")
 
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Any:
+        """A copy, validated again when ``update`` changes fields: pydantic's own copy validates
+        nothing, so ``spec.model_copy(update=...)`` could make a spec the text would refuse (a
+        negative strength, a term twice) and compile it."""
+        copied = super().model_copy(update=update, deep=deep)
+        if not update:
+            return copied
+        checked = type(self).model_validate({name: getattr(copied, name) for name in type(self).model_fields})
+        if copied.__pydantic_private__ is not None:  # the source text, a valued term's space: kept
+            checked.__pydantic_private__ = dict(copied.__pydantic_private__)
+        return checked
+
+    def copied(self, update: Mapping[str, Any]) -> Any:
+        """Pydantic's copy, not validated again: for regdsl's own changes that keep a spec valid
+        (a search space replaced by a value inside it), and keep each node's private state."""
+        return BaseModel.model_copy(self, update=update)
+
     def _meaning(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in type(self).model_fields if name != "pos")
 

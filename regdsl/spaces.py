@@ -81,16 +81,16 @@ def _replaced(spec: Spec, value_of: Callable[[str, Any], float], keep_space: boo
     lr_decay = spec.lr_decay
     for si, ti, field, space, name in uses:
         if si == LR_DECAY:
-            lr_decay = spec.lr_decay.model_copy(update={field: value_of(name, space)})  # type: ignore[union-attr]
+            lr_decay = spec.lr_decay.copied({field: value_of(name, space)})  # type: ignore[union-attr]
             lr_decay._space, lr_decay._space_name = (space, name) if keep_space else (None, None)
             continue
         terms = terms_of.setdefault(si, list(statements[si].terms))  # type: ignore[union-attr]
-        term = terms[ti].model_copy(update={field: value_of(name, space)})
+        term = terms[ti].copied({field: value_of(name, space)})
         term._space, term._space_name = (space, name) if keep_space else (None, None)
         terms[ti] = term
     for si, terms in terms_of.items():
-        statements[si] = statements[si].model_copy(update={"terms": tuple(terms)})
-    out = spec.model_copy(update={"statements": tuple(statements), "lr_decay": lr_decay})
+        statements[si] = statements[si].copied({"terms": tuple(terms)})
+    out = spec.copied({"statements": tuple(statements), "lr_decay": lr_decay})
     # Its nodes keep their positions in the file's text: a diagnostic about a valued spec (a trial's)
     # shows the line as written, with its caret.
     out._source = spec._source

@@ -209,7 +209,7 @@ class Spec(Node):
         uses = _uses(self)
         defined = {space.name: space for *_, space, _ in uses if not space.ref}
         for si, ti, _field, space, name in uses:
-            if space.ref and defined.get(name) != space.model_copy(update={"ref": False}):
+            if space.ref and defined.get(name) != space.copied({"ref": False}):
                 raise PydanticCustomError(
                     "space",
                     "search space '{name}' is used here with other values than where it is defined",
