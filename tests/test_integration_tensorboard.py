@@ -49,3 +49,18 @@ def test_scalars_and_histograms_reach_the_event_file(tmp_path) -> None:
     sizes = {g["name"]: sum(p.numel() for p in g["params"]) for g in reg.param_groups(lr=0.1)}
     for name, size in sizes.items():
         assert events.Histograms(f"weights/{name}")[-1].histogram_value.num == size
+
+
+def test_logging_histograms_leaves_how_the_groups_were_built_alone(tmp_path) -> None:
+    # Before, the histograms called param_groups(lr=1.0), which recorded lr_scale=False: remap_optimizer_state
+    # then folded the lr_mult into the lr and dropped the lr_scale a timm scheduler reads (10x too high there).
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse("all decay 0.05\nlayer fc1 lr_mult 0.1").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=1e-3, lr_scale=True))
+    before = reg.remap_optimizer_state(opt.state_dict(), reg.state_dict())
+    with SummaryWriter(str(tmp_path)) as writer:
+        log(reg, writer, step=0, histograms=True)
+    after = reg.remap_optimizer_state(opt.state_dict(), reg.state_dict())
+    assert after["param_groups"] == before["param_groups"]
+    assert sorted(g.get("lr_scale", 1.0) for g in after["param_groups"]) == [0.1, 1.0]

@@ -31,10 +31,12 @@ def log(reg: Regularizer, writer: Any, step: int, histograms: bool = False) -> N
 def group_weights(reg: Regularizer) -> dict[str, torch.Tensor]:
     """Each optimizer group's weights, flattened into one float32 CPU tensor, by group name."""
     out = {}
-    for group in reg.param_groups(lr=1.0):  # the lr is irrelevant here; lr_mult files require one
-        params = [p.detach().flatten().float().cpu() for p in group["params"]]
+    # The groups param_groups() gives, read without calling it: a call records how the optimizer's
+    # groups were built (lr_scale or not), which remap_optimizer_state() then follows.
+    for key, members in reg._groups:
+        params = [p.detach().flatten().float().cpu() for p in members.params]
         if params:
-            out[group["name"]] = torch.cat(params)
+            out[key.name] = torch.cat(params)
     return out
 
 
