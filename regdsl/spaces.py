@@ -100,11 +100,12 @@ def _replaced(spec: Spec, value_of: Callable[[str, Any], float], keep_space: boo
 def stand_in(spec: Spec) -> Spec:
     """``spec`` with each space at its stand-in value, the space kept beside it: what ``check``
     and ``explain`` resolve a file with spaces with. Never compiled (see :func:`require_values`)."""
-    # lr_decay is off at 1, as a strength is at 0: its choice stands in with the first other one.
-    own = spec.lr_decay.factor if spec.lr_decay is not None else None
+    # lr_decay is off at 1, as a strength is at 0: its choice stands in with the first other one,
+    # wherever else the same named space is used (one space, one value).
+    lr_decay = {name for si, *_, name in _uses(spec) if si == LR_DECAY}
 
-    def value(_: str, space: Any) -> float:
-        if space is own and isinstance(space, ChoiceSpace):
+    def value(name: str, space: Any) -> float:
+        if name in lr_decay and isinstance(space, ChoiceSpace):
             return next((v for v in space.choices if v != 1), space.stand_in)
         return space.stand_in
 

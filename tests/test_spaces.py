@@ -516,3 +516,11 @@ def test_an_lr_decay_choice_stands_in_with_a_decay_that_is_on(choices: str, fact
     rules = f"lr_decay choice({choices})\nlayer 0 depth 0\nlayer 1 depth 1\n"
     rows = regdsl.resolve(regdsl.parse(rules), model).rows
     assert [(r.name, r.lr_factor) for r in rows] == [("0.weight", factor), ("0.bias", factor), ("1.weight", 1.0), ("1.bias", 1.0)]
+
+
+def test_a_named_space_shared_by_lr_decay_and_a_strength_stands_in_with_one_value() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    rules = "all l2 choice(1, 0.5) as d\nlr_decay d\nlayer 0 depth 0\nlayer 1 depth 1\n"
+    rows = regdsl.resolve(regdsl.parse(rules), model).rows
+    assert {r.terms["l2"].value for r in rows} == {0.5}  # before: l2 stood in with 1.0, lr_decay with 0.5
+    assert [r.lr_factor for r in rows] == [0.5, 0.5, 1.0, 1.0]
