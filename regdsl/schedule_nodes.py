@@ -12,6 +12,7 @@ from pydantic import Field, TypeAdapter, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .nodes import Node, raw_items, readable, validated_and_checked
+from .space_nodes import Number
 
 # Step counts and dims are int64 everywhere they go (torch, the schedule's float arithmetic),
 # and a bound keeps every accepted number printable: str() refuses ints of 4,300+ digits.
@@ -85,7 +86,7 @@ class CosineStep(Node):
     """Half-cosine anneal from the strength to ``end`` over ``steps`` optimizer steps."""
 
     kind: Literal["cosine"] = "cosine"
-    end: float
+    end: Number
     steps: int
 
     @field_validator("end")

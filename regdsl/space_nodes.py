@@ -15,10 +15,21 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, BeforeValidator, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
 from .nodes import Node
+
+
+def _plain_number(value: Any) -> Any:
+    """JSON's ``true`` and ``"1e-3"``: pydantic's lax float reads them as 1.0 and 0.001, so a
+    hand-edited flag would become a strength of 1. Only numbers are numbers."""
+    if isinstance(value, (bool, str)):
+        raise PydanticCustomError("number", "expected a number, got {value}", {"value": repr(value)})
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_plain_number)]
 
 # The fields of a term that a number, or a space, fills (the rest of a term's numbers are not tunable).
 VALUE_FIELDS = ("strength", "norm", "factor")
@@ -95,8 +106,8 @@ class _Space(Node):
 
 
 class _Interval(_Space):
-    low: float
-    high: float
+    low: Number
+    high: Number
 
     @model_validator(mode="after")
     def _ordered(self) -> _Interval:
@@ -154,7 +165,7 @@ class ChoiceSpace(_Space):
     """One of the listed values."""
 
     kind: Literal["choice"] = "choice"
-    choices: tuple[float, ...] = Field(min_length=1)
+    choices: tuple[Number, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _distinct(self) -> ChoiceSpace:
@@ -220,7 +231,7 @@ def _number_or_space(value: Any) -> str:
 # A term's value: a number or a space. The callable discriminator sends each input down one branch,
 # so a bad space reports its own problem, not also that it is not a number.
 Value = Annotated[
-    Annotated[float, Tag("number")] | Annotated[Space, Tag("space")] | Annotated[SpaceName, Tag("name")],
+    Annotated[Number, Tag("number")] | Annotated[Space, Tag("space")] | Annotated[SpaceName, Tag("name")],
     Discriminator(_number_or_space),
 ]
 

@@ -46,3 +46,28 @@ def test_a_valid_change_compiles_and_keeps_the_source_for_diagnostics() -> None:
     found = regdsl.check(changed, nn.Linear(2, 2))
     assert [d.code for d in found] == ["RD101"]
     assert "layer nothing l1 1e-4" in found[0].render()  # the line as written, with its caret
+
+
+def _json_with(text: str, change) -> str:
+    import json
+
+    data = json.loads(regdsl.parse(text).to_json())
+    change(data)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    ("text", "change"),
+    [
+        ("all l2 0.1", lambda d: d["statements"][0]["terms"][0].update(strength=True)),
+        ("all l2 0.1", lambda d: d["statements"][0]["terms"][0].update(strength="1e-3")),
+        ("all l1 choice(0, 1)", lambda d: d["statements"][0]["terms"][0]["strength"].update(choices=[False, True])),
+        ("all l2 uniform(0, 1)", lambda d: d["statements"][0]["terms"][0]["strength"].update(high="1")),
+    ],
+    ids=["true strength", "string strength", "bool choices", "string bound"],
+)
+def test_hand_edited_json_takes_numbers_only(text: str, change) -> None:
+    # Before, pydantic's lax float read true as 1.0 and "1e-3" as 0.001: a flag became a strength.
+    with pytest.raises(regdsl.RegValidationError, match="expected a number, got"):
+        regdsl.Spec.from_json(_json_with(text, change))
+    assert regdsl.Spec.from_json(_json_with(text, lambda d: None)) == regdsl.parse(text)
