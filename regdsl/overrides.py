@@ -28,6 +28,11 @@ def dead_rules(res: Resolution) -> Iterable[Diagnostic]:
     """
     statements = res.spec.statements
     trainable = res.trainable_of()
+    everything = res.matches
+
+    def reach(index: int, kind: str) -> tuple[int, ...]:
+        # A depth on a frozen parameter still counts: the deepest depth is over every parameter.
+        return everything[index] if kind == "depth" else trainable[index]
     excludes = [index for index, statement in enumerate(statements) if isinstance(statement, Exclude)]
     excluded = set().union(*(trainable[index] for index in excludes))
     by_entry: dict[int, list[int]] = {}
@@ -40,7 +45,7 @@ def dead_rules(res: Resolution) -> Iterable[Diagnostic]:
                     by_entry.setdefault(j, []).append(index)
         return by_entry.get(i, [])
 
-    last = _last_setters(statements, trainable, len(res.table.entries))
+    last = _last_setters(statements, reach, len(res.table.entries))
     earliest: dict[tuple[int, str], float] = {}  # (selection, kind) -> the first of its last setters
     causes: dict[tuple[int, frozenset[str]], str] = {}
     modules = {row.name: row for row in res.modules}
@@ -51,11 +56,11 @@ def dead_rules(res: Resolution) -> Iterable[Diagnostic]:
         # A 'none' among other terms clears every regularization kind, so each is an effect of the rule.
         own = {t.kind for t in statement.terms if t.kind in PARAM_TERMS}
         if own or any(isinstance(t, NoneTerm) for t in statement.terms):
-            selected = trainable[index]
-            if not selected:
-                continue  # a rule on frozen or no parameters is RD101/RD104's
             kinds = frozenset(own | (_REGULARIZERS if any(isinstance(t, NoneTerm) for t in statement.terms) else set()))
+            if not any(reach(index, kind) for kind in kinds):
+                continue  # a rule on frozen or no parameters is RD101/RD104's
             for kind in kinds:
+                selected = reach(index, kind)
                 key = (id(selected), kind)
                 if key not in earliest:
                     # An excluded parameter has no regularizer left to override; lr_mult survives excludes.
@@ -64,9 +69,9 @@ def dead_rules(res: Resolution) -> Iterable[Diagnostic]:
                 if earliest[key] <= index:
                     break
             else:
-                key2 = (id(selected), kinds)
+                key2 = (tuple(id(reach(index, kind)) for kind in sorted(kinds)), kinds)
                 if key2 not in causes:
-                    causes[key2] = _causes(statements, selected, kinds, last, excluded, excluded_by)
+                    causes[key2] = _causes(statements, {k: reach(index, k) for k in kinds}, last, excluded, excluded_by)
                 found.append(f"every parameter it selects is {causes[key2]}")
             if not found:
                 continue
@@ -110,21 +115,24 @@ _REGULARIZERS = frozenset(k for k in PARAM_TERMS if k not in NOT_REGULARIZERS)
 
 
 def _last_setters(
-    statements: Sequence[Rule | Exclude], trainable: Sequence[tuple[int, ...]], size: int
+    statements: Sequence[Rule | Exclude], reach: Callable[[int, str], tuple[int, ...]], size: int
 ) -> dict[str, list[int]]:
     """Per kind that some rule sets, per parameter: the index of the last rule that sets the kind on
-    it (a 'none' clears every regularizer), -1 if none does."""
+    it (a 'none' clears every regularizer), -1 if none does. ``reach(rule, kind)``: the parameters
+    the rule sets that kind on (the trainable ones it selects; for depth, every one)."""
     newest: dict[tuple[int, str], int] = {}  # (selection, kind) -> its last rule: selections repeat
     selections: dict[int, tuple[int, ...]] = {}
     for index, statement in enumerate(statements):
-        if not isinstance(statement, Rule) or not trainable[index]:
+        if not isinstance(statement, Rule):
             continue
         kinds = {t.kind for t in statement.terms if t.kind in PARAM_TERMS}
         if any(isinstance(t, NoneTerm) for t in statement.terms):
             kinds |= _REGULARIZERS
-        selections[id(trainable[index])] = trainable[index]
         for kind in kinds:
-            newest[id(trainable[index]), kind] = index
+            selection = reach(index, kind)
+            if selection:
+                selections[id(selection)] = selection
+                newest[id(selection), kind] = index
     # Only the kinds some rule sets: dead_rules() asks for no other, and each list is one per tensor.
     last = {kind: [-1] * size for kind in dict.fromkeys(kind for _, kind in newest)}
     # In file order, so a later rule's index simply overwrites: one C-level pass per selection.
@@ -135,21 +143,20 @@ def _last_setters(
 
 def _causes(
     statements: Sequence[Rule | Exclude],
-    selected: tuple[int, ...],
-    kinds: frozenset[str],
+    selections: dict[str, tuple[int, ...]],
     last: dict[str, list[int]],
     excluded: set[int],
     excluded_by: Callable[[int], list[int]],
 ) -> str:
     overriders: set[int] = set()
     hidden = False  # some parameter's regularizers are removed by an exclude
-    for i in selected:
-        for kind in kinds:
+    for kind, selected in selections.items():
+        for i in selected:
             if i in excluded and kind not in NOT_REGULARIZERS:
                 hidden = True
             else:
                 overriders.add(last[kind][i])
-    excluders = {j for i in selected for j in excluded_by(i)} if hidden else set()
+    excluders = {j for kind, selected in selections.items() for i in selected for j in excluded_by(i)} if hidden else set()
     found = [
         f"{verb} by {_lines(statements, which)}" for verb, which in (("overridden", overriders), ("excluded", excluders)) if which
     ]
