@@ -8,6 +8,7 @@ computed once per class: a model of 10,000 Linears asks about one class.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 
 from torch import nn
@@ -127,11 +128,16 @@ def base_class_match_of(atom: TypeAtom, types: tuple[type, ...]) -> tuple[str, t
     return found
 
 
+# torch's recurrent layers name theirs per layer and direction: bias_ih_l0, bias_hh_l1_reverse; cells bias_ih.
+_RECURRENT_BIAS = re.compile(r"bias_(?:ih|hh)(?:_l\d+)?(?:_reverse)?")
+
+
 @functools.lru_cache(maxsize=4096)
 def is_bias_name(attribute: str) -> bool:
-    """``bias``, or a name ending in ``_bias`` (MultiheadAttention's ``in_proj_bias``). ``bias_k`` and
+    """``bias``, a name ending in ``_bias`` (MultiheadAttention's ``in_proj_bias``), or a recurrent
+    layer's ``bias_ih_l0``/``bias_hh_l0_reverse`` (RNN, LSTM, GRU and their cells). ``bias_k`` and
     ``bias_v`` are MultiheadAttention's learned key/value tokens, not biases."""
-    return attribute == "bias" or attribute.endswith("_bias")
+    return attribute == "bias" or attribute.endswith("_bias") or _RECURRENT_BIAS.fullmatch(attribute) is not None
 
 
 @functools.cache

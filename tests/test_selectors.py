@@ -462,3 +462,16 @@ def test_gpt2_blocks_through_their_base_class() -> None:
     assert codes("type PreTrainedModel l1 1\n", model) == ["RD101"]
     with pytest.raises(RegCompileError):
         regdsl.parse("type GenerationMixin l1 1\n").compile(model)
+
+
+def test_bias_selects_the_biases_of_recurrent_layers() -> None:
+    # Before, torch's bias_ih_l0 / bias_hh_l0_reverse matched neither 'bias' nor '*_bias': 'exclude bias'
+    # left them decayed, silently, and 'bias l1 ...' on an LSTM was RD101.
+    model = nn.ModuleDict(
+        {"rnn": nn.LSTM(3, 4, num_layers=2, bidirectional=True), "cell": nn.GRUCell(3, 4), "out": nn.Linear(4, 2)}
+    )
+    rows = regdsl.resolve(regdsl.parse("all decay 0.01\nexclude bias"), model).rows
+    decayed = {r.name for r in rows if "decay" in r.terms}
+    want = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1].startswith("weight")}
+    assert decayed == want
+    assert regdsl.check(regdsl.parse("bias l1 1e-4"), nn.LSTM(3, 4)) == []
