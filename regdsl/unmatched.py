@@ -20,6 +20,16 @@ from .spec import MODULE_TERMS, PARAM_TERMS, Exclude, LayerAtom, Rule, Spec, Typ
 
 
 def unmatched(res: Resolution) -> Iterable[Diagnostic]:
+    # A 'type' pattern that matches nothing is the same problem for the rule's parameter terms and its
+    # activity terms: said once.
+    seen: set[tuple[int, int, str, str]] = set()
+    for d in _unmatched(res):
+        if (key := (d.line, d.column, d.code, d.message)) not in seen:
+            seen.add(key)
+            yield d
+
+
+def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
     spec, table = res.spec, res.table
     matcher = table.matcher
     nearest = _Nearest()

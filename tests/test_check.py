@@ -612,3 +612,9 @@ def test_coverage_transformer_counts_the_tied_tensor_once():
     # Every tensor lands in exactly one of: some term, nothing, frozen.
     rows = resolve(regdsl.parse(text), model).rows
     assert len(rows) == len(list(model.parameters())) == 26
+
+
+def test_a_type_that_matches_nothing_is_said_once_for_parameter_and_activity_terms():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+    found = check("type ReLU l2 0.1 activity l1 0.1", model)
+    assert [(d.code, d.column) for d in found] == [("RD102", 6)]
