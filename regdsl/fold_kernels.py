@@ -65,8 +65,8 @@ class Bucket:
         in_runs = {k for a, b in runs for k in range(a, b)}
         self.singles = [k for k in range(len(self.params)) if k not in in_runs]
         # Off the CPU, weights of one shape fold as one stack (regdsl.fold_stacked); float32 and float64 only.
-        flat = family == "group_lasso" and not self.on_scratch and not self.sharded and self.dtype == self.acc
-        self.stacked = shape_groups(self.params, self.others) if flat else []
+        stacking = family == "group_lasso" and not self.on_scratch and not self.sharded and self.dtype == self.acc
+        self.stacked = shape_groups(self.params, self.others) if stacking else []
         self.tiny = torch.finfo(self.acc).tiny
         # slice_norms' buffer, each parameter's (start, end, shape) in it and its views there: made on first use.
         self._norm_buffer: torch.Tensor | None = None

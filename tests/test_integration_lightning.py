@@ -132,11 +132,13 @@ def test_fit_matches_the_plain_loop(tmp_path, expected, accumulate: int, fold: b
 
 
 class Skipping(Regression):
-    """A training_step that returns None for batch 1: Lightning skips its backward, yet steps the optimizer."""
+    """A training_step that returns None for batch ``skipped``: Lightning skips its backward, yet steps the optimizer."""
+
+    skipped = 1
 
     def training_step(self, batch, index):
         loss = super().training_step(batch, index)
-        return None if index == 1 else loss
+        return None if index == self.skipped else loss
 
 
 @pytest.mark.filterwarnings("ignore:`training_step` returned `None`")  # on purpose here
@@ -383,10 +385,8 @@ def test_fitting_the_same_module_again_continues_its_schedules(tmp_path) -> None
     assert_same(module, plain_loop(new_optimizer_at=EPOCH))  # the second fit builds its optimizer anew
 
 
-class SkipsFirst(Regression):
-    def training_step(self, batch, index):
-        loss = super().training_step(batch, index)
-        return None if index == 0 else loss
+class SkipsFirst(Skipping):
+    skipped = 0
 
 
 @pytest.mark.filterwarnings("ignore:`training_step` returned `None`")  # on purpose here
