@@ -17,6 +17,7 @@ from .errors import Diagnostic, name_list
 from .findings import model_diagnostic
 from .resolution import Resolution
 from .spec import MODULE_TERMS, PARAM_TERMS, Exclude, LayerAtom, Rule, Spec, TypeAtom, kind_label
+from .walk import WRAPPER_SEGMENTS
 
 
 def unmatched(res: Resolution) -> Iterable[Diagnostic]:
@@ -52,12 +53,13 @@ def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
                     if not matcher.layer(pattern.text):
                         found_part = True
                         empty = matcher.modules_named(pattern.text)
+                        meant = _in_regdsl_names(pattern.text, matcher.layer)
                         yield model_diagnostic(
                             spec, pattern.pos, code,
                             f"layer pattern '{pattern.text}' matches only modules with no parameters: {name_list(empty)}"
                             if empty
                             else f"layer pattern '{pattern.text}' matches no parameter or module"
-                            + nearest(pattern.text, matcher.all_paths),
+                            + (meant or nearest(pattern.text, matcher.all_paths)),
                         )
             elif isinstance(atom, TypeAtom):
                 for pattern in atom.patterns:
@@ -84,6 +86,26 @@ def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
             )
 
 
+def _in_regdsl_names(text: str, matches: Any, what: str = "tensors") -> str | None:
+    """What a pattern written in torch's names (a ``named_parameters()`` or state_dict key) is in
+    regdsl's, when that matches: wrapper segments left out, and a parametrization's container
+    (``fc1.parametrizations.weight.original0`` is ``fc1.weight.original0``). Difflib's nearest names
+    miss these: the container moves the rest of the name."""
+    parts = text.split(".")
+    wrappers = sorted({p for p in parts if p in WRAPPER_SEGMENTS})
+    container = "parametrizations" in parts[:-1]
+    last = len(parts) - 1
+    kept = [p for i, p in enumerate(parts) if p not in WRAPPER_SEGMENTS and (p != "parametrizations" or i == last)]
+    if len(kept) == len(parts) or not kept or not matches(meant := ".".join(kept)):
+        return None
+    why = []
+    if container:
+        why.append("a parametrization's tensors under the tensor they compute, without torch's 'parametrizations' segment")
+    if wrappers:
+        why.append(f"{what} without wrapper segments ({', '.join(repr(w) for w in wrappers)})")
+    return f": regdsl names {' and '.join(why)}: write '{meant}'"
+
+
 def acts_on_params(statement: Rule | Exclude) -> bool:
     return isinstance(statement, Exclude) or any(t.kind not in MODULE_TERMS for t in statement.terms)
 
@@ -107,7 +129,8 @@ def _unmatched_modules(spec: Spec, statement: Rule, res: Resolution, nearest: _N
                 yield model_diagnostic(
                     spec, pattern.pos, "RD101",
                     f"layer pattern '{pattern.text}' matches no module (activity terms select modules by their own name)"
-                    + nearest(pattern.text, matcher.module_names),
+                    + (_in_regdsl_names(pattern.text, matcher.module_layer_hits, "modules")
+                       or nearest(pattern.text, matcher.module_names)),
                 )
             elif isinstance(atom, TypeAtom) and not matcher.type_hits(pattern.text, "modules"):
                 found_part = True

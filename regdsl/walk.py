@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from .classes import is_original
 
 # Wrapper attributes that appear inside parameter names but are not part of the user's model.
-_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 @functools.cache
@@ -30,7 +30,7 @@ def _root_wrappers() -> tuple[type, ...]:
 def canonical_name(name: str) -> str:
     """A torch name (a state_dict key) as the ParamTable names it: no wrapper segments, and
     ``fc1.parametrizations.weight.original0`` as ``fc1.weight.original0``."""
-    parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
+    parts = [part for part in name.split(".") if part not in WRAPPER_SEGMENTS]
     kept = (p for i, p in enumerate(parts) if not (p == "parametrizations" and _in_parametrization(parts[i + 1 :])))
     return ".".join(kept)
 
@@ -66,7 +66,7 @@ def walk(root: nn.Module) -> tuple[list[str], list[nn.Module], list[nn.Module | 
         for child_name, child in children.items():
             if child is None:
                 continue
-            if child_name in _WRAPPER_SEGMENTS:
+            if child_name in WRAPPER_SEGMENTS:
                 found.append((name, child, None, inside))
             elif child_name == "parametrizations" and parametrize.is_parametrized(module):
                 found += [(prefix + tensor, chain, module, True) for tensor, chain in child.items()]

@@ -475,3 +475,41 @@ def test_bias_selects_the_biases_of_recurrent_layers() -> None:
     want = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1].startswith("weight")}
     assert decayed == want
     assert regdsl.check(regdsl.parse("bias l1 1e-4"), nn.LSTM(3, 4)) == []
+
+
+@pytest.mark.parametrize(
+    ("pattern", "meant"),
+    [
+        ("fc1.parametrizations.weight", "fc1.weight"),  # the container's module, torch's name for it
+        ("fc1.parametrizations.weight.original0", "fc1.weight.original0"),  # a state_dict key
+        ("fc1.parametrizations.*", "fc1.*"),
+        ("**.parametrizations.weight.original1", "**.weight.original1"),
+    ],
+)
+def test_a_pattern_in_torchs_names_of_a_parametrization_says_what_to_write(pattern: str, meant: str) -> None:
+    model = two_layers("weight_norm")
+    assert picked(f"layer {meant} l2 1", model)  # what it says to write does select
+    (d,) = regdsl.check(regdsl.parse(f"layer {pattern} l2 1\n"), model)
+    assert d.code == "RD101" and d.column == 7
+    assert d.message == (
+        f"layer pattern '{pattern}' matches no parameter or module: regdsl names a parametrization's tensors "
+        f"under the tensor they compute, without torch's 'parametrizations' segment: write '{meant}'"
+    )
+
+
+def test_a_pattern_through_a_wrapper_says_what_to_write() -> None:
+    model = torch.compile(two_layers())  # torch's names start with _orig_mod.
+    (d,) = regdsl.check(regdsl.parse("layer _orig_mod.fc*.weight l2 1\n"), model)
+    assert d.message == (
+        "layer pattern '_orig_mod.fc*.weight' matches no parameter or module: regdsl names tensors without "
+        "wrapper segments ('_orig_mod'): write 'fc*.weight'"
+    )
+    # A pattern whose rewrite matches nothing either keeps the plain message and its nearest names.
+    (d,) = regdsl.check(regdsl.parse("layer _orig_mod.fc3.weight l2 1\n"), model)
+    assert d.message.startswith("layer pattern '_orig_mod.fc3.weight' matches no parameter or module; nearest: ")
+    # An activity term selects modules, by the same names.
+    (d,) = regdsl.check(regdsl.parse("layer _orig_mod.fc1 activity l1 1\n"), model)
+    assert d.message == (
+        "layer pattern '_orig_mod.fc1' matches no module (activity terms select modules by their own name): "
+        "regdsl names modules without wrapper segments ('_orig_mod'): write 'fc1'"
+    )
