@@ -174,6 +174,11 @@ def test_optimizers_with_their_own_groups_are_refused(tmp_path) -> None:
         trainer.train()
     with pytest.raises(RegUsageError, match="optimizer_cls_and_kwargs"):
         InOrder(model=gpt2(), args=arguments(tmp_path, 1), train_dataset=Tokens(), rules=regdsl.parse(RULES), optimizers=(torch.optim.SGD(gpt2().parameters(), lr=0.1), None))
+    # A scheduler alone was built on another optimizer: it would schedule that one, and Trainer would
+    # log its rates, while the optimizer regdsl builds trains at a constant rate.
+    other = torch.optim.SGD(gpt2().parameters(), lr=0.1)
+    with pytest.raises(RegUsageError, match=r"optimizers=\(None, scheduler\).*create_scheduler"):
+        InOrder(model=gpt2(), args=arguments(tmp_path, 1), train_dataset=Tokens(), rules=regdsl.parse(RULES), optimizers=(None, torch.optim.lr_scheduler.LambdaLR(other, lambda s: 0.0)))
 
 
 def test_weight_decay_in_the_arguments_warns(tmp_path) -> None:
@@ -274,3 +279,22 @@ def test_a_dict_trial_gives_values_by_name(tmp_path) -> None:
     trainer._trial = None
     with pytest.raises(regdsl.RegCompileError, match="'lam'.*has no value"):
         trainer.create_optimizer()  # outside a search a space has no value: compile says which
+
+
+def test_a_plain_trainers_checkpoint_is_refused_before_the_optimizer_is_touched(tmp_path) -> None:
+    # Before, it loaded with a warning about schedules, and its two groups (Trainer's decay and no-decay,
+    # weight_decay 0.0 here) replaced the rule file's by position: decay 0.01 gone for the rest of the run.
+    plain = transformers.Trainer(model=gpt2(), args=arguments(tmp_path / "a", 1, save_strategy="steps", save_steps=2), train_dataset=Tokens())
+    plain.train()
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    resumed = InOrder(model=gpt2(), args=arguments(tmp_path / "b", 1), train_dataset=Tokens(), rules=regdsl.parse(RULES))
+    resumed.create_optimizer()
+    before = {k: v for k, v in resumed.optimizer.state_dict().items() if k != "state"}
+    with pytest.raises(regdsl.RegStateError, match=rf"{STATE_FILE}.*resume_from_checkpoint"):
+        resumed._load_optimizer_and_scheduler(str(checkpoint))
+    assert {k: v for k, v in resumed.optimizer.state_dict().items() if k != "state"} == before
+    assert not resumed.optimizer.state
+    # Without an optimizer state there is nothing to misplace: the schedules restart, as the warning says.
+    (checkpoint / "optimizer.pt").unlink()
+    with pytest.warns(regdsl.RegDslWarning, match="every schedule restarts at step 0"):
+        resumed._load_optimizer_and_scheduler(str(checkpoint))

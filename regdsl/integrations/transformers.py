@@ -31,7 +31,7 @@ from transformers import Trainer
 
 from ..build import load
 from ..compiler import Regularizer, compile
-from ..errors import RegDslWarning, RegUsageError
+from ..errors import RegDslWarning, RegStateError, RegUsageError
 from ..spec import Spec
 
 STATE_FILE = "regdsl.pt"
@@ -55,6 +55,14 @@ class RegularizationMixin:
             raise RegUsageError(
                 "RegularizedTrainer builds the optimizer from the rule file's groups: pass "
                 "optimizer_cls_and_kwargs=(cls, kwargs) or TrainingArguments(optim=...) instead of optimizers=(optimizer, ...)"
+            )
+        if optimizers and len(optimizers) > 1 and optimizers[1] is not None:
+            # It was built on another optimizer: it would schedule that one (and Trainer log its rates).
+            raise RegUsageError(
+                "optimizers=(None, scheduler): the scheduler was built on an optimizer that does not train, since "
+                "RegularizedTrainer builds its own from the rule file's groups in create_optimizer(). Choose one with "
+                "TrainingArguments(lr_scheduler_type=...), or build it on the optimizer Trainer passes to "
+                "create_scheduler(num_training_steps, optimizer) in a subclass"
             )
         self.rules, self.reference, self.fold = rules, reference, fold
         self.reg: Regularizer | None = None
@@ -151,6 +159,14 @@ class RegularizationMixin:
             path = os.path.join(checkpoint, STATE_FILE)
             if os.path.isfile(path):
                 self.reg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            elif _has_optimizer_state(checkpoint):
+                raise RegStateError(
+                    f"{checkpoint} has no {STATE_FILE}: a Trainer without regdsl wrote it, so its optimizer state is "
+                    "laid out in other parameter groups, which torch would load by position over the rule file's "
+                    "(their weight_decay and learning rates replaced by the checkpoint's, moments handed to other "
+                    "tensors). Start from its weights instead (from_pretrained(checkpoint), then train() without "
+                    "resume_from_checkpoint), or delete its optimizer.pt to resume with a fresh optimizer"
+                )
             else:
                 warnings.warn(
                     RegDslWarning(f"{checkpoint} has no {STATE_FILE}: every schedule restarts at step 0"), stacklevel=2
@@ -161,6 +177,16 @@ class RegularizationMixin:
         if self.reg is not None and "loss" in logs:
             logs = {**logs, **{f"reg/{label}": value.item() for label, value in self.reg.values().items()}}
         super().log(logs, *args, **kwargs)
+
+
+def _has_optimizer_state(checkpoint: str) -> bool:
+    """Whether Trainer would load an optimizer state from ``checkpoint``: it loads one only beside a
+    scheduler's (``optimizer.pt``, or a sharded one's file or folder, and ``scheduler.pt``)."""
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+    if not os.path.isfile(os.path.join(checkpoint, SCHEDULER_NAME)):
+        return False
+    return any(name.startswith(OPTIMIZER_NAME.split(".")[0]) for name in os.listdir(checkpoint))
 
 
 class RegularizedTrainer(RegularizationMixin, Trainer):
