@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from scale_toy import RULES, batches, build_model
 
 import regdsl
+from regdsl.integrations.accelerate import register_for_checkpointing
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     opt = torch.optim.AdamW(reg.param_groups(lr=1e-2))
     reg.attach(opt, fold=True)  # before prepare(): the hooks sit on the optimizer Accelerate wraps
     model, opt = accelerator.prepare(model, opt)
-    accelerator.register_for_checkpointing(reg)  # reg.state_dict(): schedules continue on resume
+    register_for_checkpointing(accelerator, reg)  # regdsl.pt, loaded first: schedules continue on resume
     done = 0
     if args.resume:
         accelerator.load_state(args.resume)

@@ -46,13 +46,35 @@ if TYPE_CHECKING:
 
 
 def optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
-    """``attach``'s argument as a list: one optimizer, or a list or tuple of them."""
+    """``attach``'s argument as a list: one optimizer, or a list or tuple of them, each unwrapped."""
     found = [optimizers] if hasattr(optimizers, "param_groups") else optimizers
     if not isinstance(found, (list, tuple)) or not found or not all(hasattr(o, "param_groups") for o in found):
         raise RegUsageError(f"attach() takes an optimizer or a non-empty list of optimizers, got {optimizers!r}")
+    found = [unwrapped(o) for o in found]
+    for o in found:
+        if not has_step_hooks(o):
+            raise RegUsageError(
+                f"attach() needs an optimizer with torch's step hooks (a torch.optim.Optimizer whose __init__ ran); "
+                f"{type(o).__name__} has none"
+            )
     if len({id(o) for o in found}) < len(found):
         raise RegUsageError("attach() was given the same optimizer twice")
     return list(found)
+
+
+def unwrapped(optimizer: Any) -> Any:
+    """The torch optimizer inside a framework's wrapper (Accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``), which has no step hooks of its own: its ``step()`` runs the inner one's."""
+    for _ in range(8):  # wrappers of wrappers, not a cycle
+        inner = getattr(optimizer, "optimizer", None)
+        if has_step_hooks(optimizer) or inner is None or not hasattr(inner, "param_groups"):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def has_step_hooks(optimizer: Any) -> bool:
+    return "_optimizer_step_pre_hooks" in getattr(optimizer, "__dict__", {})
 
 
 def subset(of: nn.Module | Iterable[torch.Tensor], entries: Sequence[ParamEntry]) -> set[int]:
@@ -287,6 +309,7 @@ class Attachment:
                     f"{len(self._owners)} optimizers are attached: pass the one about to step, reg.fold(optimizer)"
                 )
             return self._owners[0]
+        optimizer = unwrapped(optimizer)
         owner = next((o for o in self._owners if o.optimizer() is optimizer), None)
         if owner is None:
             raise RegUsageError("this optimizer is not attached to the regularizer: pass one of those given to attach()")

@@ -399,3 +399,23 @@ def test_a_callback_used_again_folds_nothing_into_a_first_step_without_backward(
     trainer(1, tmp_path, callbacks=[callback]).fit(module, loader(1))
     assert module.reg.step == STEPS
     assert_same(module, plain_loop(skipped=0))
+
+
+def test_attach_hooks_the_optimizer_inside_a_lightning_optimizer() -> None:
+    # What self.optimizers() returns in manual optimization: its step() runs the inner one's, with its hooks.
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    torch.manual_seed(0)
+    model, hand = nn.Linear(3, 2), nn.Linear(3, 2)
+    hand.load_state_dict(model.state_dict())
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg = regdsl.parse("all l2 0.5\n").compile(model)
+    reg.attach(LightningOptimizer(inner), fold=True)
+    x = torch.randn(4, 3)
+    model(x).sum().backward()
+    inner.step()
+    reference = torch.optim.SGD(hand.parameters(), lr=0.1, weight_decay=0.5)  # l2 λ: λ·w added to the gradient
+    hand(x).sum().backward()
+    reference.step()
+    for a, b in zip(model.parameters(), hand.parameters()):
+        torch.testing.assert_close(a, b)
