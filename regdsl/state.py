@@ -278,8 +278,9 @@ def remap_optimizer_state(
         donor = donors[i] if donors[i] is not None else 0
         settings = {k: v for k, v in groups[donor].items() if k not in ("params", "param_names", "lr_scale", *RULE_KEYS)}
         mult = 1.0 if scaled else group["lr_mult"]
-        if scaled and "lr_scale" in groups[donor] and groups[donor]["lr_scale"] == group["lr_mult"]:
-            found = _rates(groups[donor]), 1.0  # the same scale: its rates as saved, whatever a timm scheduler wrote
+        same_scale = scaled and "lr_scale" in groups[donor] and groups[donor]["lr_scale"] == group["lr_mult"]
+        if same_scale:
+            found = _rates(groups[donor]), 1.0  # its rates as saved, whatever a timm scheduler wrote
         else:
             found = _base_rates(groups, saved, donor)
         if found is None and mult:
@@ -294,6 +295,12 @@ def remap_optimizer_state(
         rates, of = found if found is not None else (_rates(groups[donor]), mult)
         # A ratio, not a division then a product: an unchanged lr_mult gives the saved rates bit for bit.
         settings.update(rates if mult == of else {k: v * (mult / of) for k, v in rates.items()})
+        if scaled and not same_scale and found is not None and group["lr_mult"] != 1.0 and _scheduler_scaled(groups):
+            # The saved groups hold what a timm scheduler wrote, base · lr_scale: so does this one, or it would
+            # run at the bare base rate beside them until the scheduler's next update (an epoch, for some).
+            lr = settings.get("lr")
+            if isinstance(lr, Real) and not isinstance(lr, bool):
+                settings["lr"] = lr * group["lr_mult"]
         settings["weight_decay"] = weight_decays[i]
         settings["name"] = group["name"]
         if group["lr_mult"] != 1.0:  # as param_groups() writes them: no key for lr_mult 1
@@ -338,15 +345,21 @@ def _unscaled(groups: Sequence[Mapping[str, Any]], donor: int) -> dict[str, Any]
     scales tell which. With one scale only, nothing tells, and the lr is taken as it is."""
     rates, scale = _rates(groups[donor]), groups[donor].get("lr_scale", 1.0)
     lr = rates.get("lr")
-    if not isinstance(lr, (int, float)) or not scale:
-        return rates
-    for other in groups:
-        theirs, their_lr = other.get("lr_scale", 1.0), other.get("lr")
-        if theirs and theirs != scale and isinstance(their_lr, (int, float)) and their_lr != lr:
-            if math.isclose(their_lr * scale, lr * theirs, rel_tol=1e-9):
-                rates["lr"] = lr / scale
-            break
+    if isinstance(lr, (int, float)) and scale and _scheduler_scaled(groups):
+        rates["lr"] = lr / scale
     return rates
+
+
+def _scheduler_scaled(groups: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a timm scheduler wrote ``lr = base · lr_scale`` into the saved groups: two groups of
+    different scales hold different rates, in the ratio of their scales. Equal rates are the base in
+    each (no scheduler had stepped); with one scale only, nothing tells (False)."""
+    seen = [(g.get("lr_scale", 1.0), g["lr"]) for g in groups if isinstance(g.get("lr"), (int, float))]
+    scale, lr = seen[0] if seen else (None, None)
+    for theirs, their_lr in seen[1:]:
+        if theirs != scale and theirs and scale:
+            return their_lr != lr and math.isclose(their_lr * scale, lr * theirs, rel_tol=1e-9)
+    return False
 
 
 def _rates(group: Mapping[str, Any]) -> dict[str, Any]:

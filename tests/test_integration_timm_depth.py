@@ -70,6 +70,17 @@ lr_decay 0.75
         assert theirs[id(model.reg_token)] == 0.75**4
         assert theirs[id(model.norm.weight)] == 0.75 and theirs[id(model.head.weight)] == 1.0
 
+    def test_the_docs_file_on_a_vit_without_register_tokens() -> None:
+        # docs/integrations/timm.md's file is for timm's default ViT; VIT_RULES adds reg_token for reg_tokens=2.
+        docs = VIT_RULES.replace("cls_token, reg_token,", "cls_token,")
+        torch.manual_seed(0)
+        model = timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, num_classes=3, depth=3, embed_dim=24, num_heads=2
+        )  # fmt: skip
+        assert regdsl_lr_scales(model, docs) == timm_lr_scales(model)
+        with pytest.raises(regdsl.RegCompileError, match="RD101 layer pattern 'reg_token'"):
+            regdsl.parse(VIT_RULES).compile(model)
+
     def test_timm_schedulers_keep_the_scales() -> None:
         model = vit()
         scales = timm_lr_scales(model)

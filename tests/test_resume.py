@@ -510,11 +510,13 @@ def test_an_unchanged_file_under_lr_scale_resumes_the_lr_a_scheduler_wrote() -> 
         group["lr"] = 0.04 * group.get("lr_scale", 1.0)
     got = _resumed("layer fc1 lr_mult 0.5", True, (opt_state, reg_state))
     assert got == [("no_decay lr_mult=0.5", 0.02, 0.5), ("no_decay", 0.04, None)]
-    # A new multiplier takes the base rate from the group without one.
+    # A new multiplier takes the base rate from the group without one, times its scale as the scheduler
+    # wrote the others: before, it held the bare base rate until the scheduler's next update (an epoch, for
+    # a scheduler stepped per epoch), 4 times its rate here beside groups at theirs.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", regdsl.RegDslWarning)
         got = _resumed("layer fc1 lr_mult 0.25", True, (opt_state, reg_state))
-    assert got == [("no_decay lr_mult=0.25", 0.04, 0.25), ("no_decay", 0.04, None)]
+    assert got == [("no_decay lr_mult=0.25", 0.04 * 0.25, 0.25), ("no_decay", 0.04, None)]
 
 
 @pytest.mark.parametrize("stepped", [True, False], ids=["scheduler stepped", "not yet"])
@@ -528,7 +530,9 @@ def test_with_no_group_at_scale_1_the_base_rate_is_read_through_the_scales(stepp
         warnings.simplefilter("ignore", regdsl.RegDslWarning)
         got = _resumed("all lr_mult 0.8\nlayer fc1 lr_mult 0.25", True, (opt_state, reg_state))
     assert [(name, scale) for name, _, scale in got] == [("no_decay lr_mult=0.25", 0.25), ("no_decay lr_mult=0.8", 0.8)]
-    assert got[0][1] == pytest.approx(0.04, rel=1e-12)  # the new scale's group: the base rate, as param_groups writes it
+    # The new scale's group: as the saved groups hold their rates, the base times the scale once a scheduler
+    # wrote them, the base before.
+    assert got[0][1] == pytest.approx(0.04 * 0.25 if stepped else 0.04, rel=1e-12)
     assert got[1][1] == (0.04 * 0.8 if stepped else 0.04)  # unchanged: as saved, bit for bit
 
 
