@@ -135,3 +135,15 @@ layer head.** lr_mult 0.1
             hand.step()
         for name, p in plain.named_parameters():
             torch.testing.assert_close(through_timm[name], p, rtol=0, atol=1e-5, msg=name)
+
+    def test_misuse_is_a_clear_error() -> None:
+        # Before, a path was taken and failed at the first forward (AttributeError on a str), and
+        # lr_scale=0.1 was read as True.
+        with pytest.raises(regdsl.RegUsageError, match=r"takes a compiled regdsl.Regularizer.*not a str"):
+            RegularizedLoss(F.cross_entropy, "rules.reg")
+        with pytest.raises(regdsl.RegUsageError, match="takes a loss function first"):
+            RegularizedLoss("cross_entropy", regdsl.parse(RULES).compile(vit()))
+        with pytest.raises(regdsl.RegUsageError, match=r"lr_scale is True .* not 0.1"):
+            param_group_fn(regdsl.parse(RULES), lr_scale=0.1)
+        with pytest.raises(regdsl.RegUsageError, match="lr is a learning rate"):
+            param_group_fn(regdsl.parse(RULES), lr="1e-3")

@@ -36,6 +36,13 @@ class RegParamGroups:
         lr_scale: bool = False,
         reference: Mapping[str, torch.Tensor] | None = None,
     ):
+        if not isinstance(lr_scale, bool):
+            raise RegUsageError(
+                f"lr_scale is True (timm's schedulers) or False, not {lr_scale!r}: a learning rate goes in lr= "
+                "(torch's schedulers) or create_optimizer_v2(lr=...)"
+            )
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0):
+            raise RegUsageError(f"lr is a learning rate (a number >= 0) or None, not {lr!r}")
         if lr is not None and lr_scale:
             raise RegUsageError("give lr= (torch's schedulers) or lr_scale=True (timm's schedulers), not both")
         self.rules, self.lr, self.lr_scale, self.reference = rules, lr, lr_scale, reference
@@ -69,6 +76,13 @@ class RegularizedLoss(nn.Module):
 
     def __init__(self, criterion: Callable[..., torch.Tensor], reg: Regularizer | RegParamGroups):
         super().__init__()
+        if not isinstance(reg, (Regularizer, RegParamGroups)):
+            raise RegUsageError(
+                f"RegularizedLoss(criterion, reg) takes a compiled regdsl.Regularizer or the groups param_group_fn "
+                f"returned, not a {type(reg).__name__}: regdsl.compile(rules, model) first"
+            )
+        if not callable(criterion):
+            raise RegUsageError(f"RegularizedLoss(criterion, reg) takes a loss function first, not a {type(criterion).__name__}")
         self.criterion = criterion
         self._reg = reg
 
