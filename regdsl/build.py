@@ -201,6 +201,7 @@ def _to_data(tree: Tree) -> tuple[dict[str, Any], LeafSpans, list[tuple[dict[str
         named = [c for c in node.children if isinstance(c, Tree)]
         if named:
             out["name"] = str(named[0].children[0])
+            leaf_spans[id(out), "name"] = _span(named[0].children[0])
         if kind == "choice":
             out["choices"] = [number(t) for t in numbers]
             for i, token in enumerate(numbers):

@@ -51,21 +51,21 @@ def _check_name(name: str | None) -> None:
             "space",
             "'{name}' is a keyword of the language: a value here is a number, a search space "
             "(loguniform(a, b), uniform(a, b), choice(...)) or the name of one",
-            {"name": name},
+            {"name": name, "at": "name"},
         )
     if not _WORD.fullmatch(name):
         # Only from JSON (the grammar reads no other name): to_source() could not write it back.
         raise PydanticCustomError(
             "space",
             "a search space's name is a word of letters, digits and '_' that does not start with a digit, not '{name}'",
-            {"name": name},
+            {"name": name, "at": "name"},
         )
     if name.lower() in _NUMBER_WORDS:
         # Where a strength stands the lexer reads these as numbers: the space could never be referenced.
         raise PydanticCustomError(
             "space",
             "a search space cannot be named '{name}': where a strength stands, '{name}' reads as a number",
-            {"name": name},
+            {"name": name, "at": "name"},
         )
 
 

@@ -145,12 +145,12 @@ def test_a_name_may_be_used_before_the_line_that_defines_it() -> None:
         ("all l1 choice(1, -2)", (1, 18), "RD004", "strength must be >= 0"),
         ("layer head.** l2 lam", (1, 18), "RD010", "no search space is named 'lam'"),
         ("all l2 uniform(0, 1) as lam\nall l1 choice(1, 2) as lam", (2, 8), "RD010", "already defined on line 1"),
-        ("all l2 uniform(0, 1) as decay", (1, 8), "RD010", "'decay' is a keyword"),
+        ("all l2 uniform(0, 1) as decay", (1, 25), "RD010", "'decay' is a keyword"),  # at the name
         ("all decay none", (1, 11), "RD010", "'none' is a keyword"),
         # Where a strength stands these read as numbers: a space so named could never be referenced.
-        ("all l2 uniform(0, 1) as nan", (1, 8), "RD010", "cannot be named 'nan'"),
-        ("all l2 uniform(0, 1) as Infinity", (1, 8), "RD010", "cannot be named 'Infinity'"),
-        ("all l2 uniform(0, 1) as INF", (1, 8), "RD010", "cannot be named 'INF'"),
+        ("all l2 uniform(0, 1) as nan", (1, 25), "RD010", "cannot be named 'nan'"),
+        ("all l2 uniform(0, 1) as Infinity", (1, 25), "RD010", "cannot be named 'Infinity'"),
+        ("all l2 uniform(0, 1) as INF", (1, 25), "RD010", "cannot be named 'INF'"),
         # A space a term reuses must hold only values that term accepts.
         ("all l2 uniform(0, 1) as lam\nlayer x max_norm lam", (2, 18), "RD004", "max_norm must be a finite number > 0"),
         # ... a choice too: the error stands at the use, not at the definition, where 0 is fine.
