@@ -498,3 +498,22 @@ def test_after_step_stays_correct_with_constant_decay() -> None:
     assert reg.step == 4
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     assert hook_counts(opt) == (0, 0)
+
+
+def test_the_zero_penalty_of_a_folded_file_is_never_one_a_caller_changed() -> None:
+    # With everything folded, penalty() hands out one zero while nobody changes it (a new one each step
+    # cost a fifth of the fold path's overhead on a tiny model); a caller's in-place add or
+    # requires_grad_() must not reach the next call.
+    model = nn.Sequential(nn.Linear(3, 2))
+    reg = regdsl.parse("all l2 0.1\n").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg.attach(opt, fold=True)
+    first = reg.penalty()
+    assert first.item() == 0.0 and not first.requires_grad
+    first += 5.0  # total = reg.penalty(); total += aux
+    second = reg.penalty()
+    assert second.item() == 0.0 and first.item() == 5.0
+    second.requires_grad_()
+    third = reg.penalty()
+    assert third.item() == 0.0 and not third.requires_grad
+    assert reg.penalty() is third  # unchanged: kept
