@@ -20,6 +20,7 @@ or group is touched.
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -31,50 +32,19 @@ from torch import nn
 from .compiled_step import compiled_step
 from .constraints import PostStepPlan
 from .entries import Members, ParamEntry
-from .errors import RegDslWarning, RegUsageError, caller_stacklevel, name_list
+from .errors import RegDslWarning, RegUsageError, caller_stacklevel
 from .fold import Folding, FoldPlan
 from .fold_kernels import eager
 from .guards import LrRatios, check_lrs, check_maximize, warn_decay_not_in_groups, warn_decay_underflow
+from .optimizer_checks import check_model, check_split, unwrapped
 from .penalties import PenaltyPlan
 from .replaced import unwatch, watch, watch_steps
 from .resolution import GroupKey
-from .schedule import any_scheduled, live, strength_at
+from .schedule import any_scheduled, strength_at
 from .step_hooks import FoldCalls, Orphan, step_hooks
 
 if TYPE_CHECKING:
     from .compiler import Regularizer
-
-
-def optimizer_list(optimizers: Any) -> list[torch.optim.Optimizer]:
-    """``attach``'s argument as a list: one optimizer, or a list or tuple of them, each unwrapped."""
-    found = [optimizers] if hasattr(optimizers, "param_groups") else optimizers
-    if not isinstance(found, (list, tuple)) or not found or not all(hasattr(o, "param_groups") for o in found):
-        raise RegUsageError(f"attach() takes an optimizer or a non-empty list of optimizers, got {optimizers!r}")
-    found = [unwrapped(o) for o in found]
-    for o in found:
-        if not has_step_hooks(o):
-            raise RegUsageError(
-                f"attach() needs an optimizer with torch's step hooks (a torch.optim.Optimizer whose __init__ ran); "
-                f"{type(o).__name__} has none"
-            )
-    if len({id(o) for o in found}) < len(found):
-        raise RegUsageError("attach() was given the same optimizer twice")
-    return list(found)
-
-
-def unwrapped(optimizer: Any) -> Any:
-    """The torch optimizer inside a framework's wrapper (Accelerate's ``AcceleratedOptimizer``, Lightning's
-    ``LightningOptimizer``), which has no step hooks of its own: its ``step()`` runs the inner one's."""
-    for _ in range(8):  # wrappers of wrappers, not a cycle
-        inner = getattr(optimizer, "optimizer", None)
-        if has_step_hooks(optimizer) or inner is None or not hasattr(inner, "param_groups"):
-            break
-        optimizer = inner
-    return optimizer
-
-
-def has_step_hooks(optimizer: Any) -> bool:
-    return "_optimizer_step_pre_hooks" in getattr(optimizer, "__dict__", {})
 
 
 def subset(of: nn.Module | Iterable[torch.Tensor], entries: Sequence[ParamEntry]) -> set[int]:
@@ -95,6 +65,9 @@ def subset(of: nn.Module | Iterable[torch.Tensor], entries: Sequence[ParamEntry]
             f"{'are' if strangers > 1 else 'is'} no parameter of the model the rules were compiled against"
         )
     return {id(t) for t in tensors}
+
+
+_ABSENT = object()
 
 
 class DecayWriter:
@@ -155,7 +128,8 @@ class _Owner:
         self.params = params  # the ids of the tensors it steps
         self.applies: list[str] = []  # what its hooks do that nothing else does, named for a warning
         self.gone = False
-        self.by_hand = FoldCalls() if fold else None  # a plan with terms: with fold_hook=False each step checks reg.fold() ran
+        # A plan with terms: with fold_hook=False each step checks reg.fold() ran, and each fold that it ran once.
+        self.by_hand = FoldCalls(fold.params()) if fold else None
 
 
 class Attachment:
@@ -169,16 +143,10 @@ class Attachment:
         several = len(optimizers) > 1
         check_maximize(optimizers, fold)
         stepped = [{id(p) for g in o.param_groups for p in g["params"]} for o in optimizers]
-        model = {id(e.param) for e in reg.table.entries}
         for k, ids in enumerate(stepped):
-            if not ids & model:  # its steps would count in reg.step and move the schedules, for another model
-                which = f"optimizer {k + 1} of {len(optimizers)}" if several else "the optimizer"
-                raise RegUsageError(
-                    f"{which} steps none of the parameters of the model the rules were compiled for: build it "
-                    "from reg.param_groups()"
-                )
+            check_model(reg, ids, f"optimizer {k + 1} of {len(optimizers)}" if several else "the optimizer")
         if several:
-            _check_split(reg, stepped)
+            check_split(reg, stepped)
         checked = []
         for k, optimizer in enumerate(optimizers):
             post = PostStepPlan([i for i in reg._post_items if id(i.param) in stepped[k]]) if several else reg._post
@@ -201,11 +169,22 @@ class Attachment:
             _Owner(optimizer, post, decay, folding.plans[k] if folding is not None else None, self._on_lost(), stepped[k])
             for k, (optimizer, (post, decay)) in enumerate(zip(optimizers, checked))
         ]
-        for owner, optimizer in zip(self._owners, optimizers):
-            owner.decay.write(optimizer, reg.step)
-        for optimizer in optimizers:  # may raise, under warnings-as-errors: before any hook
-            warn_decay_underflow(optimizer, reg._groups)
-            warn_decay_not_in_groups(optimizer, reg._groups, reg.step)
+        # The warnings read the decays as written, and may raise (warnings as errors): then the groups
+        # get back what they held, and no hook is installed.
+        held = [[(g, g.get("weight_decay", _ABSENT)) for g in o.param_groups] for o in optimizers]
+        try:
+            for owner, optimizer in zip(self._owners, optimizers):
+                owner.decay.write(optimizer, reg.step)
+            for optimizer in optimizers:
+                warn_decay_underflow(optimizer, reg._groups)
+                warn_decay_not_in_groups(optimizer, reg._groups, reg.step)
+        except BaseException:
+            for group, value in itertools.chain.from_iterable(held):
+                if value is _ABSENT:
+                    group.pop("weight_decay", None)
+                else:
+                    group["weight_decay"] = value
+            raise
         self.hooks: list[Any] = []
         scheduled = bool(reg._scheduled_decays) or any_scheduled(i.term for i in reg._loss_items + reg._post_items)
         names = {key.name for key, _ in reg._groups}
@@ -337,9 +316,11 @@ class Attachment:
                 "the optimizer's step folds the terms already (attach(optimizer, fold=True)): reg.fold() would add them "
                 "twice; it is for attach(optimizer, fold=True, fold_hook=False)"
             )
+        if owner.by_hand is not None:
+            owner.by_hand.check()
         owner.fold(getattr(stepping, "grad_scale", None))
         if owner.by_hand is not None:
-            owner.by_hand.folded = True
+            owner.by_hand.done()
 
     def retire(self) -> None:
         """At ``detach()``: a compiled step made for these optimizers must not fold any more."""
@@ -357,26 +338,6 @@ class Attachment:
             optimizer = owner.optimizer()
             if optimizer is not None:
                 owner.decay.write(optimizer, step)
-
-
-def _check_split(reg: Regularizer, stepped: Sequence[set[int]]) -> None:
-    """Several optimizers: no trainable parameter in two, none that a term acts on in none."""
-    entries = [e for e in reg.table.entries if e.trainable]
-    shared = [e.name for e in entries if sum(id(e.param) in ids for ids in stepped) > 1]
-    if shared:
-        raise RegUsageError(
-            f"{name_list(shared)} {'are' if len(shared) > 1 else 'is'} in more than one of the {len(stepped)} optimizers: "
-            "with several, each parameter is stepped by one; build each from reg.param_groups(of=...) of its own part"
-        )
-    acted_on = {id(i.param) for i in live(reg._loss_items) + live(reg._post_items)}
-    acted_on.update(id(e.param) for key, members in reg._groups if key.decay is not None for e in members)
-    owned = set().union(*stepped)
-    orphans = [e.name for e in entries if id(e.param) in acted_on and id(e.param) not in owned]
-    if orphans:
-        raise RegUsageError(
-            f"the rules regularize {name_list(orphans)}, which none of the {len(stepped)} optimizers steps: "
-            "put every regularized parameter in one of them, or exclude it in the rule file"
-        )
 
 
 def cut_groups(groups: list[tuple[Any, Members]], ids: set[int]) -> list[tuple[Any, Members]]:

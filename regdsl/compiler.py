@@ -21,7 +21,7 @@ from torch import nn
 
 from . import state as resume
 from .activity import ActivityPlan
-from .attach import Attachment, DecayWriter, cut_groups, optimizer_list, subset
+from .attach import Attachment, DecayWriter, cut_groups, subset
 from .build import load
 from .constraints import PostStepPlan
 from .ddp import DeferredPenalty, ddp_of, defers
@@ -30,6 +30,7 @@ from .errors import RegUsageError
 from .gcpause import paused_gc
 from .guards import PenaltyWatch, check_base_lr, check_parameters_current, warn_not_listening, warn_untaken
 from .items import step_items
+from .optimizer_checks import check_after_step, optimizer_list
 from .penalties import PenaltyPlan
 from .resolution import Coverage, GroupSummary, ModuleRow, ParamRow, Resolution, Setting, resolve
 from .schedule import any_scheduled, is_scheduled, strength_at
@@ -211,6 +212,8 @@ class Regularizer:
                 "after_step() needs the optimizer: "
                 + ("'l1 ... prox' reads each group's learning rate" if self._post.prox else "a scheduled decay is written into its groups")
             )
+        if optimizer is not None:
+            check_after_step(self, optimizer)  # before anything moves: a refused call changes nothing
         self._activity.register()  # after a detach(), activity terms collect again from the next forward
         self._advance(optimizer)
 

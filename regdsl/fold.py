@@ -113,6 +113,9 @@ class FoldPlan:
     def __bool__(self) -> bool:
         return bool(self._buckets)
 
+    def params(self) -> list[torch.Tensor]:
+        return [item.param for item in self.items]
+
     def set_step(self, step: int) -> None:
         self._step = step
         for bucket in self._scheduled:

@@ -108,12 +108,32 @@ class Orphan:
 
 class FoldCalls:
     """``attach(opt, fold=True, fold_hook=False)``: whether ``reg.fold()`` ran since the optimizer's
-    previous step. A step without it applied none of the folded terms; it warns, once. A second
-    call before a step cannot be told from a step a ``GradScaler`` skipped (no step hook runs)."""
+    previous step. A step without it applied none of the folded terms; it warns, once.
 
-    def __init__(self) -> None:
+    A second call with nothing in between would add the terms twice: refused. "Nothing in between"
+    is read off one folded tensor's gradient (the smallest, kept): the same tensor at the version the
+    fold left it. A backward, ``zero_grad()`` or unscaling changes it; a step that a ``GradScaler``
+    skipped is followed by those before the next fold, so it is not taken for a second call."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
         self.folded = False
         self._warned = False
+        self._probe = min(params, key=torch.Tensor.numel) if params else None
+        self._mark: tuple[torch.Tensor, int] | None = None
+
+    def check(self) -> None:
+        """Before a fold: refused when the previous one's gradient is untouched."""
+        mark, probe = self._mark, self._probe
+        if mark is not None and probe is not None and probe.grad is mark[0] and mark[0]._version == mark[1]:
+            raise RegUsageError(
+                "reg.fold() ran already on these gradients: a second call would add the folded terms twice. "
+                "Call it once per optimizer step, after the last backward and before the update"
+            )
+
+    def done(self) -> None:
+        self.folded = True
+        grad = self._probe.grad if self._probe is not None else None
+        self._mark = (grad, grad._version) if grad is not None else None
 
     def stepped(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.folded and not self._warned and not without_gradients(optimizer):
@@ -127,6 +147,7 @@ class FoldCalls:
                 stacklevel=caller_stacklevel(through_torch=True),
             )
         self.folded = False
+        self._mark = None
 
 
 def _checked(

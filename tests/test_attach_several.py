@@ -339,7 +339,8 @@ def test_a_step_without_fold_by_hand_warns_once() -> None:
         warnings.simplefilter("error")
         opt_g.step()
         reg.fold(opt_d)
-        reg.fold(opt_d)  # twice, as around a step a GradScaler skipped: no step hook tells them apart
+        opt_d.zero_grad(set_to_none=False)  # a step a GradScaler skipped (no step hook ran), then the next batch
+        reg.fold(opt_d)
         opt_d.step()
     with pytest.warns(RegDslWarning, match=r"no reg\.fold\(\) since the step before") as caught:
         opt_d.step()
