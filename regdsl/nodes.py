@@ -42,6 +42,12 @@ class Node(BaseModel):
         """A copy, validated again when ``update`` changes fields: pydantic's own copy validates
         nothing, so ``spec.model_copy(update=...)`` could make a spec the text would refuse (a
         negative strength, a term twice) and compile it."""
+        unknown = sorted(set(update or ()) - set(type(self).model_fields))
+        if unknown:  # pydantic's copy would take them as attributes the model never reads
+            raise TypeError(
+                f"{type(self).__name__}.model_copy(update=...) got {', '.join(map(repr, unknown))}, not a field of it; "
+                f"its fields: {', '.join(type(self).model_fields)}"
+            )
         copied = super().model_copy(update=update, deep=deep)
         if not update:
             return copied

@@ -245,6 +245,15 @@ class Spec(Node):
 
         return with_values(self, values)
 
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Spec:
+        """As :meth:`Node.model_copy`; the copy keeps :attr:`source` while its statements still stand where
+        the text has them (each at its index and span, with the same selector: a changed strength), so
+        a diagnostic quotes the line it points at. Statements from another text drop it."""
+        copy = super().model_copy(update=update, deep=deep)
+        if update and copy._source is not None and not _in_place(self.statements, copy.statements):
+            copy._source = None
+        return copy
+
     @property
     def source(self) -> str | None:
         """The text this spec was parsed from, when it came from text (for a spec with its search spaces
@@ -312,3 +321,10 @@ def _lenient_spec(data: Any) -> Any:
 
 def _depth_with_lr_decay(spec: Any) -> None:
     check_lr_decay(spec.statements, spec.lr_decay)
+
+
+def _in_place(before: tuple[Statement, ...], after: tuple[Statement, ...]) -> bool:
+    """Whether every statement of ``after`` stands where one of ``before`` did: the same index, span and selector."""
+    return len(after) <= len(before) and all(
+        a.pos == b.pos and a.selector == b.selector for a, b in zip(after, before)
+    )

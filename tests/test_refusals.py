@@ -122,3 +122,16 @@ def test_a_second_fold_on_the_same_gradients_is_refused() -> None:
     opt.zero_grad()
     model(x).sum().backward()
     reg.fold()  # after a step: a new gradient
+
+
+def test_a_spec_copy_takes_only_fields_and_forgets_the_text_it_no_longer_is() -> None:
+    spec = regdsl.parse("all decay 0.05\nexclude bias\nlayer head.** decay 0.1 l1 1e-4\n")
+    with pytest.raises(TypeError, match="model_copy\\(update=...\\) got 'statement', not a field of it"):
+        spec.model_copy(update={"statement": ()})  # before: taken, and the copy was the original
+    typo = regdsl.parse("\n\nlayer haed.** l1 1e-4\n")
+    copy = spec.model_copy(update={"statements": spec.statements[:2] + typo.statements})
+    assert copy.source is None and spec.source is not None
+    (d,) = regdsl.check(copy, Net())
+    # Before: line 3 quoted from the original text, 'layer head.** decay 0.1 l1 1e-4', under a caret for 'haed.**'.
+    assert d.code == "RD101" and d.line == 3 and d.source_line == ""
+    assert spec.model_copy(update={}).source == spec.source  # nothing changed: the text still says it
