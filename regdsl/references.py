@@ -56,6 +56,9 @@ def _value_problem(key: str, value: Any, param: torch.Tensor) -> str | None:
             f"the reference's '{key}' has shape {shape_text(tuple(value.shape))}, the parameter "
             f"{shape_text(tuple(param.shape))}, for"
         )
+    if value.is_complex() != param.is_complex() or not (value.is_floating_point() or value.is_complex()):
+        # Copied into the parameter's dtype, a complex w0 would lose its imaginary part, an integer one its meaning.
+        return f"the reference's '{key}' is a {value.dtype} tensor, the parameter {param.dtype}, for"
     if value.is_meta and not param.is_meta:
         return f"the reference's '{key}' is on the meta device: it holds no values to copy, for"
     # A NaN in w0 would make every step's penalty NaN; meta tensors hold no values to judge.

@@ -112,6 +112,15 @@ def test_a_referenced_entry_that_is_no_tensor_names_its_key() -> None:
     assert "fc2.weight" not in d.message
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool])
+def test_a_referenced_entry_of_another_kind_of_number_names_its_key(dtype: torch.dtype) -> None:
+    # Before, a complex w0 compiled (its imaginary part dropped, torch's UserWarning only) where
+    # load_state_dict refuses the same tensor.
+    state = {"fc1.weight": torch.zeros(16, 6, dtype=dtype), "fc2.weight": torch.zeros(16, 16)}
+    d = rd105(RULES, pretrained(), state)
+    assert f"the reference's 'fc1.weight' is a {dtype} tensor, the parameter torch.float32, for 'fc1.weight'" in d.message
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nan_or_inf_in_a_referenced_entry_names_its_key(bad: float) -> None:
     w0 = dict(pretrained().named_parameters())
