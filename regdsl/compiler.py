@@ -28,7 +28,7 @@ from .ddp import DeferredPenalty, ddp_of, defers
 from .diagnose import diagnose, enforce
 from .errors import RegUsageError
 from .gcpause import paused_gc
-from .guards import PenaltyWatch, check_base_lr, check_parameters_current, warn_not_listening, warn_untaken
+from .guards import PenaltyWatch, check_group_arguments, check_parameters_current, warn_not_listening, warn_untaken
 from .items import step_items
 from .optimizer_checks import check_after_step, optimizer_list
 from .penalties import PenaltyPlan
@@ -54,6 +54,11 @@ class Regularizer:
     def __init__(
         self, spec: Spec, model: nn.Module, reference: Mapping[str, torch.Tensor] | None = None, accumulation_steps: int = 1
     ):
+        if not isinstance(spec, Spec) or not isinstance(model, nn.Module):  # regdsl.compile() says the same
+            raise TypeError(
+                f"Regularizer(spec, model) takes a Spec and a torch.nn.Module, not {type(spec).__name__} and "
+                f"{type(model).__name__}: regdsl.compile(path_or_spec, model) builds one"
+            )
         require_values(spec)  # a search space has no value to compile with (regdsl.spaces)
         self.accumulation_steps = accumulation_steps
         self._ddp = ddp_of(model)  # under find_unused_parameters, penalty() defers its gradients (regdsl.ddp)
@@ -115,25 +120,20 @@ class Regularizer:
         ``lr_scale = m`` instead and keeps the base lr: timm's schedulers overwrite every
         group's lr and multiply it by its ``lr_scale``. Never both.
         """
-        for key in ("params", "weight_decay", "name"):
-            if key in defaults:
-                raise RegUsageError(
-                    f"param_groups() does not take {key!r}: the rule file sets it"
-                    + (" (write 'all decay VALUE' for a default decay)" if key == "weight_decay" else "")
-                    + (" (param_groups(of=...) builds the groups of a part of the model)" if key == "params" else "")
-                )
-        if isinstance(of, bool):
-            raise RegUsageError("param_groups()'s first argument is a module or parameters: write param_groups(lr_scale=True)")
+        check_group_arguments(of, lr_scale, defaults)
         check_parameters_current(self.table)  # an optimizer built from replaced tensors would train none of the model's
-        chosen = self._groups if of is None else cut_groups(self._groups, subset(of, self.table.entries))
-        if of is not None and not chosen:
-            raise RegUsageError("param_groups(of=...) holds no parameter the rules train: every one given is frozen")
+        given = subset(of, self.table.entries) if of is not None else None
+        chosen = self._groups if given is None else cut_groups(self._groups, given)
+        if given is not None and not chosen:
+            raise RegUsageError(
+                "param_groups(of=...) holds no parameter the rules train: "
+                + ("every one given is frozen" if given else "it was given none (an empty list, or a module without parameters)")
+            )
         if not lr_scale and "lr" not in defaults and any(key.lr_mult not in (None, 1.0) for key, _ in chosen):
             raise RegUsageError(
                 "the rule file scales learning rates (lr_mult, lr_decay), so param_groups() needs the base learning rate: param_groups(lr=...) "
                 "(or param_groups(lr_scale=True) for timm's schedulers)"
             )
-        check_base_lr(defaults)
         groups, self._lr_scale = [], lr_scale
         for key, members in chosen:
             group = {

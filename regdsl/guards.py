@@ -237,6 +237,22 @@ def without_gradients(optimizer: Any) -> bool:
     return all(p.grad is None for group in optimizer.param_groups for p in group["params"])
 
 
+def check_group_arguments(of: Any, lr_scale: Any, defaults: dict[str, Any]) -> None:
+    """``param_groups(of, lr_scale=..., **defaults)``'s arguments, before anything is built."""
+    for key in ("params", "weight_decay", "name"):
+        if key in defaults:
+            raise RegUsageError(
+                f"param_groups() does not take {key!r}: the rule file sets it"
+                + (" (write 'all decay VALUE' for a default decay)" if key == "weight_decay" else "")
+                + (" (param_groups(of=...) builds the groups of a part of the model)" if key == "params" else "")
+            )
+    if isinstance(of, bool):
+        raise RegUsageError("param_groups()'s first argument is a module or parameters: write param_groups(lr_scale=True)")
+    if not isinstance(lr_scale, bool):  # "no" is truthy: the lr_mult groups would silently lose their ratio
+        raise RegUsageError(f"param_groups(lr_scale=...) takes True or False, not {lr_scale!r}")
+    check_base_lr(defaults)
+
+
 def check_base_lr(defaults: dict[str, Any]) -> None:
     """``param_groups(lr=...)``: a number (or a tensor, which torch's optimizers take), which an
     ``lr_mult`` multiplies; anything else failed inside the product, or (True) passed as a rate."""

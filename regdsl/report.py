@@ -62,6 +62,7 @@ def format_explain(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) 
     Modules with activity terms follow in a second table. A row's notes (a ``type`` matched through
     a base class, a parametrization's original) are numbered footnotes: ``decay:3 [1]``."""
     rows = _rows_of(rows, "ParamRow", "format_explain", "reg.explain() or regdsl.resolve(spec, model).rows")
+    modules = _rows_of(modules, "ModuleRow", "format_explain", "its modules: reg.explain_modules()")
     numbers: dict[str, int] = {}
     for note in (n for r in [*rows, *modules] for n in r.notes):
         numbers.setdefault(note, len(numbers) + 1)
@@ -117,6 +118,8 @@ def _term_records(terms: dict[str, Any]) -> dict[str, Any]:
 def explain_records(rows: Sequence[ParamRow], modules: Sequence[ModuleRow] = ()) -> dict[str, Any]:
     """JSON-ready ``{"parameters": [...], "modules": [...]}``: every field of the rows,
     positions as ``{"file", "line", "column"}``, each term's value and its text (``0.01 prox``)."""
+    rows = _rows_of(rows, "ParamRow", "explain_records", "reg.explain() or regdsl.resolve(spec, model).rows")
+    modules = _rows_of(modules, "ModuleRow", "explain_records", "its modules: reg.explain_modules()")
     return {
         "parameters": [
             {

@@ -377,6 +377,7 @@ def _saved_optimizer(
         not isinstance(groups, Sequence)
         or not isinstance(per_param, Mapping)
         or not all(isinstance(g, Mapping) and isinstance(g.get("params"), Sequence) for g in groups)
+        or not all(isinstance(v, Mapping) for v in per_param.values())  # each parameter's own state: a dict
     ):
         raise RegStateError("remap_optimizer_state() needs an optimizer's state_dict(): 'state' and 'param_groups'")
     # A group without a 'name' key (an optimizer not built by param_groups()) is checked on its size alone.

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import regdsl
+from regdsl.report import explain_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -234,11 +235,26 @@ def _net() -> torch.nn.Module:
             regdsl.RegCompileError,
             "on the meta device",
         ),
+        # Found by an API audit: a raw TypeError/AttributeError from inside, a truthy "no" taken as
+        # lr_scale=True, a corrupted optimizer state reaching dict().
+        (lambda m: regdsl.format_explain(regdsl.compile(regdsl.parse("all l2 1"), m).explain(), None), TypeError, "takes a list of ModuleRow"),
+        (lambda m: explain_records(regdsl.compile(regdsl.parse("all l2 1"), m).explain(), "x"), TypeError, "takes a list of ModuleRow"),
+        (lambda m: regdsl.compile(regdsl.parse("layer 1 lr_mult 2"), m).param_groups(lr=0.1, lr_scale="no"), regdsl.RegUsageError, "takes True or False, not 'no'"),
+        (lambda m: regdsl.Regularizer("all l2 1", m), TypeError, "takes a Spec and a torch.nn.Module, not str"),
+        (lambda m: regdsl.compile(regdsl.parse("all l2 1"), m).param_groups(of=[]), regdsl.RegUsageError, "it was given none"),
+        (
+            lambda m: regdsl.compile(regdsl.parse("all l2 1"), m).remap_optimizer_state(
+                {"state": {0: "x"}, "param_groups": [{"params": [0, 1, 2, 3], "name": "no_decay"}]},
+                regdsl.compile(regdsl.parse("all l2 1"), m).state_dict(),
+            ),
+            regdsl.RegStateError,
+            "needs an optimizer's state_dict()",
+        ),
     ],
     ids=[
         "resolve-text", "resolve-swapped", "format-explain-reg", "format-groups-rows", "compile-none", "compile-swapped",
         "load-int", "parse-filename", "with-values-list", "lr-str", "lr-bool", "attach-other-model", "attach-fold-str",
-        "meta-reference",
+        "meta-reference", "format-explain-modules", "explain-records-modules", "lr-scale-str", "regularizer-text", "of-empty", "remap-corrupt",
     ],
 )
 def test_misuse_is_a_clear_error(call, error: type, says: str) -> None:
