@@ -46,6 +46,7 @@ class ActivityPlan:
     def __init__(self, targets: Sequence[ActivityTarget], step: int = 0):
         self.targets = list(targets)
         self._pending: list[torch.Tensor] = []
+        self._pending_from: list[int] = []  # each pending value's target index
         # (target index, detached value) of the latest forward pass(es), for reg.values().
         self._recent: list[tuple[int, torch.Tensor]] = []
         self._taken = False  # a take() since the last collect: the next collect starts afresh
@@ -103,6 +104,7 @@ class ActivityPlan:
         # Computed anyway: a checkpoint's recomputation must save the same tensors as its forward did.
         if not _in_backward():
             self._pending.append(value)
+            self._pending_from.append(index)
             if self._taken:
                 self._recent, self._taken = [], False
             self._recent.append((index, value.detach()))
@@ -125,17 +127,27 @@ class ActivityPlan:
 
     def take(self) -> list[torch.Tensor]:
         """The values collected since the last call."""
-        pending, self._pending = self._pending, []
+        pending, self._pending, self._pending_from = self._pending, [], []
         self._taken = True
         return pending
 
-    def drop(self) -> list[torch.Tensor]:
+    def drop(self, targets: frozenset[int] | None = None) -> list[torch.Tensor]:
         """At an optimizer step: the values collected since the last :meth:`take`, which no penalty()
-        took; none is reported by :meth:`recent` any more either (they were applied by nothing)."""
-        pending = self.take()
-        if pending:
-            self._recent = []
-        return pending
+        took; none is reported by :meth:`recent` any more either (they were applied by nothing).
+        ``targets``: only those of these targets (the modules the stepping optimizer trains, with
+        several attached); the others wait for their own network's ``penalty()`` (a GAN's generator's,
+        after the discriminator's step)."""
+        if targets is None:
+            pending = self.take()
+            if pending:
+                self._recent = []
+            return pending
+        dropped = [v for v, i in zip(self._pending, self._pending_from) if i in targets]
+        if dropped:
+            kept = [(v, i) for v, i in zip(self._pending, self._pending_from) if i not in targets]
+            self._pending, self._pending_from = [v for v, _ in kept], [i for _, i in kept]
+            self._recent = [(i, v) for i, v in self._recent if i not in targets]
+        return dropped
 
     def recent(self) -> list[tuple[ActivityTarget, torch.Tensor]]:
         """Detached values of the latest forward pass(es): those the last :meth:`take` returned,
@@ -144,7 +156,7 @@ class ActivityPlan:
 
     def remove(self) -> None:
         _remove(self._handles)
-        self._pending, self._recent = [], []
+        self._pending, self._pending_from, self._recent = [], [], []
 
 
 class _Hook:

@@ -130,6 +130,7 @@ class _Owner:
         self.gone = False
         # A plan with terms: with fold_hook=False each step checks reg.fold() ran, and each fold that it ran once.
         self.by_hand = FoldCalls(fold.params()) if fold else None
+        self.activity: frozenset[int] | None = None  # with several: the activity targets its steps end (None: all)
 
 
 class Attachment:
@@ -204,6 +205,10 @@ class Attachment:
             if applies:
                 self.hooks.append(Orphan(handles, applies))
             owner.applies = applies + ["the step count schedules read"] * scheduled
+        if several:
+            ends = _activity_owners(reg, stepped)
+            for k, owner in enumerate(self._owners):
+                owner.activity = frozenset(i for i, o in enumerate(ends) if o is None or o == k)
         if any(owner.applies for owner in self._owners):
             watch_steps()
 
@@ -338,6 +343,26 @@ class Attachment:
             optimizer = owner.optimizer()
             if optimizer is not None:
                 owner.decay.write(optimizer, step)
+
+
+def _activity_owners(reg: Regularizer, stepped: Sequence[set[int]]) -> list[int | None]:
+    """For each activity target, the optimizer whose step ends its values' time (a network's forward is
+    its own optimizer's step to take into a loss): the one stepping the parameters of the target, or of
+    the nearest module around it that has any (a ReLU goes with its network). None: no one optimizer
+    (the root's parameters span them all), and every step drops its values."""
+    modules = reg.table.module_names
+    owners: list[int | None] = []
+    for target in reg._activity.targets:
+        parts, found = target.name.split(".") if target.name else [], None
+        for depth in range(len(parts), -1, -1):
+            module = modules.get(".".join(parts[:depth]))
+            ids = {id(p) for p in module.parameters()} if module is not None else set()
+            holders = [k for k, s in enumerate(stepped) if ids & s]
+            if holders:
+                found = holders[0] if len(holders) == 1 else None
+                break
+        owners.append(found)
+    return owners
 
 
 def cut_groups(groups: list[tuple[Any, Members]], ids: set[int]) -> list[tuple[Any, Members]]:

@@ -219,7 +219,8 @@ class Regularizer:
 
     def _advance(self, optimizer: torch.optim.Optimizer | None) -> None:
         # Activity values no penalty() took belong to a step that is over; keeping them would hold graphs.
-        if self._activity.drop() and not self._warned_untaken:
+        ends = self._attached.owner(optimizer).activity if self._attached is not None else None
+        if self._activity.drop(ends) and not self._warned_untaken:
             self._warned_untaken = True
             warn_untaken(self._activity.targets)
         if self._watch.active:

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -407,3 +408,49 @@ def test_constant_rules_count_every_step(fold: bool) -> None:
         opt.step()
     assert reg.step == len(PATTERN)
     torch.testing.assert_close(net.gen[0].weight.detach(), start * (1 - LR * 0.5) ** PATTERN.count("g"), rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------ activity values across two optimizers
+
+
+def test_the_gan_loop_of_the_docs_keeps_the_generators_activity_term() -> None:
+    """docs/fold.md's loop: parameter terms folded, fake = G(z), the discriminator's step on
+    fake.detach(), then the generator's loss + penalty(). Before, the discriminator's step dropped every
+    activity value collected since the last penalty(), the generator's too: its term never applied, with
+    a warning to add the penalty() that was there. A step now drops only the values of the modules its
+    optimizer steps (a module without parameters, this Tanh, goes with the network around it)."""
+    rules = "layer gen.1 activity l2 0.5\nlayer gen.0.weight l2 0.1\nlayer disc.0.weight l1 0.01\n"
+    net, hand = model(), model()
+    reg = compiled(net, rules)
+    opt_g, opt_d = (torch.optim.SGD(reg.param_groups(part, lr=LR)) for part in (net.gen, net.disc))
+    reg.attach([opt_g, opt_d], fold=True)
+    hand_g, hand_d = torch.optim.SGD(hand.gen.parameters(), lr=LR), torch.optim.SGD(hand.disc.parameters(), lr=LR)
+    z, real = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+
+    def d_loss(m: TwoPart, fake: torch.Tensor) -> torch.Tensor:
+        return F.softplus(m.disc(fake.detach())).mean() + F.softplus(-m.disc(real)).mean()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "add reg.penalty()" warning: it is there
+        for _ in range(3):
+            fake = net.gen(z)
+            opt_d.zero_grad()
+            d_loss(net, fake).backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            (F.softplus(-net.disc(fake)).mean() + reg.penalty()).backward()
+            opt_g.step()
+
+            a = hand.gen[1](hand.gen[0](z))  # by hand: activity l2 is λ/2 · Σa² / B on the Tanh's output
+            fake_h = hand.gen[2](a)
+            hand_d.zero_grad()
+            d_loss(hand, fake_h).backward()
+            with torch.no_grad():
+                hand.disc[0].weight.grad += 0.01 * hand.disc[0].weight.sign()
+            hand_d.step()
+            hand_g.zero_grad()
+            g_loss = F.softplus(-hand.disc(fake_h)).mean() + 0.5 / 2 * a.square().sum() / 6
+            (g_loss + 0.1 / 2 * hand.gen[0].weight.square().sum()).backward()
+            hand_g.step()
+    for (name, p), q in zip(net.named_parameters(), hand.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
