@@ -55,7 +55,8 @@ class CompiledStep:
         # regularizer stays, even if the caller drops it.
         self._reg = reg
         self._update = _inner_step(type(optimizer).step)
-        self._graph = torch.compile(types.MethodType(_own_code(CompiledStep._fold_and_update), self), **options)
+        self._options = options
+        self._graph = self._compiled()
         # torch's own wrapper: the global and the optimizer's step hooks, around _run.
         self._hooked = torch.optim.Optimizer.profile_hook_step(self._run)
 
@@ -75,12 +76,18 @@ class CompiledStep:
     def _run(self, optimizer: torch.optim.Optimizer, closure: Any = None) -> Any:
         if closure is not None:  # no fold pre-hook (nothing to fold) refused it: the update would recompute the gradients
             raise RegUsageError("reg.compiled_step(optimizer) takes no closure: see docs/fold.md, Closures")
-        self._plan.refresh()  # eagerly: re-bucketing after model.to(...) is not for a graph to trace
+        if self._plan.refresh():  # eagerly: re-bucketing after model.to(...) is not for a graph to trace
+            # A weight frozen or unfrozen is guarded by identity alone: the old graph would go on folding as
+            # it was traced. Traced anew (a new code object: dynamo keeps graphs per code object).
+            self._graph = self._compiled()
         scale = getattr(optimizer, "grad_scale", None)
         # Off before the graph starts, as _use_grad_for_differentiable turns it off after its break.
         with torch.set_grad_enabled(bool(optimizer.defaults.get("differentiable", False))):
             norms = self._plan.slice_norms()  # None for each bucket not group_lasso
             return self._graph(optimizer, scale, norms)
+
+    def _compiled(self) -> Callable[..., Any]:
+        return torch.compile(types.MethodType(_own_code(CompiledStep._fold_and_update), self), **self._options)
 
     def _fold_and_update(self, optimizer: torch.optim.Optimizer, scale: Any, norms: Any) -> Any:
         # Read first, dynamo marks the optimizer's parameters static (as the update would), so the

@@ -71,13 +71,15 @@ class PostStepPlan:
             by_threshold: dict[tuple[float, torch.device, torch.dtype], list[torch.Tensor]] = {}
             for item, index in zip(self.prox, self.locate(param_groups)):
                 tau = float(param_groups[index]["lr"]) * strength_at(item.term, step)
-                if tau > 0:
+                if tau > 0 and item.param.requires_grad:  # frozen since compile: left as it is, as the fold leaves it
                     by_threshold.setdefault((tau, item.param.device, item.param.dtype), []).append(item.param)
             for (tau, _, _), params in by_threshold.items():
                 params = [sharded.local(p) for p in params]  # elementwise: a shard at a time
                 inside = torch._foreach_clamp_max(torch._foreach_clamp_min(params, -tau), tau)
                 torch._foreach_sub_(params, inside)
         for item in self.max_norm:
+            if not item.param.requires_grad:
+                continue
             if sharded.is_sharded(item.param):
                 sharded.renorm_(item.param, item.term.dim % item.param.ndim, item.term.norm, _renorm_)
             else:

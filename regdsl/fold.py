@@ -128,9 +128,12 @@ class FoldPlan:
             self.refresh()
             self.apply(scale)
 
-    def refresh(self) -> None:
+    def refresh(self) -> bool:
+        """Re-bucket what moved, was cast, frozen or unfrozen; True when it did (a compiled step traces anew)."""
         if any(b.stale() for b in self._buckets):
             self._build()
+            return True
+        return False
 
     def slice_norms(self) -> list[torch.Tensor | None]:
         return [b.slice_norms() for b in self._buckets]

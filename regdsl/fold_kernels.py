@@ -20,7 +20,7 @@ import torch
 
 from . import sharded
 from .fold_stacked import fold_stacked, shape_groups, stacked_norms
-from .penalties import SMALL, LossItem, accumulation_dtype, autocast_device_type, moved
+from .penalties import SMALL, LossItem, accumulation_dtype, autocast_device_type
 from .schedule import is_scheduled, strength_at
 
 # Bytes per _foreach batch off the CPU: bounds the temporaries a step holds at once.
@@ -40,6 +40,7 @@ class Bucket:
     def __init__(self, family: str, term: Any, items: list[LossItem], step: int, scratch_devices: Sequence[str]):
         self.family, self.term, self.items = family, term, items
         self.params = [i.param for i in items]
+        self.trainable = [p.requires_grad for p in self.params]
         self.device, self.dtype = self.params[0].device, self.params[0].dtype
         self.acc = accumulation_dtype(self.dtype)
         self.autocast = autocast_device_type(self.device) if family == "orthogonal" else None
@@ -101,7 +102,14 @@ class Bucket:
             self.tensor.fill_(self.value)
 
     def stale(self) -> bool:
-        return moved(self.params, self.dtype, self.device)
+        """Moved or cast (:func:`moved`), or frozen or unfrozen since the plan was built: a compiled step's
+        graph keeps the ``requires_grad`` it was traced with (its weights are guarded by identity alone),
+        so a change rebuilds the plan, and the graph is traced again."""
+        dtype, device = self.dtype, self.device
+        for p, trainable in zip(self.params, self.trainable):  # one loop: it runs at every step
+            if p.requires_grad is not trainable or p.dtype is not dtype or p.device != device:
+                return True
+        return False
 
     def strength(self, scale: torch.Tensor | None) -> torch.Tensor:
         """The strength as a 0-dim tensor (traced as a graph input), times a fused optimizer's ``grad_scale``."""

@@ -193,6 +193,33 @@ def test_a_parameter_without_gradient_gets_the_term_alone() -> None:
     torch.testing.assert_close(model.fc1.weight.detach(), before - 0.1 * 0.5 * before)
 
 
+@pytest.mark.parametrize("rules", ["all l2 0.5\n", "all group_lasso 0.1\n"])
+def test_a_weight_frozen_after_the_first_compiled_step_gets_no_term(rules: str) -> None:
+    # Before, the graph kept the requires_grad it was traced with (the weights are guarded by identity
+    # alone): a weight frozen later went on getting the term, moved by lr·λ·w each step.
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse(rules).compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1), lr=0.1)
+    reg.attach(opt, fold=True)
+    opt.step = reg.compiled_step(opt)
+    x = torch.randn(5, 6)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=False)  # the frozen weight keeps a zero gradient, which SGD steps
+        model(x).sum().backward()
+        opt.step()
+
+    step()
+    model.fc2.weight.requires_grad_(False)
+    frozen = model.fc2.weight.detach().clone()
+    step()
+    assert torch.equal(model.fc2.weight.detach(), frozen)
+    model.fc2.weight.requires_grad_(True)  # trainable again: the term is back
+    step()
+    assert not torch.equal(model.fc2.weight.detach(), frozen)
+
+
 def test_compiled_step_refuses_what_it_cannot_do() -> None:
     model = MLP()
     reg = regdsl.parse(ELASTIC).compile(model)

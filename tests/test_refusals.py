@@ -135,3 +135,18 @@ def test_a_spec_copy_takes_only_fields_and_forgets_the_text_it_no_longer_is() ->
     # Before: line 3 quoted from the original text, 'layer head.** decay 0.1 l1 1e-4', under a caret for 'haed.**'.
     assert d.code == "RD101" and d.line == 3 and d.source_line == ""
     assert spec.model_copy(update={}).source == spec.source  # nothing changed: the text still says it
+
+
+@pytest.mark.parametrize("rules", ["all l1 0.05 prox\n", "all max_norm 0.1\n"])
+def test_a_weight_frozen_after_compile_is_left_by_the_post_step_terms(rules: str) -> None:
+    # As the folded terms leave it (docs/fold.md): before, prox shrank it by lr·λ and max_norm renormed it.
+    model = net()
+    reg = regdsl.parse(rules).compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    reg.attach(opt)
+    model.head.weight.requires_grad_(False)
+    frozen = model.head.weight.detach().clone()
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert torch.equal(model.head.weight.detach(), frozen)
+    assert not torch.equal(model.body[0].weight.detach(), weights(net())["body.0.weight"])  # the others: as ever
