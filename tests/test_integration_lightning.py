@@ -419,3 +419,29 @@ def test_attach_hooks_the_optimizer_inside_a_lightning_optimizer() -> None:
     reference.step()
     for a, b in zip(model.parameters(), hand.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_lbfgs_with_a_line_search_is_refused_on_the_fold_path(tmp_path) -> None:
+    # Its line search compares the closure's losses, which hold no folded term: before, the fit ran
+    # and its weights were 0.26 away from the same terms in the loss, with no word.
+    class WithLBFGS(Regression):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.reg.param_groups(lr=0.5), max_iter=3, line_search_fn="strong_wolfe")
+
+    rules = regdsl.parse("layer net.fc1.weight l1 0.05\nlayer net.fc2.weight l2 0.5\n")
+    with pytest.raises(RegUsageError, match="LBFGS with a line search.*fold=False"):
+        trainer(1, tmp_path, max_steps=1, callbacks=[RegularizationCallback(rules)]).fit(WithLBFGS(), loader(1))
+    model = WithLBFGS()
+    trainer(1, tmp_path, max_steps=1, callbacks=[RegularizationCallback(rules, fold=False)]).fit(model, loader(1))
+    assert model.reg.step == 1
+
+
+def test_validate_alone_gives_the_module_its_regularizer(tmp_path) -> None:
+    # Before, a validation_step reading self.reg failed with a raw AttributeError: setup compiled for fit only.
+    class Validated(Regression):
+        def validation_step(self, batch, index):
+            self.seen = self.reg.values()
+
+    model = Validated()
+    trainer(1, tmp_path, callbacks=[RegularizationCallback(regdsl.parse(RULES))]).validate(model, loader(1))
+    assert set(model.seen) == {"l1:3", "group_lasso:4"}  # the loss terms; no activity value without gradients

@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 
 from ..compiler import Regularizer, compile
+from ..errors import RegUsageError
 from ..spec import Spec
 
 
@@ -56,6 +57,11 @@ class RegularizationCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
+            # validate/test/predict alone: self.reg for a step that reads it (values()), attached to nothing.
+            if self.reg is None or self._compiled_for != (id(pl_module), _parameter_ids(pl_module)):
+                self.reg = compile(self.rules, pl_module, reference=self.reference, trial=self.trial)
+                self._compiled_for = (id(pl_module), _parameter_ids(pl_module))
+            pl_module.reg = self.reg
             return
         if self.reg is not None and self._compiled_for == (id(pl_module), _parameter_ids(pl_module)):
             # A second fit of the same module continues: reg.step goes on as trainer.global_step does,
@@ -77,6 +83,14 @@ class RegularizationCallback(pl.Callback):
         # too, with an empty closure), after any step pre-hook: the terms are folded in
         # on_before_optimizer_step, once the gradients exist. reg.step counts every optimizer's
         # steps, as trainer.global_step does.
+        for optimizer in trainer.optimizers if self.fold else ():
+            if getattr(optimizer, "defaults", {}).get("line_search_fn") is not None:
+                # It evaluates the closure's loss, which never holds the folded terms their gradients add.
+                raise RegUsageError(
+                    f"{type(optimizer).__name__} with a line search (line_search_fn="
+                    f"{optimizer.defaults['line_search_fn']!r}) compares the closure's losses, which hold no folded "
+                    "term: RegularizationCallback(..., fold=False) puts every term in the loss (self.reg.penalty())"
+                )
         self.reg.attach(trainer.optimizers, fold=self.fold, fold_hook=False)
         self._backwards, self._seen = 0, {}  # this fit's optimizers: none has stepped yet
 
