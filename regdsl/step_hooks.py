@@ -118,7 +118,8 @@ class FoldCalls:
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.folded = False
         self._warned = False
-        self._probe = min(params, key=torch.Tensor.numel) if params else None
+        trainable = [p for p in params if p.requires_grad] or params  # a frozen one's gradient never moves
+        self._probe = min(trainable, key=torch.Tensor.numel) if trainable else None
         self._mark: tuple[torch.Tensor, int] | None = None
 
     def check(self) -> None:
