@@ -143,7 +143,9 @@ class FoldCalls:
                 RegDslWarning(
                     "an optimizer step ran with no reg.fold() since the step before: with "
                     "attach(optimizer, fold=True, fold_hook=False) the folded terms apply only through reg.fold(), "
-                    "once per optimizer step, after the last backward and before the update"
+                    "once per optimizer step, after the last backward and before the update (Lightning's "
+                    "RegularizationCallback calls it after each backward Lightning runs: in manual optimization, "
+                    "self.manual_backward(loss), not loss.backward())"
                 ),
                 stacklevel=caller_stacklevel(through_torch=True),
             )

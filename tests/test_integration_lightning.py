@@ -445,3 +445,21 @@ def test_validate_alone_gives_the_module_its_regularizer(tmp_path) -> None:
     model = Validated()
     trainer(1, tmp_path, callbacks=[RegularizationCallback(regdsl.parse(RULES))]).validate(model, loader(1))
     assert set(model.seen) == {"l1:3", "group_lasso:4"}  # the loss terms; no activity value without gradients
+
+
+def test_loss_backward_in_manual_optimization_warns_with_what_to_write(tmp_path) -> None:
+    # Lightning sees no backward there, so nothing folds; the warning spoke of reg.fold() and
+    # fold_hook=False, which the user never wrote.
+    class Plain(GAN):
+        def training_step(self, batch, index):
+            opt_g, opt_d = self.optimizers()
+            z, real = batch
+            opt_d.zero_grad()
+            d_loss(self.gen, self.disc, z, real).backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            g_loss(self.gen, self.disc, z).backward()
+            opt_g.step()
+
+    with pytest.warns(regdsl.RegDslWarning, match=r"self\.manual_backward\(loss\), not loss\.backward\(\)"):
+        trainer(1, tmp_path, max_steps=2, callbacks=[RegularizationCallback(regdsl.parse(GAN_RULES))]).fit(Plain(), gan_loader())
