@@ -57,6 +57,9 @@ class CompiledStep:
         self._update = _inner_step(type(optimizer).step)
         self._options = options
         self._graph = self._compiled()
+        # One graph per state of the plan (regdsl.fold.FoldPlan.state): a weight frozen for a phase and
+        # unfrozen again takes its graph up again, not a new compile each time.
+        self._graphs = {plan.state(): self._graph}
         # torch's own wrapper: the global and the optimizer's step hooks, around _run.
         self._hooked = torch.optim.Optimizer.profile_hook_step(self._run)
 
@@ -78,8 +81,12 @@ class CompiledStep:
             raise RegUsageError("reg.compiled_step(optimizer) takes no closure: see docs/fold.md, Closures")
         if self._plan.refresh():  # eagerly: re-bucketing after model.to(...) is not for a graph to trace
             # A weight frozen or unfrozen is guarded by identity alone: the old graph would go on folding as
-            # it was traced. Traced anew (a new code object: dynamo keeps graphs per code object).
-            self._graph = self._compiled()
+            # it was traced. The graph of this state, traced anew where there is none (a new code object:
+            # dynamo keeps graphs per code object).
+            state = self._plan.state()
+            if state not in self._graphs:
+                self._graphs[state] = self._compiled()
+            self._graph = self._graphs[state]
         scale = getattr(optimizer, "grad_scale", None)
         # Off before the graph starts, as _use_grad_for_differentiable turns it off after its break.
         with torch.set_grad_enabled(bool(optimizer.defaults.get("differentiable", False))):

@@ -65,6 +65,7 @@ class FoldPlan:
         # Set while a compiled step (regdsl.compiled_step) runs the pre-hooks: it folds inside its own graph.
         self.deferred = False
         self.retired = False  # detach() has run: penalty() holds these terms again
+        self.generation = 0  # rebuilds so far (model.to(...)): a compiled step's graphs are for one
         self._build()
 
     def _build(self) -> None:
@@ -129,11 +130,20 @@ class FoldPlan:
             self.apply(scale)
 
     def refresh(self) -> bool:
-        """Re-bucket what moved, was cast, frozen or unfrozen; True when it did (a compiled step traces anew)."""
-        if any(b.stale() for b in self._buckets):
+        """Re-bucket what moved or was cast; note what was frozen or unfrozen. True when either happened:
+        a compiled step then takes the graph for the new state (:meth:`state`)."""
+        changes = {b.stale() for b in self._buckets}
+        if "moved" in changes:
             self._build()
-            return True
-        return False
+            self.generation += 1
+        elif "frozen" in changes:
+            for b in self._buckets:
+                b.retrain()
+        return bool(changes - {None})
+
+    def state(self) -> tuple[Any, ...]:
+        """What a compiled step's graph depends on beyond its guards: the buckets and each tensor's requires_grad."""
+        return (self.generation, *(tuple(b.trainable) for b in self._buckets))
 
     def slice_norms(self) -> list[torch.Tensor | None]:
         return [b.slice_norms() for b in self._buckets]

@@ -71,8 +71,16 @@ class ElasticBucket:
         self.l1.set_step(step)
         self.l2.set_step(step)
 
-    def stale(self) -> bool:
-        return self.l1.stale()
+    def stale(self) -> str | None:
+        return self.l1.stale()  # the two buckets hold the same tensors
+
+    def retrain(self) -> None:
+        self.l1.retrain()
+        self.l2.retrain()
+
+    @property
+    def trainable(self) -> list[bool]:
+        return self.l1.trainable
 
     def slice_norms(self) -> None:
         return None

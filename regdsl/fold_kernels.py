@@ -101,15 +101,20 @@ class Bucket:
             self.value = strength_at(self.term, step)
             self.tensor.fill_(self.value)
 
-    def stale(self) -> bool:
-        """Moved or cast (:func:`moved`), or frozen or unfrozen since the plan was built: a compiled step's
-        graph keeps the ``requires_grad`` it was traced with (its weights are guarded by identity alone),
-        so a change rebuilds the plan, and the graph is traced again."""
-        dtype, device = self.dtype, self.device
+    def stale(self) -> str | None:
+        """``"moved"``: a tensor moved or cast since the bucket was made (:func:`moved`), which rebuilds the
+        plan; ``"frozen"``: one frozen or unfrozen (:meth:`retrain`). A compiled step's graph keeps the
+        ``requires_grad`` it was traced with (its weights are guarded by identity alone): either change
+        makes it trace, or take up, the graph for the new state."""
+        dtype, device, frozen = self.dtype, self.device, False
         for p, trainable in zip(self.params, self.trainable):  # one loop: it runs at every step
-            if p.requires_grad is not trainable or p.dtype is not dtype or p.device != device:
-                return True
-        return False
+            if p.dtype is not dtype or p.device != device:
+                return "moved"
+            frozen = frozen or p.requires_grad is not trainable
+        return "frozen" if frozen else None
+
+    def retrain(self) -> None:
+        self.trainable = [p.requires_grad for p in self.params]
 
     def strength(self, scale: torch.Tensor | None) -> torch.Tensor:
         """The strength as a 0-dim tensor (traced as a graph input), times a fused optimizer's ``grad_scale``."""

@@ -218,6 +218,14 @@ def test_a_weight_frozen_after_the_first_compiled_step_gets_no_term(rules: str) 
     model.fc2.weight.requires_grad_(True)  # trainable again: the term is back
     step()
     assert not torch.equal(model.fc2.weight.detach(), frozen)
+    # Frozen and unfrozen again and again (a phase of each): the two graphs are taken up, none is compiled anew.
+    counters.clear()
+    for trainable in (False, True, False, True):
+        model.fc2.weight.requires_grad_(trainable)
+        before = model.fc2.weight.detach().clone()
+        step()
+        assert torch.equal(model.fc2.weight.detach(), before) != trainable
+    assert counters["stats"]["unique_graphs"] == 0
 
 
 def test_compiled_step_refuses_what_it_cannot_do() -> None:
