@@ -102,10 +102,8 @@ class Bucket:
             self.tensor.fill_(self.value)
 
     def stale(self) -> str | None:
-        """``"moved"``: a tensor moved or cast since the bucket was made (:func:`moved`), which rebuilds the
-        plan; ``"frozen"``: one frozen or unfrozen (:meth:`retrain`). A compiled step's graph keeps the
-        ``requires_grad`` it was traced with (its weights are guarded by identity alone): either change
-        makes it trace, or take up, the graph for the new state."""
+        """``"moved"`` (moved or cast since the bucket was made: the plan rebuilds), ``"frozen"`` (a
+        ``requires_grad`` changed: :meth:`retrain`; a compiled graph keeps the one it was traced with)."""
         dtype, device, frozen = self.dtype, self.device, False
         for p, trainable in zip(self.params, self.trainable):  # one loop: it runs at every step
             if p.dtype is not dtype or p.device != device:
