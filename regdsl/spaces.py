@@ -142,11 +142,11 @@ def _number(value: Any) -> bool:
 
 
 def _inside(space: Any, value: Any) -> bool:
-    # Optuna's log-uniform draws can land a rounding step outside exp(log(b)).
-    slack = 1e-12 * max(abs(getattr(space, "high", 0.0)), abs(getattr(space, "low", 0.0)))
+    # Optuna's log-uniform draws can land a rounding step outside exp(log(b)): each bound gets a slack of
+    # its own size (a slack scaled by the upper bound let 0 stand for loguniform(1e-8, 1e4)'s 1e-8).
     if isinstance(space, ChoiceSpace):
         return space.contains(float(value))
-    return space.low - slack <= value <= space.high + slack
+    return space.low - 1e-12 * abs(space.low) <= value <= space.high + 1e-12 * abs(space.high)
 
 
 def _names(known: Mapping[str, Any]) -> str:

@@ -524,3 +524,21 @@ def test_a_named_space_shared_by_lr_decay_and_a_strength_stands_in_with_one_valu
     rows = regdsl.resolve(regdsl.parse(rules), model).rows
     assert {r.terms["l2"].value for r in rows} == {0.5}  # before: l2 stood in with 1.0, lr_decay with 0.5
     assert [r.lr_factor for r in rows] == [0.5, 0.5, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("space", "value"),
+    [("loguniform(1e-8, 1e4)", 0.0), ("loguniform(1e-6, 1e6)", 5e-7), ("uniform(1, 1e13)", 0.5), ("uniform(0, 1e13)", -5.0)],
+)
+def test_a_value_outside_a_wide_space_is_refused_not_moved_to_its_bound(space: str, value: float) -> None:
+    # Before, the slack for rounding scaled with the larger bound and applied to both: 0 for
+    # loguniform(1e-8, 1e4) became 1e-08, -5 for uniform(0, 1e13) a strength of 0, without a word.
+    with pytest.raises(RegUsageError, match=rf"{value} for 'lam' is outside"):
+        regdsl.parse(f"all decay {space} as lam\n").with_values({"lam": value})
+
+
+def test_a_draw_a_rounding_step_outside_its_bound_is_the_bound() -> None:
+    # What the slack is for: Optuna's log-uniform draw can land a rounding step past exp(log(b)).
+    low, high = 1e-5, 1e-2
+    concrete = regdsl.parse(f"all decay loguniform({low}, {high}) as lam\n").with_values({"lam": high * (1 + 1e-15)})
+    assert concrete.statements[0].terms[0].value == high
