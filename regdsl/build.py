@@ -113,14 +113,25 @@ def _span(meta_or_token: Any) -> dict[str, int]:
     }
 
 
-LeafSpans = dict[tuple[int, str | int], dict[str, int]]
+class LeafSpans(dict[tuple[int, str | int], dict[str, int]]):
+    """The spans of plain values (a strength's number), keyed by ``(id(owner), field)``. Each owner is
+    held: validation replaces some dicts in the data (a space defined twice), and a freed one's id,
+    reused by a new dict, pointed an error at another line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._owners: list[Any] = []
+
+    def at(self, owner: Any, field: str | int, span: dict[str, int]) -> None:
+        self._owners.append(owner)
+        self[id(owner), field] = span
 _SPACE_NODES = ("loguniform", "uniform", "choice", "space_ref")
 
 
 def _to_data(tree: Tree) -> tuple[dict[str, Any], LeafSpans, list[tuple[dict[str, int], str, str]]]:
     """Plain dicts for Pydantic (``statements`` and ``lr_decay``), the spans of plain values in
     them (a strength's number), and problems Pydantic never sees (number literals, a second lr_decay)."""
-    leaf_spans: LeafSpans = {}
+    leaf_spans = LeafSpans()
     problems: list[tuple[dict[str, int], str, str]] = []
 
     def whole(token: Token) -> float | int:
@@ -177,12 +188,12 @@ def _to_data(tree: Tree) -> tuple[dict[str, Any], LeafSpans, list[tuple[dict[str
             if child.data == "cosine":
                 step["end"] = number(child.children[0])
                 step["steps"] = whole(child.children[1])
-                leaf_spans[id(step), "end"] = _span(child.children[0])
-                leaf_spans[id(step), "steps"] = _span(child.children[1])
+                leaf_spans.at(step, "end", _span(child.children[0]))
+                leaf_spans.at(step, "steps", _span(child.children[1]))
             else:
                 field = "steps" if child.data == "warmup" else "step"
                 step[field] = whole(child.children[0])
-                leaf_spans[id(step), field] = _span(child.children[0])
+                leaf_spans.at(step, field, _span(child.children[0]))
             steps.append(step)
         out: dict[str, Any] = {"steps": steps}
         if not node.meta.empty:
@@ -201,14 +212,15 @@ def _to_data(tree: Tree) -> tuple[dict[str, Any], LeafSpans, list[tuple[dict[str
         named = [c for c in node.children if isinstance(c, Tree)]
         if named:
             out["name"] = str(named[0].children[0])
-            leaf_spans[id(out), "name"] = _span(named[0].children[0])
+            leaf_spans.at(out, "name", _span(named[0].children[0]))
         if kind == "choice":
             out["choices"] = [number(t) for t in numbers]
             for i, token in enumerate(numbers):
-                leaf_spans[id(out["choices"]), i] = _span(token)
+                leaf_spans.at(out["choices"], i, _span(token))
         else:
             out["low"], out["high"] = number(numbers[0]), number(numbers[1])
-            leaf_spans[id(out), "low"], leaf_spans[id(out), "high"] = _span(numbers[0]), _span(numbers[1])
+            leaf_spans.at(out, "low", _span(numbers[0]))
+            leaf_spans.at(out, "high", _span(numbers[1]))
         return out
 
     def term(node: Tree) -> dict[str, Any]:
@@ -218,7 +230,7 @@ def _to_data(tree: Tree) -> tuple[dict[str, Any], LeafSpans, list[tuple[dict[str
         for child in node.children:
             if isinstance(child, Token):
                 out[field] = number(child)
-                leaf_spans[id(out), field] = _span(child)
+                leaf_spans.at(out, field, _span(child))
             elif child.data in _SPACE_NODES:
                 out[field] = space(child)
             elif child.data == "prox":
@@ -227,7 +239,7 @@ def _to_data(tree: Tree) -> tuple[dict[str, Any], LeafSpans, list[tuple[dict[str
                 out["to"] = str(child.data)[3:]
             elif child.data == "dim":
                 out["dim"] = whole(child.children[0])
-                leaf_spans[id(out), "dim"] = _span(child.children[0])
+                leaf_spans.at(out, "dim", _span(child.children[0]))
             elif child.data == "schedule":
                 out["schedule"] = schedule(child)
             elif str(child.data).startswith("depth_"):
@@ -239,14 +251,14 @@ def _to_data(tree: Tree) -> tuple[dict[str, Any], LeafSpans, list[tuple[dict[str
         for child in node.children:
             if isinstance(child, Token) and child.type == "NUMBER":
                 out["value"] = whole(child)
-                leaf_spans[id(out), "value"] = _span(child)
+                leaf_spans.at(out, "value", _span(child))
             elif isinstance(child, Token):
                 out["name"] = str(child)
             else:  # depth_offset: '+' or '-', then the number
                 sign, amount = child.children
                 out["op"] = str(sign)
                 out["amount"] = whole(amount)
-                leaf_spans[id(out), "amount"] = _span(amount)
+                leaf_spans.at(out, "amount", _span(amount))
         return out
 
     statements: list[dict[str, Any]] = []
@@ -260,7 +272,7 @@ def _to_data(tree: Tree) -> tuple[dict[str, Any], LeafSpans, list[tuple[dict[str
             lr_decay = {"kind": "lr_decay", "pos": _span(node.meta)}
             if isinstance(token, Token):
                 lr_decay["factor"] = number(token)
-                leaf_spans[id(lr_decay), "factor"] = _span(token)
+                leaf_spans.at(lr_decay, "factor", _span(token))
             else:  # a search space: lr_decay is tuned like any strength
                 lr_decay["factor"] = space(token)
             continue

@@ -276,6 +276,10 @@ def bind_names(data: Any) -> Any:
         return data if statements == list(data["statements"]) else {**data, "statements": statements}
     if lr_decay is not None:
         data = {**data, "lr_decay": lr_decay}
+    # In file order, lr_decay's line among the others: the first definition is the one on the earliest line.
+    places = [_place(term[field].get("pos")) for term, field in slots]
+    if all(place is not None for place in places):
+        slots = [slot for _, slot in sorted(zip(places, slots), key=lambda pair: pair[0])]
     defined: dict[str, dict[str, Any]] = {}
     for term, field in slots:
         value = term[field]
@@ -297,3 +301,12 @@ def bind_names(data: Any) -> Any:
             space = {k: list(v) if isinstance(v, list) else v for k, v in defined[name].items()}
             term[field] = {**space, "ref": True, "pos": value.get("pos")}
     return {**data, "statements": statements}
+
+
+def _place(pos: Any) -> tuple[int, int] | None:
+    """A position's (line, column), from parsed text (a dict) or a Span; None where there is none."""
+    if isinstance(pos, dict):
+        line, column = pos.get("line"), pos.get("column")
+    else:
+        line, column = getattr(pos, "line", None), getattr(pos, "column", None)
+    return (line, column) if isinstance(line, int) and isinstance(column, int) else None

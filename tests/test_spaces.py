@@ -542,3 +542,21 @@ def test_a_draw_a_rounding_step_outside_its_bound_is_the_bound() -> None:
     low, high = 1e-5, 1e-2
     concrete = regdsl.parse(f"all decay loguniform({low}, {high}) as lam\n").with_values({"lam": high * (1 + 1e-15)})
     assert concrete.statements[0].terms[0].value == high
+
+
+def test_a_name_defined_three_times_is_reported_at_each_repeat() -> None:
+    # Before, both errors were on line 3 (the second at line 3's name: an id reused by a new dict pointed
+    # there), and the repeat on line 5 was never shown.
+    text = "all l2 uniform(0, 1) as x\nexclude bias\nall l1 uniform(0, 1) as x\nexclude norm\nall decay choice(0, 0.5) as x\n"
+    with pytest.raises(regdsl.RegDslError) as info:
+        regdsl.parse(text)
+    assert [(d.line, d.column, d.code) for d in info.value.diagnostics] == [(3, 8, "RD010"), (5, 11, "RD010")]
+    assert all("already defined on line 1" in d.message for d in info.value.diagnostics)
+
+
+def test_lr_decay_defining_a_name_first_is_the_definition_a_later_line_repeats() -> None:
+    # Before: reported on line 2, "already defined on line 3" (lr_decay's slot was read after every term's).
+    with pytest.raises(regdsl.RegDslError) as info:
+        regdsl.parse("all depth 0\nlr_decay uniform(0.5, 1) as d\nall l2 uniform(0.5, 1) as d\n")
+    (d,) = info.value.diagnostics
+    assert (d.line, d.column) == (3, 8) and "already defined on line 2" in d.message
