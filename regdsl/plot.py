@@ -60,6 +60,10 @@ def weights(
     names = list(labels) if labels is not None else _default_labels(len(states))
     groups = [(g.name, g.params) for g in resolution.groups_summary() if g.params]
     sparse = [r.name for r in resolution.rows if r.trainable and _sparsifies(r.terms)]
+    shapes = {e.name: tuple(e.param.shape) for e in resolution.table.entries}
+    for i, state in enumerate(states):  # every tensor drawn, checked before anything is drawn
+        for name in {n for _, members in groups for n in members} | set(sparse):
+            _check(state, name, shapes[name], checkpoints[i])
     values = [{name: _flat(state, members, i, checkpoints) for name, members in groups} for i, state in enumerate(states)]
 
     rows = 1 + bool(sparse) + (len(states) > 1)
@@ -105,13 +109,16 @@ def output_format(path: str | os.PathLike[str]) -> str:
 
 
 def _histograms(ax: Any, name: str, tensors: int, first: torch.Tensor, last: torch.Tensor, labels: list[str]) -> None:
+    ax.set_title(f"{name} ({tensors} tensor{'' if tensors == 1 else 's'})", fontsize=9)
+    if not first.numel():  # zero-element tensors only (nn.Linear(0, n)): nothing to count
+        ax.text(0.5, 0.5, "no elements", ha="center", va="center", transform=ax.transAxes)
+        return
     low = min(first.min().item(), last.min().item())
     high = max(first.max().item(), last.max().item())
     bins = torch.linspace(low, high if high > low else low + 1e-12, 61).tolist()
     ax.hist(first.numpy(), bins=bins, log=True, alpha=0.5, label=labels[0], color="tab:blue")
     if len(labels) > 1:
         ax.hist(last.numpy(), bins=bins, log=True, alpha=0.5, label=labels[-1], color="tab:orange")
-    ax.set_title(f"{name} ({tensors} tensor{'' if tensors == 1 else 's'})", fontsize=9)
     ax.set_xlabel("weight")
     ax.set_ylabel("count (log)")
     ax.legend(fontsize=8)
@@ -204,6 +211,24 @@ def _empty(source: str | os.PathLike[str]) -> bool:
         return os.path.getsize(source) == 0
     except OSError:
         return False
+
+
+def _check(state: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...], source: Checkpoint) -> None:
+    """A tensor the figure draws: the model's shape (a checkpoint of another model drew a believable,
+    wrong picture), real and finite (a histogram has no bin for NaN, a complex value's imaginary part)."""
+    if name not in state:
+        raise PlotError(f"checkpoint {_describe(source)} has no tensor '{name}'")
+    value, where = state[name], f"checkpoint {_describe(source)}'s '{name}'"
+    if tuple(value.shape) != shape:
+        raise PlotError(f"{where} has shape {_shape(value.shape)}, the model's {_shape(shape)}: a checkpoint of another model?")
+    if value.is_complex() or not (value.is_floating_point() or value.is_meta):
+        raise PlotError(f"{where} is a {value.dtype} tensor: the figure draws real weights")
+    if not value.is_meta and not bool(torch.isfinite(value).all()):
+        raise PlotError(f"{where} holds NaN or infinite values: no histogram shows them (did training diverge?)")
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) or "()"
 
 
 def _tensor(state: Mapping[str, torch.Tensor], name: str, index: int, sources: Sequence[Checkpoint]) -> torch.Tensor:

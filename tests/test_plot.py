@@ -5,6 +5,7 @@ against numbers written out here."""
 from __future__ import annotations
 
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,33 @@ def test_a_checkpoint_without_a_tensor_is_an_error() -> None:
     del state["head.weight"]
     with pytest.raises(PlotError, match="has no tensor 'head.weight'"):
         weights(regdsl.parse(RULES), CNN(), [state])
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda s: s.update({"conv2.weight": s["conv2.weight"][:3]}), "'conv2.weight' has shape 3x"),  # another model's
+        (lambda s: s["head.weight"].view(-1).__setitem__(0, float("nan")), "'head.weight' holds NaN or infinite values"),
+        (lambda s: s.update({"fc.weight" if "fc.weight" in s else "head.weight": s["head.weight"].to(torch.complex64)}), "complex64 tensor"),
+    ],
+    ids=["shape", "nan", "complex"],
+)
+def test_a_checkpoint_the_figure_cannot_show_is_refused_naming_the_tensor(change, says: str) -> None:
+    # Before: a checkpoint of another model drew a believable picture, a NaN an empty histogram, a complex
+    # tensor its real part (with torch's warning).
+    state = checkpoints()[0]
+    change(state)
+    with pytest.raises(PlotError, match=says):
+        weights(regdsl.parse(RULES), CNN(), [checkpoints()[0], state])
+
+
+def test_a_group_of_zero_element_tensors_is_drawn_empty(tmp_path: Path) -> None:
+    # Before: a raw RuntimeError from min() of an empty tensor.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "Initializing zero-element tensors is a no-op"
+        model = torch.nn.Sequential(torch.nn.Linear(0, 4), torch.nn.Linear(4, 2))
+    fig = weights(regdsl.parse("all decay 0.1\nlayer 0.weight decay 0.5\n"), model, [model.state_dict()], tmp_path / "z.png")
+    assert "no elements" in [t.get_text() for ax in fig.axes for t in ax.texts]
 
 
 def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
