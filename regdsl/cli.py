@@ -320,8 +320,8 @@ def _fmt(args: argparse.Namespace) -> int:
             text = decode_source(texts[path], path)
             formatted = format_source(text, path)
         except RegDslError as exc:
-            for d in exc.diagnostics:
-                print(d.render())
+            for d in exc.diagnostics:  # with --diff, stdout is the patch alone
+                print(d.render(), file=sys.stderr if args.diff else sys.stdout)
             failed += 1
             continue
         if formatted == text:

@@ -196,6 +196,12 @@ def test_fmt_diff_prints_a_unified_diff_and_changes_nothing(tmp_path: Path, file
 
     clean = fmt("--diff", str(files["clean"]))
     assert (clean.returncode, clean.stdout) == (0, "")
+    # A file with errors: its diagnostics go to stderr too (before, into the patch on stdout).
+    broken = tmp_path / "broken.reg"
+    broken.write_text("all l3 1\n")
+    mixed = fmt("--diff", str(path), str(broken))
+    assert mixed.stdout.startswith(f"--- {path}\n") and "RD001" not in mixed.stdout
+    assert "error: RD001" in mixed.stderr and mixed.stderr.endswith("1 file would be reformatted, 0 left unchanged, 1 with errors.\n")
 
 
 def test_fmt_diff_of_a_file_without_a_final_newline_is_a_valid_diff(tmp_path: Path) -> None:
