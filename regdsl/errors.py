@@ -71,6 +71,14 @@ class Diagnostic:
 SHOWN = 160
 
 
+def quoted(text: str) -> str:
+    """User text inside a message, its middle cut past :data:`SHOWN` characters (``a.a...a.a``): the
+    source line under the message is cut so already, and a 100,000-character pattern was printed whole."""
+    if len(text) <= SHOWN:
+        return text
+    return text[: SHOWN // 2] + "..." + text[-SHOWN // 2 :]
+
+
 def _window(line: str, column: int, width: int) -> tuple[str, int, int]:
     """``line`` cut to :data:`SHOWN` characters around ``column`` (``...`` marks a cut), the column
     and the caret's width in what is shown."""

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .errors import Diagnostic, name_list
+from .errors import Diagnostic, name_list, quoted
 from .findings import model_diagnostic
 from .resolution import Resolution
 from .spec import MODULE_TERMS, PARAM_TERMS, Exclude, LayerAtom, Rule, Spec, TypeAtom, kind_label
@@ -56,9 +56,9 @@ def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
                         meant = _in_regdsl_names(pattern.text, matcher.layer)
                         yield model_diagnostic(
                             spec, pattern.pos, code,
-                            f"layer pattern '{pattern.text}' matches only modules with no parameters: {name_list(empty)}"
+                            f"layer pattern '{quoted(pattern.text)}' matches only modules with no parameters: {name_list(empty)}"
                             if empty
-                            else f"layer pattern '{pattern.text}' matches no parameter or module"
+                            else f"layer pattern '{quoted(pattern.text)}' matches no parameter or module"
                             + (meant or nearest(pattern.text, matcher.all_paths)),
                         )
             elif isinstance(atom, TypeAtom):
@@ -67,14 +67,14 @@ def _unmatched(res: Resolution) -> Iterable[Diagnostic]:
                         found_part = True
                         yield model_diagnostic(
                             spec, pattern.pos, code if is_exclude else "RD102",
-                            f"type '{pattern.text}' matches no module class in the model"
+                            f"type '{quoted(pattern.text)}' matches no module class in the model"
                             + nearest(pattern.text, matcher.all_classes),
                         )
                     elif not matcher.type_hits(pattern.text, "owners"):
                         found_part = True
                         yield model_diagnostic(
                             spec, pattern.pos, code,
-                            f"type '{pattern.text}' matches only modules that own no parameters directly",
+                            f"type '{quoted(pattern.text)}' matches only modules that own no parameters directly",
                         )
             elif not matcher.atom(atom):
                 found_part = True
@@ -103,7 +103,7 @@ def _in_regdsl_names(text: str, matches: Any, what: str = "tensors") -> str | No
         why.append("a parametrization's tensors under the tensor they compute, without torch's 'parametrizations' segment")
     if wrappers:
         why.append(f"{what} without wrapper segments ({', '.join(repr(w) for w in wrappers)})")
-    return f": regdsl names {' and '.join(why)}: write '{meant}'"
+    return f": regdsl names {' and '.join(why)}: write '{quoted(meant)}'"
 
 
 def acts_on_params(statement: Rule | Exclude) -> bool:
@@ -128,7 +128,7 @@ def _unmatched_modules(spec: Spec, statement: Rule, res: Resolution, nearest: _N
                 found_part = True
                 yield model_diagnostic(
                     spec, pattern.pos, "RD101",
-                    f"layer pattern '{pattern.text}' matches no module (activity terms select modules by their own name)"
+                    f"layer pattern '{quoted(pattern.text)}' matches no module (activity terms select modules by their own name)"
                     + (_in_regdsl_names(pattern.text, matcher.module_layer_hits, "modules")
                        or nearest(pattern.text, matcher.module_names)),
                 )
@@ -136,7 +136,7 @@ def _unmatched_modules(spec: Spec, statement: Rule, res: Resolution, nearest: _N
                 found_part = True
                 yield model_diagnostic(
                     spec, pattern.pos, "RD102",
-                    f"type '{pattern.text}' matches no module class in the model"
+                    f"type '{quoted(pattern.text)}' matches no module class in the model"
                     + nearest(pattern.text, matcher.module_classes),
                 )
     if not found_part:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from support import entry_point
 
+import regdsl
 from regdsl.errors import SHOWN, Diagnostic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,3 +47,11 @@ def test_a_one_line_file_of_many_rules_prints_in_proportion(tmp_path: Path) -> N
     assert done.returncode == 1 and done.stdout.count("error: RD101") == 2000, done.stderr
     assert len(done.stdout) < 2000 * 600  # before: 2,000 copies of a 34,000-character line, 130 MB
     assert max(len(line) for line in done.stdout.splitlines() if not line.startswith(str(rules))) <= SHOWN + 6
+
+
+def test_a_long_pattern_is_cut_in_the_message_too() -> None:
+    # Before, the RD101 message held the 100,000-character pattern whole, above a source line cut to 160.
+    pattern = ".".join(["a"] * 50_000)
+    (d,) = regdsl.check(regdsl.parse(f"layer {pattern} l2 1\n"), torch.nn.Linear(2, 2))
+    assert d.code == "RD101" and len(d.message) < 400
+    assert f"'{pattern[:80]}...{pattern[-80:]}'" in d.message
