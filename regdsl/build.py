@@ -125,6 +125,8 @@ class LeafSpans(dict[tuple[int, str | int], dict[str, int]]):
     def at(self, owner: Any, field: str | int, span: dict[str, int]) -> None:
         self._owners.append(owner)
         self[id(owner), field] = span
+
+
 _SPACE_NODES = ("loguniform", "uniform", "choice", "space_ref")
 
 

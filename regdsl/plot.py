@@ -62,7 +62,7 @@ def weights(
     sparse = [r.name for r in resolution.rows if r.trainable and _sparsifies(r.terms)]
     shapes = {e.name: tuple(e.param.shape) for e in resolution.table.entries}
     for i, state in enumerate(states):  # every tensor drawn, checked before anything is drawn
-        for name in {n for _, members in groups for n in members} | set(sparse):
+        for name in dict.fromkeys([*(n for _, members in groups for n in members), *sparse]):  # in file order
             _check(state, name, shapes[name], checkpoints[i])
     values = [{name: _flat(state, members, i, checkpoints) for name, members in groups} for i, state in enumerate(states)]
 
