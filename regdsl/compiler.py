@@ -219,13 +219,13 @@ class Regularizer:
 
     def _advance(self, optimizer: torch.optim.Optimizer | None) -> None:
         # Activity values no penalty() took belong to a step that is over; keeping them would hold graphs.
-        ends = self._attached.owner(optimizer).activity if self._attached is not None else None
-        if self._activity.drop(ends) and not self._warned_untaken:
+        owner = self._attached.owner(optimizer) if self._attached is not None else None
+        if self._activity.drop(owner.activity if owner is not None else None) and not self._warned_untaken:
             self._warned_untaken = True
             warn_untaken(self._activity.targets)
         if self._watch.active:
             self._watch.stepped(id(optimizer) if optimizer is not None else 0, optimizer)
-        post = self._attached.owner(optimizer).post if self._attached is not None else self._post
+        post = owner.post if owner is not None else self._post
         post.apply(self._step, optimizer.param_groups if optimizer is not None else None)
         self._set_step(self._step + 1, optimizer)
 

@@ -70,6 +70,7 @@ def moved(params: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.devi
             return True
     return False
 
+
 _CPU = torch.device("cpu")
 
 # ---------------------------------------------------------------- buckets
@@ -240,9 +241,9 @@ class PenaltyPlan:
         if not self._buckets:
             # Everything folded: the same zero each step, as long as nobody changed it (an in-place add bumps
             # its version). A new one each step cost ~5 µs of the fold path's 40 on the tiny MLP.
-            zero = self._zero
             if torch.compiler.is_compiling():  # a graph makes its own: nothing kept, no version read
                 return torch.zeros((), dtype=torch.float32, device=default_device)
+            zero = self._zero
             if zero is None or zero._version or zero.requires_grad or zero.device != (default_device or _CPU):
                 zero = self._zero = torch.zeros((), dtype=torch.float32, device=default_device)
             return zero

@@ -64,7 +64,7 @@ def weights(
     for i, state in enumerate(states):  # every tensor drawn, checked before anything is drawn
         for name in dict.fromkeys([*(n for _, members in groups for n in members), *sparse]):  # in file order
             _check(state, name, shapes[name], checkpoints[i])
-    values = [{name: _flat(state, members, i, checkpoints) for name, members in groups} for i, state in enumerate(states)]
+    values = [{name: _flat(state, members) for name, members in groups} for state in states]
 
     rows = 1 + bool(sparse) + (len(states) > 1)
     columns = max(len(groups), 1)
@@ -74,7 +74,7 @@ def weights(
         _histograms(fig.add_subplot(grid[0, column]), name, len(members), values[0][name], values[-1][name], names)
     row = 1
     if sparse:
-        _sparsity(fig.add_subplot(grid[row, :]), sparse, states[0], states[-1], names, checkpoints)
+        _sparsity(fig.add_subplot(grid[row, :]), sparse, states[0], states[-1], names)
         row += 1
     if len(states) > 1:
         _norms(fig.add_subplot(grid[row, :]), [g for g, _ in groups], values, names)
@@ -124,13 +124,13 @@ def _histograms(ax: Any, name: str, tensors: int, first: torch.Tensor, last: tor
     ax.legend(fontsize=8)
 
 
-def _sparsity(ax: Any, tensors: list[str], first: Mapping[str, torch.Tensor], last: Mapping[str, torch.Tensor], labels: list[str], sources: Sequence[Checkpoint]) -> None:
+def _sparsity(ax: Any, tensors: list[str], first: Mapping[str, torch.Tensor], last: Mapping[str, torch.Tensor], labels: list[str]) -> None:
     x = torch.arange(len(tensors)).float()
     width = 0.4 if len(labels) > 1 else 0.8
-    before = [_zeros(_tensor(first, n, 0, sources)) for n in tensors]
+    before = [_zeros(_tensor(first, n)) for n in tensors]
     ax.bar((x - width / 2 if len(labels) > 1 else x).numpy(), before, width, label=labels[0], color="tab:blue")
     if len(labels) > 1:
-        after = [_zeros(_tensor(last, n, len(sources) - 1, sources)) for n in tensors]
+        after = [_zeros(_tensor(last, n)) for n in tensors]
         ax.bar((x + width / 2).numpy(), after, width, label=labels[-1], color="tab:orange")
     ax.set_xticks(x.numpy(), tensors, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
@@ -231,14 +231,13 @@ def _shape(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape)) or "()"
 
 
-def _tensor(state: Mapping[str, torch.Tensor], name: str, index: int, sources: Sequence[Checkpoint]) -> torch.Tensor:
-    if name not in state:
-        raise PlotError(f"checkpoint {_describe(sources[index])} has no tensor '{name}'")
+def _tensor(state: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    # Present and drawable: _check saw every tensor the figure reads first.
     return state[name].detach().float().flatten()
 
 
-def _flat(state: Mapping[str, torch.Tensor], members: Sequence[str], index: int, sources: Sequence[Checkpoint]) -> torch.Tensor:
-    return torch.cat([_tensor(state, name, index, sources) for name in members])
+def _flat(state: Mapping[str, torch.Tensor], members: Sequence[str]) -> torch.Tensor:
+    return torch.cat([_tensor(state, name) for name in members])
 
 
 def _describe(source: Checkpoint) -> str:
