@@ -96,6 +96,7 @@ class FoldPlan:
             for (t1, t2, *_), both in elastic.items()
         ]
         self._scheduled = [b for b in self._buckets if b.scheduled]
+        self._note_layout()
         # One buffer per (device, dtype) for sign(w) and w − w₀, as large as the largest such tensor.
         sizes: dict[tuple[torch.device, torch.dtype], int] = {}
         for b in self._buckets:
@@ -122,12 +123,37 @@ class FoldPlan:
         for bucket in self._scheduled:
             bucket.set_step(step)
 
+    def _note_layout(self) -> None:
+        # What :meth:`_checked` compares, per folded tensor once (the buckets of elastic net share theirs);
+        # None when a bucket was made with a frozen tensor: only refresh() sees it unfrozen.
+        tensors = {id(p): (p, b.dtype, b.device) for b in self._buckets for p in b.params}
+        trainable = all(t for b in self._buckets for t in b.trainable)
+        self._layout: list[tuple[torch.Tensor, torch.dtype, torch.device]] | None = (
+            list(tensors.values()) if trainable else None
+        )
+
+    def _checked(self) -> bool:
+        """Every folded tensor as its bucket was made (device, dtype), trainable, with a dense gradient:
+        what :meth:`refresh` and each bucket's gradient check would find, in one loop instead of two per
+        bucket. Inside a tiny MLP's step those loops cost about 5 µs (its fold's kernels: 15)."""
+        layout = self._layout
+        if layout is None:
+            return False
+        for p, dtype, device in layout:
+            g = p.grad
+            if g is None or not p.requires_grad or p.dtype is not dtype or g.layout != torch.strided or p.device != device:
+                return False
+        return True
+
     def __call__(self, scale: torch.Tensor | None = None) -> None:
         """Add every term's gradient to ``p.grad`` now; ``scale`` multiplies them (a fused
         optimizer's ``grad_scale`` under ``GradScaler``)."""
-        if not self.deferred:
+        if self.deferred:
+            return
+        checked = self._checked()
+        if not checked:
             self.refresh()
-            self.apply(scale)
+        self.apply(scale, checked=checked)
 
     def refresh(self) -> bool:
         """Re-bucket what moved or was cast; note what was frozen or unfrozen. True when either happened:
@@ -139,6 +165,7 @@ class FoldPlan:
         elif "frozen" in changes:
             for b in self._buckets:
                 b.retrain()
+            self._note_layout()
         return bool(changes - {None})
 
     def state(self) -> tuple[Any, ...]:
@@ -148,8 +175,11 @@ class FoldPlan:
     def slice_norms(self) -> list[torch.Tensor | None]:
         return [b.slice_norms() for b in self._buckets]
 
-    def apply(self, scale: torch.Tensor | None, norms: list[torch.Tensor | None] | None = None) -> None:
-        """The terms' gradients into ``p.grad``; ``norms``: :meth:`slice_norms` of this step."""
+    def apply(
+        self, scale: torch.Tensor | None, norms: list[torch.Tensor | None] | None = None, checked: bool = False
+    ) -> None:
+        """The terms' gradients into ``p.grad``; ``norms``: :meth:`slice_norms` of this step; ``checked``:
+        :meth:`_checked` held."""
         # A step pre-hook runs with gradients on, and adds reading the weights would record
         # history. Switched off directly: torch.no_grad() costs as much as a small tensor's kernel.
         enabled = torch.is_grad_enabled()
@@ -157,7 +187,7 @@ class FoldPlan:
             torch._C._set_grad_enabled(False)
         try:
             for k, b in enumerate(self._buckets):
-                b.fold(scale, norms[k] if norms is not None else None)
+                b.fold(scale, norms[k] if norms is not None else None, checked)
         finally:
             if enabled:
                 torch._C._set_grad_enabled(True)

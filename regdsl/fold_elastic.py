@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import torch
 
 from . import sharded
-from .fold_kernels import Bucket, _gradients
+from .fold_batching import gradients
+from .fold_kernels import Bucket
 from .penalties import SMALL, LossItem
 
 # Bytes of one slice: the weights', the gradient's and sign's slices together stay in a core's L2.
@@ -85,14 +86,14 @@ class ElasticBucket:
     def slice_norms(self) -> None:
         return None
 
-    def fold(self, scale: torch.Tensor | None, norms: torch.Tensor | None = None) -> None:
+    def fold(self, scale: torch.Tensor | None, norms: torch.Tensor | None = None, checked: bool = False) -> None:
         if scale is not None or torch.compiler.is_compiling():
-            self.l1.fold(scale)
-            self.l2.fold(scale)
+            self.l1.fold(scale, None, checked)
+            self.l2.fold(scale, None, checked)
             return
         # Gradients first, as each bucket apart makes them: at strength 0 a missing one is zeros, as
         # the loss path's autograd would give it.
-        params, grads, _ = _gradients(self.params)
+        params, grads, _ = gradients(self.params, checked)
         a, b = self.l1.value, self.l2.value
         if not (a or b):
             return

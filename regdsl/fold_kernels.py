@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import sharded
+from .fold_batching import chunks, gradients, same_shape_runs, slice_dims
 from .fold_stacked import fold_stacked, shape_groups, stacked_norms
 from .penalties import SMALL, LossItem, accumulation_dtype, autocast_device_type
 from .schedule import is_scheduled, strength_at
@@ -55,12 +56,12 @@ class Bucket:
         self.views: list[torch.Tensor | None] = [None] * len(self.params)
         self.batch = SMALL_BATCH if self.on_scratch else CHUNK
         self.loose = list(range(len(self.params)))  # the parameters without a view
-        self.chunks = _chunks(self.params, self.batch)
+        self.chunks = chunks(self.params, self.batch)
         # group_lasso: the dimensions each slice's norm runs over, worked out once, and the runs of
         # small same-shaped tensors whose norms one stacked kernel computes (the rest: one each).
-        self.others = [_others(p, term.dim) if family == "group_lasso" else () for p in self.params]
+        self.others = [slice_dims(p, term.dim) if family == "group_lasso" else () for p in self.params]
         stacks = family == "group_lasso" and self.on_scratch
-        runs = _same_shape_runs(self.params, SMALL, SMALL_BATCH) if stacks else []
+        runs = same_shape_runs(self.params, SMALL, SMALL_BATCH) if stacks else []
         # (start, end, the norm's dimensions in the stacked copy)
         self.runs = [(a, b, tuple(d + 1 for d in self.others[a])) for a, b in runs]
         in_runs = {k for a, b in runs for k in range(a, b)}
@@ -82,6 +83,9 @@ class Bucket:
         self._batched: list[int] = []
         self._batched_norms: list[torch.Tensor] = []
         self._vectors: list[int] = []  # the 1-D parameters: λ·sign(w)
+        # The eager fold of a bucket as simple as a tiny model's (params, grads, λ): fold()'s general branches
+        # cost about 8 µs inside its training step, against 25 for the fold's kernels. None: no such bucket.
+        self.quick: Callable[[list[torch.Tensor], list[torch.Tensor], float], None] | None = None
 
     def needs_scratch(self, p: torch.Tensor) -> bool:
         if not self.on_scratch or self.family not in ("l1", "l2_to", "group_lasso"):
@@ -94,7 +98,15 @@ class Bucket:
         """Give each parameter its scratch view (None: a _foreach temporary), then batch the rest."""
         self.views = views
         self.loose = [k for k, v in enumerate(views) if v is None]
-        self.chunks = _chunks([self.params[k] for k in self.loose], self.batch)
+        self.chunks = chunks([self.params[k] for k in self.loose], self.batch)
+        few = self.on_scratch and len(self.params) <= FEW
+        if self.on_scratch and self.family == "group_lasso":
+            self._lay_out_norms()
+        self.quick = {
+            "l2": self._each_l2 if few else None,
+            "l1": self._each_l1 if few and len(self.loose) == len(self.params) else None,
+            "group_lasso": self._all_batched if len(self._batched) == len(self.params) else None,
+        }.get(self.family)
 
     def set_step(self, step: int) -> None:
         if self.scheduled:
@@ -183,9 +195,14 @@ class Bucket:
             start += n
         return views
 
-    def fold(self, scale: torch.Tensor | None, norms: torch.Tensor | None = None) -> None:
-        """``norms``: this step's :meth:`slice_norms` (a compiled step), else they are computed here."""
-        params, grads, kept = _gradients(self.params)
+    def fold(self, scale: torch.Tensor | None, norms: torch.Tensor | None = None, checked: bool = False) -> None:
+        """``norms``: this step's :meth:`slice_norms` (a compiled step), else they are computed here.
+        ``checked``: every gradient is there, dense, and every tensor trainable (the plan looked)."""
+        if checked and self.quick is not None and scale is None and not torch.compiler.is_compiling():
+            if self.value:
+                self.quick(self.params, [p.grad for p in self.params], self.value)
+            return
+        params, grads, kept = gradients(self.params, checked)
         if not params:
             return
         whole = len(kept) == len(self.params)
@@ -201,9 +218,7 @@ class Bucket:
         elif self.sharded:
             lam = self.value * (float(scale) if scale is not None else 1.0)
             if lam:  # eager even inside a compiled step: DTensor shards are not traced here
-                (eager(sharded.fold) if torch.compiler.is_compiling() else sharded.fold)(
-                    self.family, self.term, lam, params, grads, refs, self.acc
-                )
+                eager(sharded.fold)(self.family, self.term, lam, params, grads, refs, self.acc)
         else:
             per_param = None
             if norms is not None:
@@ -219,8 +234,7 @@ class Bucket:
             if len(params) > FEW or not self.on_scratch:
                 torch._foreach_add_(grads, params, alpha=lam)
             else:
-                for p, g in zip(params, grads):
-                    g.add_(p, alpha=lam)
+                self._each_l2(params, grads, lam)
         elif family in ("l1", "l2_to"):
             whole = len(params) == len(self.params)
             loose = self.loose if whole else [k for k, v in enumerate(views) if v is None]
@@ -232,11 +246,13 @@ class Bucket:
                 params, grads = [params[k] for k in loose], [grads[k] for k in loose]
                 refs = [refs[k] for k in loose] if refs else refs
             if len(params) <= FEW and self.on_scratch:
-                for k, (p, g) in enumerate(zip(params, grads)):
-                    g.add_(torch.sign(p) if not refs else torch.sub(p, refs[k]), alpha=lam)
+                if not refs:
+                    self._each_l1(params, grads, lam)
+                    return
+                for p, g, ref in zip(params, grads, refs):
+                    g.add_(torch.sub(p, ref), alpha=lam)
                 return
-            chunks = self.chunks if whole else _chunks(params, self.batch)
-            for a, b in chunks:
+            for a, b in self.chunks if whole else chunks(params, self.batch):
                 delta = torch._foreach_sign(params[a:b]) if not refs else torch._foreach_sub(params[a:b], refs[a:b])
                 torch._foreach_add_(grads[a:b], delta, alpha=lam)
         elif family == "group_lasso":
@@ -247,7 +263,7 @@ class Bucket:
                 if p.ndim == 1:  # each element its own slice: λ·sign(w)
                     g.add_(torch.sign(p) if out is None else torch.sign(p, out=out), alpha=lam)
                 else:
-                    g.addcdiv_(p, self._norms(p, _others(p, self.term.dim)), value=lam)
+                    g.addcdiv_(p, self._norms(p, slice_dims(p, self.term.dim)), value=lam)
         else:
             for p, g in zip(params, grads):
                 m, gram, wide = _gram_minus_identity(p, self.acc)
@@ -267,6 +283,9 @@ class Bucket:
         if self._norm_buffer is None:
             self._lay_out_norms()
         params, batched = self.params, self._batched
+        if len(batched) == len(params):  # neither stacks nor large ones nor 1-D ones
+            self._all_batched(params, grads, lam)
+            return
         fold_stacked(params, grads, self.stacked, lam, self.tiny)
         for k, dims, out in self._large:
             p = params[k]
@@ -275,14 +294,28 @@ class Bucket:
         if batched:
             # The whole buffer: the large ones' norms, clamped already, are left as they are.
             self._slice_norms(large=False).clamp_min_(self.tiny)
-            if len(batched) == len(params):
-                torch._foreach_addcdiv_(grads, params, self._batched_norms, value=lam)
-                return
             bg, bp = [grads[k] for k in batched], [params[k] for k in batched]
             torch._foreach_addcdiv_(bg, bp, self._batched_norms, value=lam)
         for k in self._vectors:  # each element its own slice: λ·sign(w)
             p, out = params[k], self.views[k]
             grads[k].add_(torch.sign(p) if out is None else torch.sign(p, out=out), alpha=lam)
+
+    def _each_l2(self, params: list[torch.Tensor], grads: list[torch.Tensor], lam: float) -> None:
+        for p, g in zip(params, grads):
+            g.add_(p, alpha=lam)
+
+    def _each_l1(self, params: list[torch.Tensor], grads: list[torch.Tensor], lam: float) -> None:
+        for p, g in zip(params, grads):
+            g.add_(torch.sign(p), alpha=lam)
+
+    def _all_batched(self, params: list[torch.Tensor], grads: list[torch.Tensor], lam: float) -> None:
+        """:meth:`_fold_group_lasso` of a bucket with neither stacks nor large nor 1-D tensors."""
+        self._slice_norms(large=False).clamp_min_(self.tiny)
+        if len(params) > FEW:
+            torch._foreach_addcdiv_(grads, params, self._batched_norms, value=lam)
+            return
+        for p, g, norms in zip(params, grads, self._batched_norms):
+            g.addcdiv_(p, norms, value=lam)
 
     def _norms(self, p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         """``‖w_i‖₂`` per slice, an all-zero slice's read as the smallest normal number: its
@@ -311,44 +344,12 @@ class Bucket:
             elif family == "group_lasso":
                 n = norms[k] if norms is not None else None
                 if n is None:
-                    n = torch.linalg.vector_norm(p, 2, dim=_others(p, self.term.dim), keepdim=True, dtype=self.acc)
+                    n = torch.linalg.vector_norm(p, 2, dim=slice_dims(p, self.term.dim), keepdim=True, dtype=self.acc)
                 # A where, not _norms: s/tiny overflows to inf at a GradScaler's scale, and inf·0 is NaN.
                 g.addcmul_(p, torch.where(n > 0, s / n, torch.zeros_like(n)))
             else:
                 m, gram, wide = _gram_minus_identity(p, self.acc)
                 g.addcmul_((gram @ m if wide else m @ gram).reshape(p.shape), 4 * s)
-
-
-def _gradients(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], range | list[int]]:
-    """Each parameter's gradient, ready for in-place adds, and the indices of the parameters kept.
-    A parameter without one gets zeros (the term alone is its gradient, as the loss path would
-    give it); a sparse one (``Embedding(sparse=True)``) turns dense, as autograd's sum with a
-    dense term would make it."""
-    grads = [p.grad for p in params]
-    for p, g in zip(params, grads):  # a loop, not any(...): a generator costs as much as the check on a few tensors
-        if g is None or not p.requires_grad or g.layout != torch.strided:
-            break
-    else:
-        return params, grads, range(len(params))  # type: ignore[return-value]
-    kept, out = [], []
-    for k, (p, g) in enumerate(zip(params, grads)):
-        if not p.requires_grad:
-            # Frozen since compile(): the loss path gives it no gradient either, whatever .grad it kept
-            # (zero_grad(set_to_none=False) leaves a zero one, which the optimizer still steps).
-            continue
-        if g is None:
-            p.grad = g = torch.zeros_like(p)
-        elif g.layout != torch.strided:
-            p.grad = g = g.to_dense()
-        kept.append(k)
-        out.append(g)
-    return [params[k] for k in kept], out, kept
-
-
-def _others(p: torch.Tensor, dim: int) -> tuple[int, ...]:
-    """The dimensions of ``p`` other than ``dim``: a slice's norm runs over them."""
-    keep = dim % p.ndim if p.ndim else 0
-    return tuple(d for d in range(p.ndim) if d != keep)
 
 
 def _gram_minus_identity(p: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -362,39 +363,15 @@ def _gram_minus_identity(p: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tenso
     return m, gram, wide
 
 
-def _same_shape_runs(params: Sequence[torch.Tensor], small: int, limit: int) -> list[tuple[int, int]]:
-    """Index ranges of at least 2 consecutive tensors of one shape (two or more dimensions), each of
-    at most ``small`` bytes and together at most ``limit``."""
-    out, start = [], 0
-    for k in range(1, len(params) + 1):
-        first = params[start]
-        nbytes = first.numel() * first.element_size()
-        if k < len(params) and params[k].shape == first.shape and (k - start + 1) * nbytes <= limit:
-            continue
-        if k - start >= 2 and first.ndim >= 2 and nbytes <= small:
-            out.append((start, k))
-        start = k
-    return out
-
-
-def _chunks(params: Sequence[torch.Tensor], limit: int) -> list[tuple[int, int]]:
-    """Consecutive index ranges of at most ``limit`` bytes (a larger tensor alone)."""
-    out, start, size = [], 0, 0
-    for k, p in enumerate(params):
-        nbytes = p.numel() * p.element_size()
-        if size and size + nbytes > limit:
-            out.append((start, k))
-            start, size = k, 0
-        size += nbytes
-    if start < len(params):
-        out.append((start, len(params)))
-    return out
-
-
-
 @functools.cache
 def eager(fn: Callable[..., None]) -> Callable[..., None]:
-    """``fn``, always run eagerly. Traced into a compiled optimizer step, the bookkeeping would
-    read the step counter, guard the graph on it and recompile at every step. Made on first
-    use, not at import: ``torch.compiler.disable`` imports dynamo, as building an optimizer does."""
-    return torch.compiler.disable(fn)
+    """``fn``, run eagerly even inside a traced optimizer step: traced, the bookkeeping would read the
+    step counter, guard the graph on it and recompile at every step. Outside a trace ``fn`` itself
+    runs: through ``torch.compiler.disable`` a call cost ~10 µs inside a tiny MLP's training step, a
+    fifth of its fold. Made on first use: ``torch.compiler.disable`` imports dynamo."""
+    disabled = torch.compiler.disable(fn)
+
+    def run(*args: Any, **kwargs: Any) -> None:
+        (disabled if torch.compiler.is_compiling() else fn)(*args, **kwargs)
+
+    return run
