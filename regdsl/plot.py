@@ -71,7 +71,8 @@ def weights(
     fig = Figure(figsize=(max(4.0 * columns, 8.0), 3.2 * rows), layout="constrained")
     grid = fig.add_gridspec(rows, columns)
     for column, (name, members) in enumerate(groups):
-        _histograms(fig.add_subplot(grid[0, column]), name, len(members), values[0][name], values[-1][name], names)
+        panel = fig.add_subplot(grid[0, column])
+        _histograms(panel, name, len(members), values[0][name], values[-1][name], names, image in _OPAQUE)
     row = 1
     if sparse:
         _sparsity(fig.add_subplot(grid[row, :]), sparse, states[0], states[-1], names)
@@ -108,7 +109,13 @@ def output_format(path: str | os.PathLike[str]) -> str:
     return image
 
 
-def _histograms(ax: Any, name: str, tensors: int, first: torch.Tensor, last: torch.Tensor, labels: list[str]) -> None:
+# PostScript has no transparency: matplotlib warns and draws the second histogram over the first.
+_OPAQUE = ("eps", "ps")
+
+
+def _histograms(
+    ax: Any, name: str, tensors: int, first: torch.Tensor, last: torch.Tensor, labels: list[str], opaque: bool
+) -> None:
     ax.set_title(f"{name} ({tensors} tensor{'' if tensors == 1 else 's'})", fontsize=9)
     if not first.numel():  # zero-element tensors only (nn.Linear(0, n)): nothing to count
         ax.text(0.5, 0.5, "no elements", ha="center", va="center", transform=ax.transAxes)
@@ -116,9 +123,10 @@ def _histograms(ax: Any, name: str, tensors: int, first: torch.Tensor, last: tor
     low = min(first.min().item(), last.min().item())
     high = max(first.max().item(), last.max().item())
     bins = torch.linspace(low, high if high > low else low + 1e-12, 61).tolist()
-    ax.hist(first.numpy(), bins=bins, log=True, alpha=0.5, label=labels[0], color="tab:blue")
+    style: dict[str, Any] = {"histtype": "step", "linewidth": 1.2} if opaque else {"alpha": 0.5}
+    ax.hist(first.numpy(), bins=bins, log=True, label=labels[0], color="tab:blue", **style)
     if len(labels) > 1:
-        ax.hist(last.numpy(), bins=bins, log=True, alpha=0.5, label=labels[-1], color="tab:orange")
+        ax.hist(last.numpy(), bins=bins, log=True, label=labels[-1], color="tab:orange", **style)
     ax.set_xlabel("weight")
     ax.set_ylabel("count (log)")
     ax.legend(fontsize=8)

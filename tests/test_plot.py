@@ -81,6 +81,22 @@ def test_the_panels_hold_the_numbers(tmp_path: Path) -> None:
     assert list(decay.get_ydata()) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("extension", ["eps", "ps"])
+def test_postscript_gets_outlined_histograms_and_no_transparency_warning(tmp_path: Path, extension: str) -> None:
+    # PostScript has no transparency: half-transparent bars drew a matplotlib warning, and the last
+    # checkpoint's bars hid the first's.
+    seeded(0)
+    path = tmp_path / f"w.{extension}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = weights(regdsl.parse(RULES), CNN(), checkpoints(), path=path)
+    assert path.read_bytes().startswith(b"%!PS")
+    bars = [patch for patch in fig.axes[0].patches]
+    assert len(bars) == 2 and all(bar.get_alpha() is None and not bar.get_fill() for bar in bars)
+    png = weights(regdsl.parse(RULES), CNN(), checkpoints())
+    assert all(bar.get_alpha() == 0.5 and bar.get_fill() for bar in png.axes[0].patches)
+
+
 def test_two_checkpoints_are_before_and_after(tmp_path: Path) -> None:
     seeded(0)
     states = checkpoints()
