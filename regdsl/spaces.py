@@ -214,8 +214,9 @@ def grid_points(space: Any, n: int) -> tuple[float, ...]:
         inner = [math.exp(lo * (1 - i / (n - 1)) + hi * i / (n - 1)) for i in range(1, n - 1)]
     else:  # weights, not high - low: that difference overflows across the whole float range
         inner = [low * (1 - i / (n - 1)) + high * i / (n - 1) for i in range(1, n - 1)]
-    # Rounding may step just outside the bounds; the ends are exactly as written.
-    return (low, *(min(max(v, low), high) for v in inner), high)
+    # Rounding may step just outside the bounds; the ends are exactly as written. An interval holding
+    # fewer than n floats (uniform(0, 1e-323)) gives each once: a grid point twice is a trial run twice.
+    return tuple(dict.fromkeys((low, *(min(max(v, low), high) for v in inner), high)))
 
 
 def grid(spec: Spec, n: int = 5) -> Iterator[dict[str, float]]:

@@ -345,6 +345,16 @@ def test_grid_of_one_point_is_the_stand_in_and_n_must_be_whole() -> None:
             list(regdsl.grid(spec, n=bad))
 
 
+def test_grid_gives_each_point_once_when_an_interval_holds_fewer_than_n_floats() -> None:
+    # 0, then the two subnormals 5e-324 and 1e-323: the only floats of the interval.
+    spec = regdsl.parse("all l2 uniform(0, 1e-323)\nall l1 loguniform(5e-324, 1e-323)\n")
+    points = list(regdsl.grid(spec, n=5))
+    assert sorted({p["l2:1"] for p in points}) == [0.0, 5e-324, 1e-323]
+    assert sorted({p["l1:2"] for p in points}) == [5e-324, 1e-323]
+    assert len(points) == 3 * 2  # no combination twice
+    assert len({tuple(p.values()) for p in points}) == len(points)
+
+
 # ---------------------------------------------------------------- check, explain
 
 
