@@ -369,3 +369,26 @@ def cut_groups(groups: list[tuple[Any, Members]], ids: set[int]) -> list[tuple[A
     """``(key, members)`` groups cut down to the tensors in ``ids``, the empty ones left out."""
     cut = [(key, members.only(ids)) for key, members in groups]
     return [(key, members) for key, members in cut if members]
+
+
+def optimizer_groups(
+    chosen: list[tuple[GroupKey, Members]], step: int, lr_scale: bool, defaults: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """``param_groups()``' groups: each key's decay at ``step``, its name, the defaults, and its
+    ``lr_mult`` as ``lr = m · lr`` or (``lr_scale``) as timm's ``lr_scale``."""
+    groups = []
+    for key, members in chosen:
+        group = {
+            "params": members.params,
+            "weight_decay": strength_at(key.decay, step) if key.decay else 0.0,
+            "name": key.name,
+            **defaults,
+        }
+        if key.lr_mult is not None:
+            group["lr_mult"] = key.lr_mult
+            if lr_scale:
+                group["lr_scale"] = key.lr_mult
+            elif "lr" in defaults:
+                group["lr"] = defaults["lr"] * key.lr_mult
+        groups.append(group)
+    return groups

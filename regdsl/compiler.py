@@ -21,21 +21,28 @@ from torch import nn
 
 from . import state as resume
 from .activity import ActivityPlan
-from .attach import Attachment, DecayWriter, cut_groups, subset
+from .attach import Attachment, DecayWriter, cut_groups, optimizer_groups, subset
 from .build import load
 from .constraints import PostStepPlan
 from .ddp import DeferredPenalty, ddp_of, defers
 from .diagnose import diagnose, enforce
 from .errors import RegUsageError
 from .gcpause import paused_gc
-from .guards import PenaltyWatch, check_group_arguments, check_parameters_current, warn_not_listening, warn_untaken
+from .guards import (
+    PenaltyWatch,
+    check_group_arguments,
+    check_parameters_current,
+    outside_inference_mode,
+    warn_not_listening,
+    warn_untaken,
+)
 from .items import step_items
 from .optimizer_checks import check_after_step, optimizer_list
 from .penalties import PenaltyPlan
 from .resolution import Coverage, GroupSummary, ModuleRow, ParamRow, Resolution, Setting, resolve
 from .schedule import any_scheduled, is_scheduled, strength_at
 from .spaces import require_values, suggest
-from .spec import MODULE_TERMS, PARAM_TERMS, Spec
+from .spec import Spec
 from .step_hooks import release, remove_all
 
 __all__ = ["Coverage", "GroupSummary", "ModuleRow", "ParamRow", "Regularizer", "Resolution", "Setting", "compile", "resolve"]
@@ -51,6 +58,7 @@ class Regularizer:
     anything is half-applied.
     """
 
+    @outside_inference_mode
     def __init__(
         self, spec: Spec, model: nn.Module, reference: Mapping[str, torch.Tensor] | None = None, accumulation_steps: int = 1
     ):
@@ -134,23 +142,10 @@ class Regularizer:
                 "the rule file scales learning rates (lr_mult, lr_decay), so param_groups() needs the base learning rate: param_groups(lr=...) "
                 "(or param_groups(lr_scale=True) for timm's schedulers)"
             )
-        groups, self._lr_scale = [], lr_scale
-        for key, members in chosen:
-            group = {
-                "params": members.params,
-                "weight_decay": strength_at(key.decay, self._step) if key.decay else 0.0,
-                "name": key.name,
-                **defaults,
-            }
-            if key.lr_mult is not None:
-                group["lr_mult"] = key.lr_mult
-                if lr_scale:
-                    group["lr_scale"] = key.lr_mult
-                elif "lr" in defaults:
-                    group["lr"] = defaults["lr"] * key.lr_mult
-            groups.append(group)
-        return groups
+        self._lr_scale = lr_scale
+        return optimizer_groups(chosen, self._step, lr_scale, defaults)
 
+    @outside_inference_mode
     def attach(
         self, optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], fold: bool = False, fold_hook: bool = True
     ) -> Regularizer:
@@ -257,13 +252,7 @@ class Regularizer:
 
     def strength(self, name: str, kind: str) -> float:
         """The effective strength of ``kind`` on parameter (or module) ``name`` at the current step; 0 if unset."""
-        row = next((r for r in self._rows if name == r.name or name in r.aliases), None)
-        settings = row.terms if row is not None else next((m.terms for m in self.resolution.modules if m.name == name), None)
-        if settings is None:
-            raise KeyError(f"no parameter named {name!r}, nor a module with an activity term")
-        if kind not in (kinds := PARAM_TERMS + MODULE_TERMS):  # else a misspelt kind would read as unset, 0.0
-            raise KeyError(f"no term kind {kind!r}: one of {', '.join(kinds)}")
-        setting = settings.get(kind)
+        setting = self.resolution.setting(name, kind)
         if setting is None:
             return 0.0
         return strength_at(setting.term, self._step) if hasattr(setting.term, "strength") else setting.value
@@ -280,6 +269,7 @@ class Regularizer:
             "groups": resume.layout(self.groups_summary()),
         }
 
+    @outside_inference_mode
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Restore :meth:`state_dict`: schedules continue from the saved step, references are the saved ones.
 
@@ -320,6 +310,7 @@ class Regularizer:
 
     # ------------------------------------------------------------ loss and reports
 
+    @outside_inference_mode
     def penalty(self) -> torch.Tensor:
         """Every loss term (``l1``, ``l2``, ``group_lasso``, ``orthogonal``, and the activity terms
         collected since the last call) as a differentiable 0-dim tensor, divided by
@@ -345,6 +336,7 @@ class Regularizer:
             self._deferred = DeferredPenalty(plan)
         return self._deferred
 
+    @outside_inference_mode
     def values(self) -> dict[str, torch.Tensor]:
         """Each loss term's value now, ``{"l1:6": tensor, ...}`` by term kind and rule line, folded
         terms included; computed on demand without a host sync (see :mod:`regdsl.values`)."""

@@ -4,11 +4,12 @@ and AdamW decay too small to move 16-bit weights (:mod:`regdsl.precision`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Real
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -16,6 +17,25 @@ from .errors import RegDslWarning, RegUsageError, caller_stacklevel, name_list
 from .precision import decay_underflows
 from .schedule import strength_at
 from .walk import canonical_name
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def outside_inference_mode(method: F) -> F:
+    """``method`` run outside ``torch.inference_mode()`` when called inside it, gradients off as they
+    were: a validation step (Lightning runs them in inference mode) that reads ``reg.penalty()`` or
+    ``reg.values()`` may build what training steps use later (buckets rebuilt after ``model.to(...)``,
+    a moved reference, the kept zero), and a tensor made in inference mode can neither be saved for
+    backward nor have its version read. What it returns is then an ordinary tensor without gradient."""
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_inference_mode_enabled():
+            return method(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return method(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def check_parameters_current(table: Any) -> None:

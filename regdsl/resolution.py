@@ -30,7 +30,7 @@ from .gcpause import paused_gc
 from .printer import format_schedule, format_space
 from .schedule import always_zero, is_scheduled
 from .select import ParamTable
-from .spec import NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Span, Spec
+from .spec import MODULE_TERMS, NOT_REGULARIZERS, PARAM_TERMS, DecayTerm, Span, Spec
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,17 @@ class Resolution:
         """Entry ``i``'s terms (read-only), without making its row when the rows are lazy."""
         rows = self.rows
         return rows.terms(i) if isinstance(rows, ParamRows) else rows[i].terms
+
+    def setting(self, name: str, kind: str) -> Setting | None:
+        """The ``kind`` term parameter (or module) ``name`` gets, None when unset; KeyError for a name
+        neither has, or a kind that does not exist (a misspelt one would read as unset)."""
+        row = next((r for r in self.rows if name == r.name or name in r.aliases), None)
+        settings = row.terms if row is not None else next((m.terms for m in self.modules if m.name == name), None)
+        if settings is None:
+            raise KeyError(f"no parameter named {name!r}, nor a module with an activity term")
+        if kind not in (kinds := PARAM_TERMS + MODULE_TERMS):
+            raise KeyError(f"no term kind {kind!r}: one of {', '.join(kinds)}")
+        return settings.get(kind)
 
     def trainable_of(self) -> tuple[tuple[int, ...], ...]:
         if self.trainable_matches or not self.matches:

@@ -61,12 +61,15 @@ class LossItem:
         ``model.half()`` and back does not round it; only its device follows the parameter."""
         if self.reference is None:
             return
-        if sharded.is_sharded(self.reference):
-            self.reference = sharded.laid_out_like(self.reference, self.param)
-        if self.reference.device != self.param.device:
-            self.reference = self.reference.to(self.param.device)
-        if self.ref is None or self.ref.device != self.param.device or self.ref.dtype != self.param.dtype:
-            self.ref = self.reference.to(self.param.dtype)
+        # Made outside inference mode even when called inside it (reg.values() in a validation step):
+        # an inference tensor kept here could not be saved for the next training step's backward.
+        with torch.inference_mode(False):
+            if sharded.is_sharded(self.reference):
+                self.reference = sharded.laid_out_like(self.reference, self.param)
+            if self.reference.device != self.param.device:
+                self.reference = self.reference.to(self.param.device)
+            if self.ref is None or self.ref.device != self.param.device or self.ref.dtype != self.param.dtype:
+                self.ref = self.reference.to(self.param.dtype)
 
     @property
     def family(self) -> str:
