@@ -30,7 +30,8 @@ def outside_inference_mode(method: F) -> F:
 
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_inference_mode_enabled():
+        # Traced (penalty() inside a compiled loss), the mode is not read: dynamo breaks the graph on it.
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
             return method(*args, **kwargs)
         with torch.inference_mode(False), torch.no_grad():
             return method(*args, **kwargs)

@@ -76,3 +76,26 @@ def test_penalty_inside_inference_mode_is_an_ordinary_tensor_without_gradient() 
     want = 0.05 * sum(float(p.detach().square().sum()) for p in model.parameters())
     assert not value.is_inference() and not value.requires_grad
     assert float(value) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("fold", [False, True], ids=["loss path", "fold"])
+def test_penalty_in_a_compiled_loss_reads_no_mode_and_breaks_no_graph(fold: bool) -> None:
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    reg = regdsl.parse("all l1 0.01 l2 0.1\nexclude bias").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg.attach(opt, fold=fold)
+
+    @torch.compile(backend="eager")
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return model(x).square().mean() + reg.penalty()
+
+    for _ in range(2):
+        opt.zero_grad()
+        loss(torch.randn(8, 4)).backward()
+        opt.step()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
