@@ -118,9 +118,13 @@ class FoldCalls:
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.folded = False
         self._warned = False
-        trainable = [p for p in params if p.requires_grad] or params  # a frozen one's gradient never moves
-        self._probe = min(trainable, key=torch.Tensor.numel) if trainable else None
+        self._params = params
+        self._probe = self._smallest()
         self._mark: tuple[torch.Tensor, int] | None = None
+
+    def _smallest(self) -> torch.Tensor | None:
+        trainable = [p for p in self._params if p.requires_grad]  # a frozen one's gradient never moves
+        return min(trainable, key=torch.Tensor.numel) if trainable else None
 
     def check(self) -> None:
         """Before a fold: refused when the previous one's gradient is untouched."""
@@ -133,6 +137,8 @@ class FoldCalls:
 
     def done(self) -> None:
         self.folded = True
+        if self._probe is None or not self._probe.requires_grad:  # frozen since: the fold leaves it alone
+            self._probe = self._smallest()
         grad = self._probe.grad if self._probe is not None else None
         self._mark = (grad, grad._version) if grad is not None else None
 

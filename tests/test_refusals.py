@@ -124,6 +124,29 @@ def test_a_second_fold_on_the_same_gradients_is_refused() -> None:
     reg.fold()  # after a step: a new gradient
 
 
+def test_a_second_fold_is_refused_after_the_smallest_folded_tensor_was_frozen() -> None:
+    # The second call is told from the smallest trainable folded tensor's gradient. Picked once, at
+    # attach, and frozen since, that gradient never moved: the second call added 2·λ·w, with no word.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    reg = regdsl.parse("all l2 0.1").compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg.attach(opt, fold=True, fold_hook=False)
+    model[2].bias.requires_grad_(False)  # one element: the smallest
+    model(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+    data = model[0].weight.grad.clone()
+    reg.fold()
+    with pytest.raises(RegUsageError, match="reg.fold\\(\\) ran already on these gradients"):
+        reg.fold()
+    torch.testing.assert_close(model[0].weight.grad, data + 0.1 * model[0].weight.detach(), rtol=1e-12, atol=0)
+    model[2].bias.requires_grad_(True)  # unfrozen: it has no gradient yet, and the next steps fold as usual
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+        reg.fold()
+        opt.step()
+
+
 def test_a_spec_copy_takes_only_fields_and_forgets_the_text_it_no_longer_is() -> None:
     spec = regdsl.parse("all decay 0.05\nexclude bias\nlayer head.** decay 0.1 l1 1e-4\n")
     with pytest.raises(TypeError, match="model_copy\\(update=...\\) got 'statement', not a field of it"):
