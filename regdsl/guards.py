@@ -103,13 +103,20 @@ class LrRatios:
         if high <= low * (1 + 1e-6):
             return
         self._warned = True
+        why = (
+            # param_groups(lr_scale=True), timm's param_group_fn(lr_scale=True): the ratio is in lr_scale only.
+            "These groups carry it as lr_scale, which only timm's schedulers apply (each step they set lr to "
+            "the scheduled value times lr_scale): step a timm scheduler from the first step, or build the groups "
+            "with lr=... instead of lr_scale=True for torch's schedulers or none"
+            if "lr_scale" in a or "lr_scale" in b
+            else "A scheduler that sets every group's lr from one value drops lr_mult: give OneCycleLR or CyclicLR "
+            "one value per group (max_lr=[g['lr'] for g in optimizer.param_groups])"
+        )
         warnings.warn(
             RegDslWarning(
-                f"the optimizer's groups no longer have the learning rates lr_mult sets: group "
+                f"the optimizer's groups no longer have the learning rates lr_mult (or lr_decay) sets: group "
                 f"'{a.get('name', '?')}' has lr {a['lr']:.6g}, group '{b.get('name', '?')}' {b['lr']:.6g}, where the "
-                f"rules make their ratio {_multiplier(b) / _multiplier(a):.6g}. A scheduler that sets "
-                "every group's lr from one value drops lr_mult: give OneCycleLR or CyclicLR one value per group "
-                "(max_lr=[g['lr'] for g in optimizer.param_groups])"
+                f"rules make their ratio {_multiplier(b) / _multiplier(a):.6g}. {why}"
             ),
             stacklevel=caller_stacklevel(through_torch=True),
         )

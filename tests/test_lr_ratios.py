@@ -16,7 +16,7 @@ import regdsl
 from regdsl import RegDslWarning
 
 RULES = "all decay 0.01\nlayer head lr_mult 0.1\n"
-LOST = r"groups no longer have the learning rates lr_mult sets: .*their ratio 0\.1\b"
+LOST = r"groups no longer have the learning rates lr_mult \(or lr_decay\) sets: .*their ratio 0\.1\b"
 
 Sched = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 DROPS: dict[str, Sched] = {
@@ -105,7 +105,7 @@ def test_per_group_lambdas_that_differ_warn_once_and_the_documented_filter_silen
         return torch.optim.lr_scheduler.LambdaLR(o, [lambda s, k=k: 1.0 / (1 + k * s) for k in range(len(o.param_groups))])
 
     caught = train(lambdas, fold=False)
-    assert len(caught) == 1 and re.search(r"groups no longer have the learning rates lr_mult sets", str(caught[0].message))
+    assert len(caught) == 1 and re.search(r"groups no longer have the learning rates lr_mult \(or lr_decay\) sets", str(caught[0].message))
     seeded(0)
     model = MLP()
     reg = regdsl.parse(RULES).compile(model)
@@ -121,3 +121,22 @@ def test_per_group_lambdas_that_differ_warn_once_and_the_documented_filter_silen
             opt.step()
             scheduler.step()
     assert [str(w.message) for w in silenced] == []
+
+
+def test_groups_scaled_for_timm_and_stepped_with_no_timm_scheduler_say_what_applies_lr_scale() -> None:
+    # param_groups(lr_scale=True) keeps the ratio in lr_scale: every group trains at the base lr until a
+    # timm scheduler writes lr × lr_scale. The advice about OneCycleLR did not apply.
+    seeded(0)
+    model = MLP()
+    reg = regdsl.parse("all decay 0.01\nlayer fc1 depth 0\nlayer fc2 depth 1\nlayer head depth 2\nlr_decay 0.5\n").compile(model)
+    opt = torch.optim.SGD(reg.param_groups(lr_scale=True), lr=0.1)
+    reg.attach(opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        model(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+    (warning,) = [w for w in caught if issubclass(w.category, RegDslWarning)]
+    message = str(warning.message)
+    assert "lr_mult (or lr_decay)" in message and "their ratio 0.25" in message, message
+    assert "only timm's schedulers apply" in message and "OneCycleLR" not in message, message
