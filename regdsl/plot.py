@@ -79,6 +79,9 @@ def weights(
         row += 1
     if len(states) > 1:
         _norms(fig.add_subplot(grid[row, :]), [g for g, _ in groups], values, names)
+    if image in _OPAQUE:  # the legends' frames too: half-transparent by default
+        for legend in filter(None, (ax.get_legend() for ax in fig.axes)):
+            legend.get_frame().set_alpha(1.0)
     if path is not None:
         try:
             fig.savefig(path, dpi=100, format=image)

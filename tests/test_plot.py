@@ -82,14 +82,17 @@ def test_the_panels_hold_the_numbers(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("extension", ["eps", "ps"])
-def test_postscript_gets_outlined_histograms_and_no_transparency_warning(tmp_path: Path, extension: str) -> None:
-    # PostScript has no transparency: half-transparent bars drew a matplotlib warning, and the last
-    # checkpoint's bars hid the first's.
+def test_postscript_gets_outlined_histograms_and_no_transparency_warning(
+    tmp_path: Path, extension: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PostScript has no transparency: half-transparent bars and legend frames drew matplotlib's warning
+    # (logged, not a Python warning), and the last checkpoint's bars hid the first's.
     seeded(0)
     path = tmp_path / f"w.{extension}"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), caplog.at_level("WARNING"):
         warnings.simplefilter("error")
         fig = weights(regdsl.parse(RULES), CNN(), checkpoints(), path=path)
+    assert not [r.getMessage() for r in caplog.records if "transparency" in r.getMessage()]
     assert path.read_bytes().startswith(b"%!PS")
     bars = [patch for patch in fig.axes[0].patches]
     assert len(bars) == 2 and all(bar.get_alpha() is None and not bar.get_fill() for bar in bars)
