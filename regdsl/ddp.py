@@ -53,15 +53,17 @@ class DeferredPenalty:
     """``plan``'s terms evaluated on aliases of its parameters; their gradients are added to the
     parameters' ``.grad`` once the backward pass (and DDP's reduction in it) is over.
 
-    The aliases are made once and made again when a parameter's storage, dtype or device
-    changes (``model.to()``), or when ``load_state_dict`` replaced a reference.
+    The aliases are made once and made again when a parameter's storage, dtype, device or
+    ``requires_grad`` changes (``model.to()``, a layer frozen or unfrozen), or when
+    ``load_state_dict`` replaced a reference.
     """
 
     def __init__(self, plan: PenaltyPlan):
         self.source = plan
         self._step = plan._step
         self._queued = False
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # the trainable ones, whose gradients apply() adds
+        self._aliases: list[tuple[torch.Tensor, torch.Tensor]] = []  # every one, frozen ones too
         self._items: list[LossItem] = []
         self._plan: PenaltyPlan | None = None
 
@@ -73,18 +75,24 @@ class DeferredPenalty:
     def _stale(self) -> bool:
         if self._plan is None:
             return True
-        if any(p.data_ptr() != a.data_ptr() or p.dtype != a.dtype or p.device != a.device for p, a in self._pairs):
+        # requires_grad too: an alias frozen or trainable as its parameter was when made would add a
+        # frozen weight's term to its .grad, or never an unfrozen one's.
+        if any(
+            p.data_ptr() != a.data_ptr() or p.dtype != a.dtype or p.device != a.device or p.requires_grad != a.requires_grad
+            for p, a in self._aliases
+        ):
             return True
         return any(copy.reference is not item.reference for copy, item in zip(self._items, self.source.items))
 
     def _build(self) -> None:
         aliases: dict[int, torch.Tensor] = {}
-        self._pairs = []
+        self._pairs, self._aliases = [], []
         hook = _QueueOnce(self)
         for item in self.source.items:
             p = item.param
             if id(p) not in aliases:
                 alias = aliases[id(p)] = p.detach().requires_grad_(p.requires_grad)
+                self._aliases.append((p, alias))
                 if p.requires_grad:
                     alias.register_post_accumulate_grad_hook(hook)
                     self._pairs.append((p, alias))

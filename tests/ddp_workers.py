@@ -62,11 +62,12 @@ def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 6, generator=g, dtype=torch.float64), torch.randn(BATCH, 1, generator=g, dtype=torch.float64)
 
 
-def train(path: str, ddp: dict[str, Any] | None = None, micro: int = 1) -> dict[str, torch.Tensor]:
+def train(path: str, ddp: dict[str, Any] | None = None, micro: int = 1, toggle: bool = False) -> dict[str, torch.Tensor]:
     """Weights after :data:`STEPS` SGD steps. ``path`` is "loss" (``loss + reg.penalty()``) or
     "fold" (``attach(opt, fold=True)``); ``ddp``, the DistributedDataParallel keyword arguments
     (None: one process on the whole batch); ``micro`` micro-batches per step, accumulated
-    (under ``no_sync`` except the last with DDP)."""
+    (under ``no_sync`` except the last with DDP); ``toggle``: fc2.weight frozen at even steps
+    (the first included) and trainable at odd ones."""
     model = net()
     wrapped: nn.Module = model
     rank, world = 0, 1
@@ -77,6 +78,8 @@ def train(path: str, ddp: dict[str, Any] | None = None, micro: int = 1) -> dict[
     opt = torch.optim.SGD(reg.param_groups(lr=LR, momentum=0.9))
     reg.attach(opt, fold=path == "fold")
     for step in range(STEPS):
+        if toggle:
+            model.fc2.weight.requires_grad_(step % 2 == 1)
         x, y = data(step)
         share = BATCH // world
         x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
@@ -91,7 +94,7 @@ def train(path: str, ddp: dict[str, Any] | None = None, micro: int = 1) -> dict[
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def worker(rank: int, world: int, init: str, out: str, runs: list[tuple[str, dict[str, Any], int]]) -> None:
+def worker(rank: int, world: int, init: str, out: str, runs: list[tuple[str, dict[str, Any], int, bool]]) -> None:
     """One rank: every run in ``runs``, results saved to ``out/rank{rank}.pt`` (an exception's text if one raised)."""
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -99,9 +102,9 @@ def worker(rank: int, world: int, init: str, out: str, runs: list[tuple[str, dic
     )
     results: list[Any] = []
     try:
-        for path, settings, micro in runs:
+        for path, settings, micro, toggle in runs:
             try:
-                results.append(train(path, settings, micro))
+                results.append(train(path, settings, micro, toggle))
             except Exception as error:  # noqa: BLE001 - reported to the test, which names the run
                 results.append(f"{type(error).__name__}: {error}")
                 dist.barrier()

@@ -27,17 +27,21 @@ FIND_UNUSED = {"find_unused_parameters": True}
 DEFAULT: dict = {}
 STATIC = {"static_graph": True}
 
-# (path, DDP settings, micro-batches per step). The fold path adds the terms after backward,
-# so a layer the forward never calls is unused to DDP, as in any model: it needs
-# find_unused_parameters=True or static_graph=True (the default settings fail in DDP itself).
+# (path, DDP settings, micro-batches per step, a weight frozen and unfrozen by turns). The fold
+# path adds the terms after backward, so a layer the forward never calls is unused to DDP, as in
+# any model: it needs find_unused_parameters=True or static_graph=True (the default settings fail
+# in DDP itself). Under find_unused_parameters the loss path's terms go through stand-ins of the
+# weights (regdsl.ddp): they follow requires_grad too.
 RUNS = [
-    ("loss", FIND_UNUSED, 1),
-    ("loss", DEFAULT, 1),
-    ("loss", STATIC, 1),
-    ("fold", FIND_UNUSED, 1),
-    ("fold", STATIC, 1),
-    ("loss", FIND_UNUSED, 2),
-    ("fold", FIND_UNUSED, 2),
+    ("loss", FIND_UNUSED, 1, False),
+    ("loss", DEFAULT, 1, False),
+    ("loss", STATIC, 1, False),
+    ("fold", FIND_UNUSED, 1, False),
+    ("fold", STATIC, 1, False),
+    ("loss", FIND_UNUSED, 2, False),
+    ("fold", FIND_UNUSED, 2, False),
+    ("loss", FIND_UNUSED, 1, True),
+    ("fold", FIND_UNUSED, 1, True),
 ]
 
 
@@ -62,13 +66,15 @@ def unused_reference() -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("index", range(len(RUNS)), ids=[f"{p}-{s or 'default'}-micro{m}" for p, s, m in RUNS])
+@pytest.mark.parametrize(
+    "index", range(len(RUNS)), ids=[f"{p}-{s or 'default'}-micro{m}{'-toggled' * t}" for p, s, m, t in RUNS]
+)
 def test_two_processes_match_one_on_the_whole_batch(ranks: list[list], index: int) -> None:
-    path, _, micro = RUNS[index]
+    path, _, micro, toggle = RUNS[index]
     got = [ranks[r][index] for r in range(2)]
     for result in got:
         assert not isinstance(result, str), result
-    expected = train(path, None, micro)
+    expected = train(path, None, micro, toggle)
     for name, want in expected.items():
         for rank in range(2):
             torch.testing.assert_close(got[rank][name], want, rtol=0, atol=1e-9, msg=f"{name} on rank {rank}")
