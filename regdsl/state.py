@@ -89,6 +89,8 @@ def saved_references(state: Mapping[str, Any], items: Mapping[str, tuple[Any, st
         # As compile() checks a reference given to it (RD105): a NaN w0 makes every penalty NaN.
         if saved[name].is_complex() != param.is_complex() or not saved[name].is_floating_point() and not saved[name].is_complex():
             raise RegUsageError(f"state_dict reference for '{name}' is a {saved[name].dtype} tensor, the parameter {param.dtype}")
+        if saved[name].is_meta and not param.is_meta:  # a state of a model built on meta: no values to load
+            raise RegUsageError(f"state_dict reference for '{name}' lies on the meta device: it holds no values")
         if not saved[name].is_meta and not bool(torch.isfinite(saved[name]).all()):
             raise RegUsageError(f"state_dict reference for '{name}' holds NaN or infinite values")
     return {name: saved[name] for name in items if name not in missing and name not in changed}

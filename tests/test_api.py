@@ -292,6 +292,22 @@ def test_load_state_dict_checks_a_reference_as_compile_does(w0: torch.Tensor, sa
     assert torch.equal(reg.penalty().detach(), before)
 
 
+def test_load_state_dict_refuses_a_meta_reference_before_loading_any() -> None:
+    # A model compiled on meta saves meta w0s. Before, the references ahead of it were replaced and the
+    # meta one's copy then raised torch's NotImplementedError: a half-applied load.
+    m = _net()
+    reg = regdsl.parse("layer 0.* l2 0.01 to init\nlayer 1.* l2 0.01 to init").compile(m)
+    state = reg.state_dict()
+    refs = {name: torch.full_like(w0, 7.0) for name, w0 in state["references"].items()}
+    refs["1.weight"] = torch.empty(2, 8, device="meta")
+    before = {name: w0.clone() for name, w0 in state["references"].items()}
+    with pytest.raises(regdsl.RegUsageError, match="reference for '1.weight' lies on the meta device"):
+        reg.load_state_dict({**state, "step": 5, "references": refs})
+    assert reg.step == 0
+    for name, w0 in reg.state_dict()["references"].items():
+        assert torch.equal(w0, before[name]), name
+
+
 def test_strength_of_a_module_without_an_activity_term_says_which_name_it_lacks() -> None:
     # Before: "no parameter or module named 'fc2'", though fc2 is a module of the model.
     model = _net()
