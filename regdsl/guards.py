@@ -23,10 +23,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def outside_inference_mode(method: F) -> F:
     """``method`` run outside ``torch.inference_mode()`` when called inside it, gradients off as they
-    were: a validation step (Lightning runs them in inference mode) that reads ``reg.penalty()`` or
-    ``reg.values()`` may build what training steps use later (buckets rebuilt after ``model.to(...)``,
-    a moved reference, the kept zero), and a tensor made in inference mode can neither be saved for
-    backward nor have its version read. What it returns is then an ordinary tensor without gradient."""
+    were: a validation step (Lightning's ``trainer.validate`` and ``test`` run in inference mode) that
+    reads ``reg.penalty()`` or ``reg.values()`` may build what training steps use later (buckets
+    rebuilt after ``model.to(...)``, a moved reference, the kept zero), and a tensor made in inference
+    mode can neither be saved for backward nor have its version read. What it returns is then an
+    ordinary tensor without gradient."""
 
     @functools.wraps(method)
     def run(*args: Any, **kwargs: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Calls made inside ``torch.inference_mode()`` (a validation step: Lightning runs them in it) leave
+"""Calls made inside ``torch.inference_mode()`` (a validation step: Lightning's trainer.validate and test run in it) leave
 training as it would have been. They may build what later training steps use (buckets rebuilt after
 ``model.to(...)``, a moved ``w0``, the zero a folded file's ``penalty()`` keeps), and a tensor made
 in inference mode can neither be saved for backward nor have its version read: that broke the next
