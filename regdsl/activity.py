@@ -45,10 +45,12 @@ class ActivityTarget:
 class ActivityPlan:
     def __init__(self, targets: Sequence[ActivityTarget], step: int = 0):
         self.targets = list(targets)
-        self._pending: list[torch.Tensor] = []
+        # Each value as (its strength, the rest of it): multiplied when taken, outside any checkpointed
+        # region, whose recomputation in backward would run the hook again at a later step's strength.
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pending_from: list[int] = []  # each pending value's target index
-        # (target index, detached value) of the latest forward pass(es), for reg.values().
-        self._recent: list[tuple[int, torch.Tensor]] = []
+        # (target index, strength, detached rest) of the latest forward pass(es), for reg.values().
+        self._recent: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._taken = False  # a take() since the last collect: the next collect starts afresh
         self._strengths = [torch.tensor(strength_at(t.term, step), dtype=torch.float64) for t in self.targets]
         self._on_device: list[dict[tuple[torch.device, torch.dtype], torch.Tensor]] = [{} for _ in self.targets]
@@ -97,19 +99,25 @@ class ActivityPlan:
             raise target.on_bad_output(target.name, f"{str(output.dtype).removeprefix('torch.')} tensor")
         autocast = autocast_device_type(output.device)
         if autocast is None:
-            value = self._value(index, output)
+            rest = self._rest(index, output)
         else:
             with torch.autocast(device_type=autocast, enabled=False):
-                value = self._value(index, output)
+                rest = self._rest(index, output)
         # Computed anyway: a checkpoint's recomputation must save the same tensors as its forward did.
         if not _in_backward():
-            self._pending.append(value)
+            strength = self.strength(index, rest.device, rest.dtype)
+            if index in self._scheduled_set:
+                # A copy for autograd to keep: a step between this forward and its backward (another
+                # optimizer's, in a GAN) updates the cached one in place, and backward would refuse it.
+                strength = strength.clone()
+            self._pending.append((strength, rest))
             self._pending_from.append(index)
             if self._taken:
                 self._recent, self._taken = [], False
-            self._recent.append((index, value.detach()))
+            self._recent.append((index, strength, rest.detach()))
 
-    def _value(self, index: int, output: torch.Tensor) -> torch.Tensor:
+    def _rest(self, index: int, output: torch.Tensor) -> torch.Tensor:
+        """The value without its strength: ``Σ|a| / B`` or ``½·Σa² / B``."""
         acc = torch.float64 if output.dtype == torch.float64 else torch.float32
         batch = output.shape[0] if output.ndim > 0 else 1
         if self.targets[index].term.kind == "activity_l1":
@@ -118,27 +126,23 @@ class ActivityPlan:
         else:
             total = output.to(acc).square().sum()
             factor = 0.5
-        strength = self.strength(index, output.device, acc)
-        if index in self._scheduled_set:
-            # A copy for autograd to keep: a step between this forward and its backward (another
-            # optimizer's, in a GAN) updates the cached one in place, and backward would refuse it.
-            strength = strength.clone()
-        return strength * (total * (factor / max(batch, 1)))
+        return total * (factor / max(batch, 1))
 
     def take(self) -> list[torch.Tensor]:
         """The values collected since the last call."""
         pending, self._pending, self._pending_from = self._pending, [], []
         self._taken = True
-        return pending
+        return [strength * rest for strength, rest in pending]
 
-    def drop(self, targets: frozenset[int] | None = None) -> list[torch.Tensor]:
+    def drop(self, targets: frozenset[int] | None = None) -> list[Any]:
         """At an optimizer step: the values collected since the last :meth:`take`, which no penalty()
         took; none is reported by :meth:`recent` any more either (they were applied by nothing).
         ``targets``: only those of these targets (the modules the stepping optimizer trains, with
         several attached); the others wait for their own network's ``penalty()`` (a GAN's generator's,
         after the discriminator's step)."""
         if targets is None:
-            pending = self.take()
+            pending, self._pending, self._pending_from = self._pending, [], []
+            self._taken = True
             if pending:
                 self._recent = []
             return pending
@@ -146,13 +150,13 @@ class ActivityPlan:
         if dropped:
             kept = [(v, i) for v, i in zip(self._pending, self._pending_from) if i not in targets]
             self._pending, self._pending_from = [v for v, _ in kept], [i for _, i in kept]
-            self._recent = [(i, v) for i, v in self._recent if i not in targets]
+            self._recent = [r for r in self._recent if r[0] not in targets]
         return dropped
 
     def recent(self) -> list[tuple[ActivityTarget, torch.Tensor]]:
         """Detached values of the latest forward pass(es): those the last :meth:`take` returned,
         or those collected since it."""
-        return [(self.targets[i], value) for i, value in self._recent]
+        return [(self.targets[i], strength * rest) for i, strength, rest in self._recent]
 
     def remove(self) -> None:
         _remove(self._handles)

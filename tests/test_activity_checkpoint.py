@@ -40,3 +40,37 @@ def test_recomputation_in_backward_is_not_counted_under_gradient_accumulation() 
         torch.testing.assert_close(penalty.detach(), expected)
         (out.sum() + penalty).backward()  # recomputes fc1 inside backward
     opt.step()
+
+
+def test_a_checkpointed_module_keeps_its_forwards_strength_when_a_step_comes_before_backward() -> None:
+    # A GAN's order under non-reentrant checkpointing: the forward at strength 0.25, another step (0.5),
+    # then the backward. The recomputation in backward ran the hook again at the new strength, which
+    # autograd then used: the gradient was twice the value's.
+    def gradient(checkpointed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(1)
+        model = Checkpointed().double()
+        if not checkpointed:
+            model.forward = lambda t: model.fc2(torch.relu(model.fc1(t)))  # type: ignore[method-assign]
+        reg = regdsl.parse("layer fc1 activity l2 1 warmup 4\n").compile(model)
+        opt = torch.optim.SGD(reg.param_groups(lr=0.0), lr=0.0)
+        reg.attach(opt)
+        opt.step()  # step 1: strength 0.25
+        x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        model(x)
+        penalty = reg.penalty()
+        opt.step()  # step 2: strength 0.5, before the backward
+        model.zero_grad()
+        penalty.backward()
+        return penalty.detach(), model.fc1.weight.grad.clone()
+
+    # 0.25/2 · Σ fc1(x)² / B, and its gradient, by autograd on the layer itself.
+    torch.manual_seed(1)
+    layer = Checkpointed().double().fc1
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    h = layer(x)
+    want = 0.25 * 0.5 * h.square().sum() / 4
+    want.backward()
+    for checkpointed in (False, True):
+        value, grad = gradient(checkpointed)
+        torch.testing.assert_close(value, want.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(grad, layer.weight.grad, rtol=1e-12, atol=0)
