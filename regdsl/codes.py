@@ -39,7 +39,7 @@ CODES: dict[str, Code] = {
     "RD105": Code("error", "a reference for 'l2 ... to ref' is missing, lacks a parameter, or has the wrong shape"),
     "RD106": Code("error", "an activity term on a module whose output is not a floating-point tensor"),
     "RD107": Code("error", "the model has nothing to train: no parameters, or all frozen"),
-    "RD108": Code("error", "a depth expression gives a parameter a depth below 0"),
+    "RD108": Code("error", "a depth expression gives a parameter a depth below 0 or above 2**63 - 1"),
     # Against a model: probably mistakes (errors under --strict; RegDslWarning from compile()).
     # RD103 was an error before compile() enforced diagnostics; a default followed by
     # overrides ("all l2 1e-4" then "type Linear l2 1e-3") is the usual way to write a file,

@@ -17,9 +17,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import Diagnostic
+from .errors import Diagnostic, quoted
 from .findings import model_diagnostic
 from .glob import capture_regex, glob_captures
+from .schedule_nodes import MAX_WHOLE
 from .spec import DepthCapture, DepthLast, DepthNumber, DepthTerm, LayerAtom, Rule, Spec
 
 
@@ -72,7 +73,7 @@ def resolve_depths(spec: Spec, table: Any, matches: Sequence[Sequence[int]]) -> 
             depth[i] = captured(statement, expr.name, table.entries[i]) + expr.offset
         else:
             lasts.append(i)
-    numbered = [d for d in depth if d is not None]
+    numbered = [d for d in depth if d is not None and d <= MAX_WHOLE]  # one past it is RD108's alone
     last = max(numbered, default=-1) + 1
     for i in lasts:
         expr = depth_term(spec.statements[setter[i]]).expr  # type: ignore[arg-type, union-attr]
@@ -93,27 +94,32 @@ def captured(statement: Rule, name: str, entry: Any) -> int:
                 for subject in subjects:
                     match = regex.fullmatch(subject)
                     if match is not None:
-                        return int(match.group(name))
+                        # A depth is at most 2**63 - 1 (RD108), and int() refuses over 4,300 digits.
+                        digits = match.group(name).lstrip("0") or "0"
+                        return int(digits) if len(digits) <= len(str(MAX_WHOLE)) else MAX_WHOLE + 1
     raise AssertionError(f"{entry.names} was selected by line {statement.pos} but no pattern binds '{name}'")
 
 
 def depth_diagnostics(res: Any) -> Iterable[Diagnostic]:
-    """RD108: a depth below 0; RD206: a trainable parameter no depth rule reaches."""
+    """RD108: a depth below 0 or above 2**63 - 1; RD206: a trainable parameter no depth rule reaches."""
     depths: Depths | None = getattr(res, "depths", None)
     if depths is None:
         return
     spec, entries = res.spec, res.table.entries
-    negative: dict[int, list[str]] = {}
+    outside: dict[tuple[int, bool], list[str]] = {}
     for i, d in enumerate(depths.depth):
-        if d is not None and d < 0:
-            negative.setdefault(depths.setter[i], []).append(f"'{entries[i].name}' ({d})")
-    for index, names in negative.items():
+        if d is not None and not 0 <= d <= MAX_WHOLE:
+            name = quoted(entries[i].name)
+            outside.setdefault((depths.setter[i], d < 0), []).append(f"'{name}'" + f" ({d})" * (d < 0))
+    for (index, below), names in outside.items():
         term = depth_term(spec.statements[index])
         assert term is not None
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         yield model_diagnostic(
             spec, term.pos, "RD108",
-            f"this depth is below 0 for {shown}: depths are whole numbers >= 0",
+            f"this depth is below 0 for {shown}: depths are whole numbers >= 0"
+            if below
+            else f"this depth is above 2**63 - 1 for {shown}: depths are whole numbers from 0 to 2**63 - 1",
         )
     for i, entry in enumerate(entries):
         if entry.trainable and depths.setter[i] is None:
