@@ -70,7 +70,9 @@ def resolve_depths(spec: Spec, table: Any, matches: Sequence[Sequence[int]]) -> 
         if isinstance(expr, DepthNumber):
             depth[i] = expr.value
         elif isinstance(expr, DepthCapture):
-            depth[i] = captured(statement, expr.name, table.entries[i]) + expr.offset
+            number = captured(statement, expr.name, table.entries[i])
+            # A capture past 2**63 - 1 stays past it whatever its offset: RD108 then names this rule.
+            depth[i] = number + expr.offset if number <= MAX_WHOLE else number
         else:
             lasts.append(i)
     numbered = [d for d in depth if d is not None and d <= MAX_WHOLE]  # one past it is RD108's alone

@@ -227,15 +227,17 @@ def test_a_negative_depth_is_a_compile_error_at_the_term() -> None:
     assert "'blocks.0.weight' (-1), 'blocks.0.bias' (-1)" in d.message
 
 
+@pytest.mark.parametrize("offset", ["", " - 2"])
 @pytest.mark.parametrize("digits", [19, 20, 400, 4301])
-def test_a_captured_depth_above_2_63_is_a_compile_error_at_the_term(digits: int) -> None:
+def test_a_captured_depth_above_2_63_is_a_compile_error_at_the_term(digits: int, offset: str) -> None:
     # A module named by 4,301 digits: int() refused the capture (a raw ValueError); by 400, the factor
-    # overflowed (OverflowError); by 20, the layer got lr factor 0.0, silently. 9 * 19 is past 2**63 - 1.
+    # overflowed (OverflowError); by 20, the layer got lr factor 0.0, silently. 9 * 19 is past 2**63 - 1,
+    # and an offset does not bring a capture past it back.
     model = nn.Module()
-    model.add_module("0", nn.Linear(2, 2))
+    model.add_module("5", nn.Linear(2, 2))
     model.add_module("9" * digits, nn.Linear(2, 2))
     model.add_module("head", nn.Linear(2, 2))
-    spec = regdsl.parse("layer {i} depth i\nlayer head depth last\nlr_decay 0.5\n")
+    spec = regdsl.parse(f"layer {{i}} depth i{offset}\nlayer head depth last\nlr_decay 0.5\n")
     (found,) = regdsl.check(spec, model)  # 'head' is deepest + 1 of the depths in range: no second error
     with pytest.raises(RegCompileError) as info:
         spec.compile(model)
