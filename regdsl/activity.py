@@ -135,8 +135,9 @@ class ActivityPlan:
         return [strength * rest for strength, rest in pending]
 
     def drop(self, targets: frozenset[int] | None = None) -> list[Any]:
-        """At an optimizer step: the values collected since the last :meth:`take`, which no penalty()
-        took; none is reported by :meth:`recent` any more either (they were applied by nothing).
+        """At an optimizer step: drop the values collected since the last :meth:`take`, which no penalty()
+        took, and return them (as collected: strength and rest apart; the caller only tests for any);
+        none is reported by :meth:`recent` any more either (they were applied by nothing).
         ``targets``: only those of these targets (the modules the stepping optimizer trains, with
         several attached); the others wait for their own network's ``penalty()`` (a GAN's generator's,
         after the discriminator's step)."""

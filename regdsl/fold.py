@@ -125,7 +125,8 @@ class FoldPlan:
 
     def _note_layout(self) -> None:
         # What :meth:`_checked` compares, per folded tensor once (the buckets of elastic net share theirs);
-        # None when a bucket was made with a frozen tensor: only refresh() sees it unfrozen.
+        # None while some bucket holds a frozen tensor (made so, or frozen since): then every step checks
+        # through refresh() and each bucket's general path, which see it unfrozen.
         tensors = {id(p): (p, b.dtype, b.device) for b in self._buckets for p in b.params}
         trainable = all(t for b in self._buckets for t in b.trainable)
         self._layout: list[tuple[torch.Tensor, torch.dtype, torch.device]] | None = (

@@ -105,7 +105,7 @@ class Bucket:
         self.quick = {
             "l2": self._each_l2 if few else None,
             "l1": self._each_l1 if few and len(self.loose) == len(self.params) else None,
-            "group_lasso": self._all_batched if len(self._batched) == len(self.params) else None,
+            "group_lasso": self._all_batched if self.on_scratch and len(self._batched) == len(self.params) else None,
         }.get(self.family)
 
     def set_step(self, step: int) -> None:

@@ -203,7 +203,8 @@ def suggest(spec: Spec, trial: Any) -> dict[str, float]:
 
 
 def grid_points(space: Any, n: int) -> tuple[float, ...]:
-    """``n`` points spanning an interval, ends included (log-spaced for loguniform); a choice's own values."""
+    """``n`` points spanning an interval, ends included (log-spaced for loguniform), each once (fewer for an
+    interval holding fewer than ``n`` floats); a choice's own values."""
     if isinstance(space, ChoiceSpace):
         return space.choices
     if n == 1:
@@ -220,7 +221,7 @@ def grid_points(space: Any, n: int) -> tuple[float, ...]:
 
 
 def grid(spec: Spec, n: int = 5) -> Iterator[dict[str, float]]:
-    """Every combination of ``n`` points per interval space and every value of each ``choice``,
+    """Every combination of ``n`` points per interval space (fewer where it holds fewer floats) and every value of each ``choice``,
     as ``{name: value}`` for :meth:`Spec.with_values`, the first space varying slowest. Its arguments
     are checked at the call, not at the first ``next()``."""
     from .spec import Spec
