@@ -169,6 +169,8 @@ class RegStateError(RegUsageError):
     state (torch matches it by position); ``reg.remap_optimizer_state`` matches it by name.
     """
 
+    changes: tuple[str, ...] = ()  # what changed, a line each, when the rules group the parameters differently
+
 
 class RegDslWarning(UserWarning):
     """A probable mistake in a rule file (a warning-severity diagnostic) found while compiling.

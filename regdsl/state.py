@@ -170,11 +170,13 @@ def check_layout(state: Mapping[str, Any], current: Layout) -> None:
         return
     changes = differences(saved, current)
     if changes:
-        raise RegStateError(
+        error = RegStateError(
             "the saved regularizer state comes from rules that group the parameters differently; loading the "
             "optimizer state as saved would give parameters another parameter's state and the old group "
             "settings. What changed:\n" + "\n".join(f"  {line}" for line in changes) + "\n" + _HOW
         )
+        error.changes = tuple(changes)
+        raise error
 
 
 def differences(saved: Layout, current: Layout) -> list[str]:

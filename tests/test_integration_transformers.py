@@ -208,10 +208,14 @@ def test_a_resume_with_edited_rules_is_refused_by_regdsl_before_the_optimizer_is
         resumed = InOrder(model=gpt2(), args=arguments(tmp_path / "b", 1), train_dataset=Tokens(), rules=regdsl.parse(edited))
         resumed.create_optimizer()
         before = {k: v for k, v in resumed.optimizer.state_dict().items() if k != "state"}
-        with pytest.raises(regdsl.RegStateError):
+        with pytest.raises(regdsl.RegStateError) as info:
             resumed._load_optimizer_and_scheduler(checkpoint)
         assert {k: v for k, v in resumed.optimizer.state_dict().items() if k != "state"} == before
         assert not resumed.optimizer.state
+        # What a Trainer user can do: not the plain loop's remap, which Trainer gives no place to call.
+        message = str(info.value)
+        assert "Trainer does not remap" in message and "What changed:\n  " in message, message
+        assert "resume with the rule file it was written with" in message.lower() and "remap_optimizer_state" not in message
 
 
 def test_hyperparameter_search_compiles_for_each_trial(tmp_path) -> None:

@@ -158,7 +158,19 @@ class RegularizationMixin:
         if checkpoint is not None and self.reg is not None:
             path = os.path.join(checkpoint, STATE_FILE)
             if os.path.isfile(path):
-                self.reg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                try:
+                    self.reg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                except RegStateError as error:
+                    if not error.changes:
+                        raise
+                    # The remap recipe the message ends with needs a loop of one's own: Trainer loads the state.
+                    raise RegStateError(
+                        f"{checkpoint} was written with rules that group the parameters differently, and Trainer "
+                        "does not remap an optimizer state onto edited rules. What changed:\n"
+                        + "\n".join(f"  {line}" for line in error.changes)
+                        + "\nResume with the rule file it was written with, or start from its weights "
+                        "(from_pretrained(checkpoint), then train() without resume_from_checkpoint)"
+                    ) from None
             elif _has_optimizer_state(checkpoint):
                 raise RegStateError(
                     f"{checkpoint} has no {STATE_FILE}: a Trainer without regdsl wrote it, so its optimizer state is "
