@@ -15,7 +15,7 @@ import torch
 
 from .errors import RegDslWarning, RegUsageError, caller_stacklevel, name_list
 from .precision import decay_underflows
-from .schedule import strength_at
+from .schedule import is_scheduled, peak, strength_at
 from .walk import canonical_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -134,7 +134,9 @@ def _multiplier(group: dict[str, Any]) -> float:
 
 def warn_decay_underflow(optimizer: torch.optim.Optimizer, groups: Sequence[tuple[Any, Any]]) -> None:
     lines = {key.name: key.decay.pos.line for key, _ in groups if key.decay is not None and key.decay.pos is not None}
-    for message in decay_underflows(optimizer, lines):
+    # A scheduled decay is read at its peak: at attach its group holds the step's value (0 in a warmup).
+    peaks = {key.name: peak(key.decay) for key, _ in groups if key.decay is not None and is_scheduled(key.decay)}
+    for message in decay_underflows(optimizer, lines, peaks):
         warnings.warn(RegDslWarning(message), stacklevel=caller_stacklevel())
 
 

@@ -16,13 +16,19 @@ import torch
 _LOW = (torch.bfloat16, torch.float16)
 
 
-def decay_underflows(optimizer: torch.optim.Optimizer, lines: dict[str, int]) -> list[str]:
+def decay_underflows(
+    optimizer: torch.optim.Optimizer, lines: dict[str, int], peaks: dict[str, float] | None = None
+) -> list[str]:
     """One sentence per optimizer group whose decoupled decay rounds away on its 16-bit weights;
-    ``lines`` gives the rule line of a group's decay by group name."""
+    ``lines`` gives the rule line of a group's decay by group name, ``peaks`` the largest value a
+    scheduled one reaches (read instead of the group's value now)."""
     decoupled_class = isinstance(optimizer, torch.optim.AdamW)
+    peaks = peaks or {}
     found = []
     for group in optimizer.param_groups:
-        decay, lr = _number(group.get("weight_decay", 0.0)), _number(group.get("lr", 0.0))
+        scheduled = group.get("name") in peaks
+        decay = peaks[group["name"]] if scheduled else _number(group.get("weight_decay", 0.0))
+        lr = _number(group.get("lr", 0.0))
         if not decay or not lr or not (decoupled_class or group.get("decoupled_weight_decay", False)):
             continue
         dtypes = sorted({p.dtype for p in group["params"] if p.dtype in _LOW}, key=str)
@@ -31,8 +37,9 @@ def decay_underflows(optimizer: torch.optim.Optimizer, lines: dict[str, int]) ->
             if lr * decay < half_eps:
                 name = group.get("name")
                 where = f"group '{name}'" + (f" (line {lines[name]})" if name in lines else "") if name else "a group"
+                at_peak = " (its schedule's peak)" if scheduled else ""
                 found.append(
-                    f"{where}: lr·decay = {lr:g}·{decay:g} = {lr * decay:.3g} is below the resolution of its "
+                    f"{where}: lr·decay = {lr:g}·{decay:g}{at_peak} = {lr * decay:.3g} is below the resolution of its "
                     f"{str(dtype).removeprefix('torch.')} weights ({half_eps:.3g}), so {type(optimizer).__name__}'s "
                     "decoupled decay w ← w·(1 − lr·decay) rounds back to w: keep float32 master weights, "
                     "or use a larger decay"

@@ -49,6 +49,13 @@ def is_scheduled(term: Any) -> bool:
     return schedule is not None and bool(schedule.steps)
 
 
+def peak(term: Any) -> float:
+    """The largest strength ``term`` is given (its schedule's λ, or λ_end when a cosine anneals up);
+    an upper bound when ``until`` cuts a warmup short."""
+    cosine = term.schedule.get("cosine") if is_scheduled(term) else None
+    return max(term.strength, cosine.end) if cosine is not None else term.strength
+
+
 def always_zero(term: Any) -> bool:
     """True when the term is 0 at every step, so it can be left out entirely."""
     if not hasattr(term, "strength"):

@@ -97,8 +97,10 @@ def test_16_bit_weights_get_their_terms_within_their_precision(dtype: torch.dtyp
         torch.testing.assert_close(p.grad.double(), want, rtol=1e-2, atol=1e-3, msg=name)
 
 
-def decays(model: nn.Module, lr: float, decay: float, optimizer: type = torch.optim.AdamW) -> list[str]:
-    reg = regdsl.compile(regdsl.parse(f"all decay {decay}\nexclude bias"), model)
+def decays(
+    model: nn.Module, lr: float, decay: float | str, optimizer: type = torch.optim.AdamW, schedule: str = ""
+) -> list[str]:
+    reg = regdsl.compile(regdsl.parse(f"all decay {decay}{schedule}\nexclude bias"), model)
     opt = optimizer(reg.param_groups(lr=lr))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -119,6 +121,17 @@ def test_decoupled_decay_below_the_weights_resolution_warns_and_indeed_does_noth
     model.fc1.weight.grad = torch.zeros_like(model.fc1.weight)
     opt.step()
     assert torch.equal(model.fc1.weight, before)
+
+
+@pytest.mark.parametrize("schedule", [" warmup 5", " from 3", " until 100", " cosine to 0.0 over 10"])
+def test_a_scheduled_decay_is_read_at_its_peak(schedule: str) -> None:
+    # At attach a warmup's (or a 'from''s) group holds 0.0, the step's value: no warning, though from the
+    # schedule's peak on the decay moved no weight.
+    seeded(6)
+    found = decays(MLP().to(torch.bfloat16), lr=1e-3, decay=0.01, schedule=schedule)
+    assert len(found) == 1 and "1e-05 is below the resolution" in found[0] and "schedule's peak" in found[0], found
+    # A cosine up to a decay that moves the weights is read at its end: 1e-3·10 > 2⁻⁸.
+    assert decays(MLP().to(torch.bfloat16), lr=1e-3, decay=0.01, schedule=" cosine to 10.0 over 10") == []
 
 
 def test_decay_that_moves_the_weights_does_not_warn() -> None:
