@@ -221,7 +221,11 @@ class Regularizer:
         if self._watch.active:
             self._watch.stepped(id(optimizer) if optimizer is not None else 0, optimizer)
         post = owner.post if owner is not None else self._post
-        post.apply(self._step, optimizer.param_groups if optimizer is not None else None)
+        # A fused step under GradScaler runs (and counts) when it found an inf, its kernel updating nothing:
+        # prox and max_norm leave the weights alone too (read with a host sync, only where they exist).
+        found_inf = getattr(optimizer, "found_inf", None)
+        if not (post and isinstance(found_inf, torch.Tensor) and bool(found_inf)):
+            post.apply(self._step, optimizer.param_groups if optimizer is not None else None)
         self._set_step(self._step + 1, optimizer)
 
     def _set_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:

@@ -90,8 +90,9 @@ def _renorm_(p: torch.Tensor, dim: int, limit: float) -> None:
     if p.ndim >= 2 and p.dtype in (torch.float32, torch.float64):
         p.renorm_(2, dim, limit)  # one fused kernel
         return
-    # torch.renorm's rule (and its 1e-7, which keeps the result at or below the limit) for what
-    # renorm refuses (1-d tensors) or computes in a narrow dtype (half precision).
+    # torch.renorm's rule (and its 1e-7, which keeps a float32 result at or below the limit) for what
+    # renorm refuses (1-d tensors) or computes in a narrow dtype (half precision, where the factor and
+    # the products round to the weights' 8 or 11 bits: a slice may end up to 2**-8 above the limit).
     acc = torch.float64 if p.dtype == torch.float64 else torch.float32
     others = [d for d in range(p.ndim) if d != dim]
     norms = torch.linalg.vector_norm(p, 2, dim=others, keepdim=True, dtype=acc) if others else p.abs().to(acc)

@@ -145,3 +145,40 @@ def test_decay_that_moves_the_weights_does_not_warn() -> None:
     model.fc1.weight.grad = torch.zeros_like(model.fc1.weight)
     opt.step()
     assert not torch.equal(model.fc1.weight, before)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_a_step_the_grad_scaler_skips_gets_no_post_step_terms(fused: bool) -> None:
+    # A fused optimizer's step still runs when the scaler found an inf (its kernel updates nothing), and
+    # its post-step hook ran prox and max_norm on the weights as they were: 1.4 moved, exact zeros made.
+    seeded(0)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.mul_(5)
+    reg = regdsl.parse("layer weight l1 0.5 prox max_norm 1.0\n").compile(model)
+    opt = torch.optim.Adam(reg.param_groups(lr=0.1), fused=fused)
+    reg.attach(opt)
+    scaler = torch.amp.GradScaler("cpu")
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+
+    def step(inf: bool) -> None:
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        if inf:
+            model.weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+    before = model.weight.detach().clone()
+    step(inf=True)
+    assert torch.equal(model.weight.detach(), before)
+    # The next step: Adam's update (torch's own, on a copy), then prox at lr·λ = 0.05, then renorm to 1.
+    shadow = copy.deepcopy(model)
+    shadow_opt = torch.optim.Adam(shadow.parameters(), lr=0.1)
+    shadow_opt.zero_grad()
+    shadow(x).square().mean().backward()
+    shadow_opt.step()
+    w = shadow.weight.detach()
+    want = torch.renorm(w.sign() * (w.abs() - 0.05).clamp(min=0), 2, 0, 1.0)
+    step(inf=False)
+    torch.testing.assert_close(model.weight.detach(), want, rtol=1e-5, atol=1e-6)
