@@ -44,7 +44,8 @@ def check_parameters_current(table: Any) -> None:
     """Refuse to run when the model's parameters are no longer those compile() read: a trainable one
     replaced (``fully_shard``, ``load_state_dict(assign=True)``, a new ``nn.Parameter``, a new layer in
     an old one's place), whose terms would act on a tensor nothing trains, or a trainable one added,
-    which no rule reaches. Every module is read again, at each ``attach`` and ``param_groups()``."""
+    or one frozen at compile and trainable now, which no rule reaches and no group holds. Every module
+    is read again, at each ``attach`` and ``param_groups()``."""
     now: dict[int, torch.Tensor] = {}
     for module in table.root.modules():
         for p in module._parameters.values():
@@ -57,6 +58,15 @@ def check_parameters_current(table: Any) -> None:
             f"tensor{'s' if len(gone) > 1 else ''} compile() saw: replaced since (fully_shard, "
             "load_state_dict(assign=True), assigning a new nn.Parameter or module); compile again after "
             "replacing parameters, then build the optimizer from the new reg.param_groups()"
+        )
+    unfrozen = [name for p, name, on in zip(table.params, table.names, table.trainable) if not on and p.requires_grad]
+    if unfrozen:
+        many = len(unfrozen) > 1
+        raise RegUsageError(
+            f"the model's parameter{'s' * many} {name_list(unfrozen)} {'were' if many else 'was'} frozen when "
+            f"compile() read the model and {'are' if many else 'is'} trainable now: no rule reaches "
+            f"{'them' if many else 'it'} and no group holds {'them' if many else 'it'}. Compile again after "
+            "unfreezing, then build the optimizer from the new reg.param_groups()"
         )
     known = set(map(id, table.params))
     if any(id_ not in known and p.requires_grad for id_, p in now.items()):

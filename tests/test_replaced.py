@@ -81,6 +81,25 @@ def test_attach_refuses_trainable_parameters_added_since_compile() -> None:
     reg.attach(torch.optim.SGD(reg.param_groups(lr=0.1)))
 
 
+@pytest.mark.parametrize("call", ["param_groups", "attach"])
+def test_a_parameter_frozen_at_compile_and_trainable_now_is_refused(call: str) -> None:
+    # A backbone frozen for phase 1, unfrozen for phase 2: a new optimizer from param_groups() left it
+    # out, and one it was added to by hand trained it without the file's 'all l2': silently, both.
+    seeded(0)
+    model = MLP()
+    model.fc1.requires_grad_(False)
+    reg = regdsl.compile(regdsl.parse(RULES), model)
+    opt = torch.optim.SGD(reg.param_groups(lr=0.1))
+    model.fc1.requires_grad_(True)
+    says = r"parameters 'fc1.weight', 'fc1.bias' were frozen when compile\(\) read the model and are trainable now"
+    with pytest.raises(RegUsageError, match=says):
+        reg.param_groups(lr=0.1) if call == "param_groups" else reg.attach(opt)
+    again = regdsl.compile(regdsl.parse(RULES), model)  # what the message says to do
+    groups = again.param_groups(lr=0.1)
+    assert any(p is model.fc1.weight for g in groups for p in g["params"])
+    again.attach(torch.optim.SGD(groups))
+
+
 def test_a_replaced_frozen_parameter_is_not_refused() -> None:
     seeded(0)
     model = MLP()
