@@ -36,7 +36,7 @@ from .errors import RegDslWarning, RegUsageError, caller_stacklevel
 from .fold import Folding, FoldPlan
 from .fold_kernels import eager
 from .guards import LrRatios, check_lrs, check_maximize, warn_decay_not_in_groups, warn_decay_underflow
-from .optimizer_checks import check_model, check_split, unwrapped
+from .optimizer_checks import check_model, check_split, unwrapped, warn_other_folds
 from .penalties import PenaltyPlan
 from .replaced import unwatch, watch, watch_steps
 from .resolution import GroupKey
@@ -179,6 +179,7 @@ class Attachment:
             for optimizer in optimizers:
                 warn_decay_underflow(optimizer, reg._groups)
                 warn_decay_not_in_groups(optimizer, reg._groups, reg.step)
+                warn_other_folds(reg, optimizer)
         except BaseException:
             for group, value in itertools.chain.from_iterable(held):
                 if value is _ABSENT:

@@ -4,12 +4,13 @@ one that steps the compiled model's tensors, and, for several, a split of the mo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import RegUsageError, name_list
+from .errors import RegDslWarning, RegUsageError, caller_stacklevel, name_list
 from .schedule import live
 
 if TYPE_CHECKING:
@@ -84,4 +85,32 @@ def check_split(reg: Regularizer, stepped: Sequence[set[int]]) -> None:
         raise RegUsageError(
             f"the rules regularize {name_list(orphans)}, which none of the {len(stepped)} optimizers steps: "
             "put every regularized parameter in one of them, or exclude it in the rule file"
+        )
+
+
+def warn_other_folds(reg: Regularizer, optimizer: torch.optim.Optimizer) -> None:
+    """Warn when another regularizer attached to ``optimizer`` folds a term kind on a tensor that these
+    rules give a term of the same kind (the same file compiled twice, both attached): each adds its
+    own to the gradient, silently twice the strength."""
+    from .fold import FoldPlan  # the hooks' arguments: imported here, where the fold is already loaded
+
+    mine = {(id(i.param), i.kind) for i in reg._loss_items}
+    names = dict(zip(map(id, reg.table.params), reg.table.names))
+    twice: dict[str, list[str]] = {}
+    for hook in optimizer._optimizer_step_pre_hooks.values():
+        plan = next((a for a in getattr(hook, "args", ()) if isinstance(a, FoldPlan)), None)
+        if plan is None or plan.retired:  # not this regularizer's: its hooks come after this check
+            continue
+        for item in plan.items:
+            if (id(item.param), item.kind) in mine:
+                twice.setdefault(item.kind, []).append(names[id(item.param)])
+    if twice:
+        what = "; ".join(f"{kind} on {name_list(sorted(set(found)))}" for kind, found in twice.items())
+        warnings.warn(
+            RegDslWarning(
+                f"another regularizer attached to this optimizer folds the same terms ({what}): with this one too, "
+                "each applies its own and the strength counts twice (the same rules compiled twice?). "
+                "Detach the other one first (other.detach()), or keep these terms in one rule file"
+            ),
+            stacklevel=caller_stacklevel(),
         )

@@ -173,3 +173,24 @@ def test_a_weight_frozen_after_compile_is_left_by_the_post_step_terms(rules: str
     opt.step()
     assert torch.equal(model.head.weight.detach(), frozen)
     assert not torch.equal(model.body[0].weight.detach(), weights(net())["body.0.weight"])  # the others: as ever
+
+
+def test_a_second_regularizer_folding_the_same_terms_into_one_optimizer_warns() -> None:
+    # The same rules compiled twice and both attached (a notebook cell run again while the first is still
+    # held): each folded its l2, twice the strength, with no word.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    first = regdsl.parse("all l2 0.1\nexclude bias").compile(model)
+    opt = torch.optim.SGD(first.param_groups(lr=0.1))
+    first.attach(opt, fold=True)
+    for fold in (True, False):
+        second = regdsl.parse("all l2 0.1\nexclude bias").compile(model)
+        with pytest.warns(regdsl.RegDslWarning, match=r"folds the same terms \(l2 on '0.weight', '2.weight'\)"):
+            second.attach(opt, fold=fold)
+        second.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # Other terms, or the first detached: nothing counts twice.
+        regdsl.parse("layer 0.weight l1 0.01").compile(model).attach(opt, fold=True).detach()
+        first.detach()
+        regdsl.parse("all l2 0.1\nexclude bias").compile(model).attach(opt, fold=True)
