@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -97,13 +98,33 @@ class Orphan:
             "as it trains (self.reg = reg), or reg.detach() first"
         )
         warned: list[bool] = []
+        first = self._first.id
 
         def warn(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             if not warned:
                 warned.append(True)
-                warnings.warn(RegDslWarning(message), stacklevel=caller_stacklevel(through_torch=True))
+                if not _attached_since(optimizer, first):  # a new one took its place (a notebook cell run again)
+                    warnings.warn(RegDslWarning(message), stacklevel=caller_stacklevel(through_torch=True))
 
         _replace(self._first, warn)
+
+
+def _attached_since(optimizer: torch.optim.Optimizer, handle: int) -> bool:
+    """Whether a live regularizer's hooks were put on ``optimizer`` after the hook of id ``handle`` (a
+    regularizer attached before it, and living, takes nobody's place): they hold it by weak reference."""
+    hooks = [
+        hook
+        for hooks in (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks)
+        for key, hook in hooks.items()
+        if key > handle
+    ]
+    while hooks:
+        hook = hooks.pop()
+        if isinstance(hook, weakref.ref) and hook() is not None:
+            return True
+        if isinstance(hook, functools.partial):
+            hooks += hook.args
+    return False
 
 
 class FoldCalls:
