@@ -98,25 +98,26 @@ class Orphan:
             "as it trains (self.reg = reg), or reg.detach() first"
         )
         warned: list[bool] = []
-        first = self._first.id
+        since = torch.utils.hooks.RemovableHandle.next_id  # the id of the next hook registered anywhere
 
         def warn(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             if not warned:
                 warned.append(True)
-                if not _attached_since(optimizer, first):  # a new one took its place (a notebook cell run again)
+                if not _attached_since(optimizer, since):  # a new one took its place (a notebook cell run again)
                     warnings.warn(RegDslWarning(message), stacklevel=caller_stacklevel(through_torch=True))
 
         _replace(self._first, warn)
 
 
-def _attached_since(optimizer: torch.optim.Optimizer, handle: int) -> bool:
-    """Whether a live regularizer's hooks were put on ``optimizer`` after the hook of id ``handle`` (a
-    regularizer attached before it, and living, takes nobody's place): they hold it by weak reference."""
+def _attached_since(optimizer: torch.optim.Optimizer, since: int) -> bool:
+    """Whether a live regularizer's hooks were put on ``optimizer`` after the dropped one went (hook ids
+    from ``since`` on): one attached before, living beside it, takes nobody's place. Such hooks hold
+    their regularizer by weak reference."""
     hooks = [
         hook
         for hooks in (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks)
         for key, hook in hooks.items()
-        if key > handle
+        if key >= since
     ]
     while hooks:
         hook = hooks.pop()

@@ -755,7 +755,7 @@ def test_a_regularizer_dropped_while_attached_warns_at_the_next_step(rules: str,
 def test_a_regularizer_replaced_by_one_attached_since_is_no_warning_and_one_attached_before_is() -> None:
     # 'reg = compile(...); reg.attach(opt, fold=True)' run again: the first one is freed at the rebinding,
     # the second folds its terms once, and the warning that they "go without" was false. A regularizer
-    # attached before the dropped one and still living takes nobody's place: the drop is still told.
+    # attached beside the dropped one (before it was dropped) takes nobody's place: the drop is still told.
     def step(model: MLP, opt: torch.optim.Optimizer) -> list[str]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -776,16 +776,17 @@ def test_a_regularizer_replaced_by_one_attached_since_is_no_warning_and_one_atta
     assert step(model, opt) == []
     torch.testing.assert_close(model.fc1.weight.grad, plain.fc1.weight.grad + 0.1 * model.fc1.weight.detach())
 
-    model = make_model()
-    kept = regdsl.parse("layer fc1.weight l1 0.01").compile(model)
-    opt = torch.optim.SGD(kept.param_groups(lr=0.0), lr=0.0)
-    kept.attach(opt, fold=True)
-    dropped = regdsl.parse("layer fc2.weight l2 0.1").compile(model)
-    dropped.attach(opt, fold=True)
-    del dropped
-    gc.collect()
-    (told,) = step(model, opt)
-    assert "garbage-collected" in told and "(folded terms)" in told
+    for kept_first in (True, False):
+        model = make_model()
+        kept = regdsl.parse("layer fc1.weight l1 0.01").compile(model)
+        dropped = regdsl.parse("layer fc2.weight l2 0.1").compile(model)
+        opt = torch.optim.SGD(kept.param_groups(lr=0.0), lr=0.0)
+        for reg in (kept, dropped) if kept_first else (dropped, kept):
+            reg.attach(opt, fold=True)
+        del dropped, reg
+        gc.collect()
+        (told,) = step(model, opt)
+        assert "garbage-collected" in told and "(folded terms)" in told
 
 
 # ================================================================ 5. attach errors
