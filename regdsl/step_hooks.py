@@ -133,7 +133,8 @@ class FoldCalls:
     previous step. A step without it applied none of the folded terms; it warns, once.
 
     A second call with nothing in between would add the terms twice: refused. "Nothing in between"
-    is read off one folded tensor's gradient (the smallest, kept): the same tensor at the version the
+    is read off one folded tensor's gradient (the smallest trainable one, picked again once it is
+frozen): the same tensor at the version the
     fold left it. A backward, ``zero_grad()`` or unscaling changes it; a step that a ``GradScaler``
     skipped is followed by those before the next fold, so it is not taken for a second call."""
 

@@ -721,6 +721,16 @@ def test_a_regularizer_collected_inside_the_step_leaves_the_step_intact(rules: s
             torch.testing.assert_close(p, q)
 
 
+def step_warnings(model: MLP, opt: torch.optim.Optimizer) -> list[str]:
+    """The RegDslWarnings of one training step."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        model(data(5)[0]).sum().backward()
+        opt.step()
+    return [str(w.message) for w in caught if issubclass(w.category, regdsl.RegDslWarning)]
+
+
 @pytest.mark.parametrize("rules, fold, what", ORPHANED)
 def test_a_regularizer_dropped_while_attached_warns_at_the_next_step(rules: str, fold: bool, what: str) -> None:
     # Only the regularizer holds these terms: dropped (attach() in a function that returns the
@@ -734,36 +744,20 @@ def test_a_regularizer_dropped_while_attached_warns_at_the_next_step(rules: str,
             reg.detach()
         return model, opt
 
-    def step(model: MLP, opt: torch.optim.Optimizer) -> list[str]:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            opt.zero_grad()
-            model(data(5)[0]).sum().backward()
-            opt.step()
-        return [str(w.message) for w in caught if issubclass(w.category, regdsl.RegDslWarning)]
-
     model, opt = build(detach=False)
     gc.collect()
-    first = step(model, opt)
+    first = step_warnings(model, opt)
     assert len(first) == 1 and "garbage-collected" in first[0] and f"({what})" in first[0]
-    assert step(model, opt) == []  # once
+    assert step_warnings(model, opt) == []  # once
     model, opt = build(detach=True)  # detached first: nothing to say
     gc.collect()
-    assert step(model, opt) == []
+    assert step_warnings(model, opt) == []
 
 
 def test_a_regularizer_replaced_by_one_attached_since_is_no_warning_and_one_attached_before_is() -> None:
     # 'reg = compile(...); reg.attach(opt, fold=True)' run again: the first one is freed at the rebinding,
     # the second folds its terms once, and the warning that they "go without" was false. A regularizer
     # attached beside the dropped one (before it was dropped) takes nobody's place: the drop is still told.
-    def step(model: MLP, opt: torch.optim.Optimizer) -> list[str]:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            opt.zero_grad()
-            model(data(5)[0]).sum().backward()
-            opt.step()
-        return [str(w.message) for w in caught if issubclass(w.category, regdsl.RegDslWarning)]
-
     model = make_model()
     reg = regdsl.parse("all l2 0.1").compile(model)
     opt = torch.optim.SGD(reg.param_groups(lr=0.0), lr=0.0)
@@ -773,7 +767,7 @@ def test_a_regularizer_replaced_by_one_attached_since_is_no_warning_and_one_atta
     reg.attach(opt, fold=True)
     plain = make_model()  # the same weights, no regularizer: the data gradient alone
     plain(data(5)[0]).sum().backward()
-    assert step(model, opt) == []
+    assert step_warnings(model, opt) == []
     torch.testing.assert_close(model.fc1.weight.grad, plain.fc1.weight.grad + 0.1 * model.fc1.weight.detach())
 
     for kept_first in (True, False):
@@ -785,7 +779,7 @@ def test_a_regularizer_replaced_by_one_attached_since_is_no_warning_and_one_atta
             reg.attach(opt, fold=True)
         del dropped, reg
         gc.collect()
-        (told,) = step(model, opt)
+        (told,) = step_warnings(model, opt)
         assert "garbage-collected" in told and "(folded terms)" in told
 
 
